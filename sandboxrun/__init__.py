@@ -1,0 +1,48 @@
+"""sandboxrun: run untrusted work in fresh processes under kernel-enforced limits.
+
+Drop-in for the Glasswall process manager: change the import, keep the code::
+
+    from sandboxrun import ProcessManager, Task
+"""
+
+from ._backends import NAMES as BACKEND_NAMES
+from ._backends import detect
+from ._errors import (
+    BackendUnavailable,
+    CpuTimeLimitExceeded,
+    ExceptionNotPicklable,
+    ProcessLimitExceeded,
+    RemoteError,
+    RemoteTraceback,
+    ResultNotPicklable,
+    ResultTransferError,
+    SandboxrunError,
+    WorkerDied,
+)
+from ._limits import parse_duration, parse_size
+from ._manager import ProcessManager
+from ._task import Task, TaskResult
+
+GlasswallProcessManager = ProcessManager  # the name Glasswall users already import
+
+__all__ = [
+    "BACKEND_NAMES",
+    "BackendUnavailable",
+    "CpuTimeLimitExceeded",
+    "ExceptionNotPicklable",
+    "GlasswallProcessManager",
+    "ProcessLimitExceeded",
+    "ProcessManager",
+    "RemoteError",
+    "RemoteTraceback",
+    "ResultNotPicklable",
+    "ResultTransferError",
+    "SandboxrunError",
+    "Task",
+    "TaskResult",
+    "WorkerDied",
+    "detect",
+    "parse_duration",
+    "parse_size",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,69 @@
+"""Backend detection: the strongest enforcement mechanism that works here, chosen once."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+from typing import Any
+
+from .._errors import BackendUnavailable
+from .base import Backend
+
+# Strongest first. "auto" takes the first whose unavailable_reason() is None.
+_REGISTRY: dict[str, str] = {
+    "cgroup_v2": "sandboxrun._backends.cgroup_v2:CgroupV2Backend",
+    "cgroup_v1": "sandboxrun._backends.cgroup_v1:CgroupV1Backend",
+    "psutil": "sandboxrun._backends.polling:PollingBackend",
+}
+NAMES = ("auto", *_REGISTRY)
+
+
+def backend_class(name: str) -> type[Backend]:
+    module, _, attr = _REGISTRY[name].partition(":")
+    cls: type[Backend] = getattr(importlib.import_module(module), attr)
+    return cls
+
+
+def _reasons() -> dict[str, str | None]:
+    return {name: backend_class(name).unavailable_reason() for name in _REGISTRY}
+
+
+def create_backend(name: str = "auto", **options: Any) -> Backend:
+    """The backend called ``name`` (or the strongest usable one for ``"auto"``), not yet opened."""
+    if name not in NAMES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    if name == "auto":
+        for candidate, reason in _reasons().items():
+            if reason is None:
+                return _instantiate(candidate, options)
+        raise BackendUnavailable("no backend works here")  # psutil always does; defensive
+    reason = backend_class(name).unavailable_reason()
+    if reason is not None:
+        raise BackendUnavailable(f"backend {name!r} cannot work here: {reason}")
+    return _instantiate(name, options)
+
+
+def _instantiate(name: str, options: dict[str, Any]) -> Backend:
+    cls = backend_class(name)
+    accepted = {key: value for key, value in options.items() if key in cls.__init__.__code__.co_varnames}
+    return cls(**accepted)
+
+
+def detect() -> dict[str, Any]:
+    """What ``backend="auto"`` picks here and why: every backend with its verdict and details."""
+    reasons = _reasons()
+    chosen = next(name for name, reason in reasons.items() if reason is None)
+    backends: dict[str, Any] = {}
+    for name, reason in reasons.items():
+        cls = backend_class(name)
+        entry: dict[str, Any] = {"available": reason is None, "reason": reason}
+        if reason is None:
+            entry["kernel_enforced"] = sorted(cls.kernel_enforced)
+            entry["details"] = cls().details()
+        backends[name] = entry
+    return {
+        "chosen": chosen,
+        "platform": platform.platform(),
+        "kernel": platform.release(),
+        "backends": backends,
+    }

@@ -1,0 +1,97 @@
+"""The one interface every enforcement backend implements.
+
+A backend is chosen once per manager. For every task it makes a ``Sandbox``; the manager drives
+each sandbox through the same life cycle::
+
+    sandbox = backend.sandbox(limits)   # limits exist before the task does
+    sandbox.attach(pid)                 # the worker is inside; only then may it run task code
+    sandbox.poll()                      # polled backends only, every poll_interval_seconds
+    sandbox.kill()                      # timeout / polled limit / abort: everything inside, at once
+    usage = sandbox.collect()           # the task's process has ended: end leftovers, read counters
+    sandbox.remove()                    # always, also after errors
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import ClassVar
+
+from .._limits import Limits
+
+
+@dataclasses.dataclass
+class Usage:
+    """What the enforcement mechanism measured for one task."""
+
+    peak_memory_bytes: int | None = None
+    oom_killed: bool = False  # the kernel's OOM killer (or the polled monitor) ended a process
+    memory_limit_hit: bool = False  # the limit was reached at least once (allocation failed)
+    cpu_time_seconds: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerOptions:
+    """What the worker must do for this backend before and after the task code."""
+
+    # Linux: make the worker a child subreaper, so orphaned grandchildren stay in its tree
+    # where a tree-walking backend can still find them.
+    subreaper: bool = False
+    # After the function returns: SIGKILL every descendant left (the polled backend has no
+    # container that outlives the worker).
+    kill_descendants_on_exit: bool = False
+
+
+class Sandbox(abc.ABC):
+    """One task's enforcement context."""
+
+    #: ``None``: nothing to poll (the kernel enforces). Else seconds between ``poll()`` calls.
+    poll_interval_seconds: float | None = None
+
+    @abc.abstractmethod
+    def attach(self, pid: int) -> None:
+        """Put process ``pid`` (the worker, still waiting for the go frame) inside."""
+
+    def poll(self) -> str | None:
+        """Polled backends: sample usage; return ``"memory"`` or ``"processes"`` when over a limit."""
+        return None
+
+    @abc.abstractmethod
+    def kill(self) -> None:
+        """SIGKILL every process inside, including ones that fork while being killed."""
+
+    @abc.abstractmethod
+    def collect(self) -> Usage:
+        """After the worker ended: kill what is left inside and read the final counters."""
+
+    @abc.abstractmethod
+    def remove(self) -> None:
+        """Release everything this sandbox created. Must be safe to call more than once."""
+
+
+class Backend(abc.ABC):
+    """An enforcement mechanism, set up once per manager."""
+
+    name: ClassVar[str]
+    #: Which limits and measurements the kernel itself enforces or keeps (the rest are polled).
+    kernel_enforced: ClassVar[frozenset[str]] = frozenset()
+    worker_options: ClassVar[WorkerOptions] = WorkerOptions()
+
+    @classmethod
+    @abc.abstractmethod
+    def unavailable_reason(cls) -> str | None:
+        """``None`` when this backend can work here, else a sentence saying why it cannot."""
+
+    def details(self) -> dict[str, object]:
+        """Facts for the detection report (paths, versions, features found)."""
+        return {}
+
+    def open(self) -> None:  # noqa: B027 - optional hook
+        """Set up what all tasks share (e.g. the runner's cgroup). Called once, lazily."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Undo ``open``. Called once; must not raise for leftovers already gone."""
+
+    @abc.abstractmethod
+    def sandbox(self, limits: Limits) -> Sandbox:
+        """A fresh sandbox for one task, with the limits in force before the task starts."""

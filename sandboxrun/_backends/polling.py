@@ -1,0 +1,120 @@
+"""The portable backend: a psutil monitor, polled from the manager's event loop.
+
+Used on macOS and Windows, and on Linux without cgroup rights (or with ``backend="psutil"``).
+Memory is the summed RSS of the task's process tree, sampled every ``poll_interval_seconds``;
+nothing here is enforced by the kernel, so a fast allocator can overshoot the limit by its
+allocation rate times the interval. The tree kill stops every process first, then kills them,
+so a fork bomb cannot outrun it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+
+import psutil
+
+from .._limits import Limits
+from .base import Backend, Sandbox, Usage, WorkerOptions
+
+_KILL_ROUNDS = 20
+
+
+def _tree(root: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+class PolledSandbox(Sandbox):
+    def __init__(self, limits: Limits, interval: float) -> None:
+        self.limits = limits
+        self.poll_interval_seconds = interval
+        self.root: psutil.Process | None = None
+        self.known: dict[int, psutil.Process] = {}
+        self.peak_memory_bytes = 0
+        self.cpu_seconds: dict[int, float] = {}
+
+    def attach(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self.known[pid] = self.root
+
+    def _sample(self) -> tuple[int, int]:
+        processes = _tree(self.root) if self.root is not None else []
+        rss = 0
+        for process in processes:
+            self.known.setdefault(process.pid, process)
+            with contextlib.suppress(psutil.Error):
+                rss += process.memory_info().rss
+                times = process.cpu_times()
+                self.cpu_seconds[process.pid] = times.user + times.system
+        self.peak_memory_bytes = max(self.peak_memory_bytes, rss)
+        return rss, len(processes)
+
+    def poll(self) -> str | None:
+        rss, count = self._sample()
+        if self.limits.memory_bytes is not None and rss > self.limits.memory_bytes:
+            return "memory"
+        if self.limits.max_processes is not None and count > self.limits.max_processes:
+            return "processes"
+        return None
+
+    def _alive(self) -> list[psutil.Process]:
+        found = dict(self.known)
+        for process in _tree(self.root) if self.root is not None else []:
+            found.setdefault(process.pid, process)
+        # is_running() compares the creation time, so a recycled pid is never signalled.
+        return [process for process in found.values() if process.is_running()]
+
+    def kill(self) -> None:
+        # Stop first (a stopped process cannot fork), then look again for children made
+        # meanwhile; kill only once a round finds nothing new.
+        stop = signal.SIGKILL if sys.platform == "win32" else signal.SIGSTOP
+        for _ in range(_KILL_ROUNDS):
+            alive = self._alive()
+            new = [process for process in alive if process.pid not in self.known]
+            for process in alive:
+                self.known.setdefault(process.pid, process)
+                with contextlib.suppress(psutil.Error):
+                    process.send_signal(stop)
+            if not new and alive:
+                break
+            if not alive:
+                return
+        for process in self._alive():
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        for process in self.known.values():
+            with contextlib.suppress(psutil.Error):
+                if process.is_running() and process is not self.root:
+                    process.wait(timeout=1)
+
+    def collect(self) -> Usage:
+        self.kill()
+        cpu = sum(self.cpu_seconds.values()) if self.cpu_seconds else None
+        return Usage(peak_memory_bytes=self.peak_memory_bytes, cpu_time_seconds=cpu)
+
+    def remove(self) -> None:
+        self.known.clear()
+        self.root = None
+
+
+class PollingBackend(Backend):
+    name = "psutil"
+    kernel_enforced = frozenset()
+    worker_options = WorkerOptions(subreaper=True, kill_descendants_on_exit=True)
+
+    def __init__(self, poll_interval_seconds: float = 0.05) -> None:
+        self.poll_interval_seconds = poll_interval_seconds
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return None
+
+    def details(self) -> dict[str, object]:
+        return {"poll_interval_seconds": self.poll_interval_seconds, "psutil": psutil.__version__}
+
+    def sandbox(self, limits: Limits) -> Sandbox:
+        return PolledSandbox(limits, self.poll_interval_seconds)

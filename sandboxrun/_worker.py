@@ -1,0 +1,159 @@
+"""What runs inside the task's fresh process, from the handshake to ``os._exit``.
+
+The worker does nothing of the task's until the manager has put it inside its sandbox and sent
+the go frame, so no task code (not even unpickling the task's arguments) ever runs outside the
+limits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import resource
+import sys
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from . import _protocol as protocol
+from ._backends.base import WorkerOptions
+from ._task import Task
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = os.read(fd, min(size - len(chunks), 1 << 20))
+        if not chunk:  # the manager is gone or gave up on us: nothing to do
+            os._exit(70)
+        chunks += chunk
+    return bytes(chunks)
+
+
+def _set_subreaper() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _set_cpu_limit(seconds: float) -> None:
+    # RLIMIT_CPU counts the whole process's CPU time; add what the bootstrap already used so the
+    # task gets its full allowance. Soft limit -> SIGXCPU, hard limit one second later -> SIGKILL
+    # (a task that catches SIGXCPU still dies).
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    soft = int(used.ru_utime + used.ru_stime + seconds + 0.999)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
+
+
+def _kill_descendants() -> None:
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        children = psutil.Process().children(recursive=True)
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.suspend()
+        for child in psutil.Process().children(recursive=True) + children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        psutil.wait_procs(children, timeout=1)
+
+
+def _usage() -> tuple[int, float]:
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+    max_rss = max(me.ru_maxrss, kids.ru_maxrss) * unit
+    return max_rss, me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _pickle_outcome(outcome: BaseException | Any, raised: bool) -> tuple[protocol.Header, bytes]:
+    if not raised:
+        try:
+            return protocol.Header(protocol.RETURNED), pickle.dumps(outcome, protocol=5)
+        except BaseException as error:  # noqa: BLE001 - any pickling failure is reported
+            return _describe(protocol.RESULT_UNPICKLABLE, outcome, error), b""
+    tb = "".join(traceback.format_exception(type(outcome), outcome, outcome.__traceback__))
+    try:
+        body = pickle.dumps(outcome, protocol=5)
+        pickle.loads(body)  # exceptions often pickle but fail to unpickle (required args)
+    except BaseException as error:  # noqa: BLE001
+        header = _describe(protocol.EXCEPTION_UNPICKLABLE, outcome, error)
+        header.traceback_text = tb
+        return header, b""
+    return protocol.Header(protocol.RAISED, traceback_text=tb), body
+
+
+def _describe(kind: str, value: object, error: BaseException) -> protocol.Header:
+    cls = type(value)
+    try:
+        text = str(value)[:10_000]
+    except BaseException:  # noqa: BLE001 - a hostile __str__
+        text = "<str() failed>"
+    return protocol.Header(
+        kind,
+        type_name=f"{cls.__module__}.{cls.__qualname__}",
+        text=text,
+        traceback_text=f"{type(error).__name__}: {error}",
+    )
+
+
+def main(
+    control: Connection,
+    result: Connection,
+    task: Task | None,
+    options: WorkerOptions,
+    cpu_time_seconds: float | None,
+    foreign_fds: tuple[int, ...],
+) -> None:
+    # Under fork we inherit the manager's ends of other tasks' pipes: untrusted code must not be
+    # able to read another task's result or write into its handshake.
+    for fd in foreign_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    control_fd, result_fd = control.fileno(), result.fileno()
+    if options.subreaper:
+        _set_subreaper()
+
+    (length,) = protocol.LENGTH.unpack(_read_exactly(control_fd, protocol.LENGTH.size))
+    payload = _read_exactly(control_fd, length) if length else b""
+    control.close()
+    # From here on we are inside the sandbox.
+    if cpu_time_seconds is not None:
+        _set_cpu_limit(cpu_time_seconds)
+
+    exit_code = 0
+    raised = False
+    outcome: Any
+    try:
+        if payload:
+            task = pickle.loads(payload)
+            del payload
+        assert task is not None
+        outcome = task.func(*task.args, **task.kwargs)
+    except SystemExit as stop:
+        outcome, raised = stop, True
+        exit_code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BaseException as error:  # noqa: BLE001 - every outcome is reported
+        outcome, raised = error, True
+
+    if options.kill_descendants_on_exit:
+        _kill_descendants()
+    header, body = _pickle_outcome(outcome, raised)
+    del outcome
+    header.max_rss_bytes, header.cpu_time_seconds = _usage()
+    header.exit_code = exit_code
+    head = pickle.dumps(header.to_builtins(), protocol=5)
+    with contextlib.suppress(BrokenPipeError):
+        protocol.write_all(result_fd, protocol.RESULT_PREFIX.pack(len(head), len(body)) + head)
+        if body:
+            protocol.write_all(result_fd, body)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(exit_code)
