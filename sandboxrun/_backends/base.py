@@ -47,6 +47,9 @@ class Sandbox(abc.ABC):
 
     #: ``None``: nothing to poll (the kernel enforces). Else seconds between ``poll()`` calls.
     poll_interval_seconds: float | None = None
+    #: A file descriptor the kernel makes readable when something happens to the sandbox (e.g. a
+    #: cgroup v1 OOM eventfd). The manager selects on it and then calls ``on_event()``.
+    event_fd: int | None = None
 
     @abc.abstractmethod
     def attach(self, pid: int) -> None:
@@ -54,6 +57,10 @@ class Sandbox(abc.ABC):
 
     def poll(self) -> str | None:
         """Polled backends: sample usage; return ``"memory"`` or ``"processes"`` when over a limit."""
+        return None
+
+    def on_event(self) -> str | None:
+        """``event_fd`` turned readable: return ``"memory"`` to have the whole task killed."""
         return None
 
     @abc.abstractmethod
