@@ -253,6 +253,10 @@ class ProcessManager:
                 self._read_result(job)
             elif key.fd == job.control_fd and mask & selectors.EVENT_WRITE:
                 self._write_go(job, now)
+            elif key.fd == job.sandbox.event_fd:
+                verdict = job.sandbox.on_event()
+                if verdict is not None:
+                    self._kill(job, verdict)
         for job in list(self._jobs.values()):
             if job.deadline is not None and now >= job.deadline:
                 self._kill(job, "timeout")
@@ -341,6 +345,8 @@ class ProcessManager:
                 job.process.kill()
             job.error = error
             return
+        if job.sandbox.event_fd is not None:
+            selector.register(job.sandbox.event_fd, selectors.EVENT_READ, job)
         job.go_frame = memoryview(protocol.LENGTH.pack(len(payload)) + payload)
         self._write_go(job, time.monotonic())
         if job.go_frame is not None:
@@ -348,7 +354,8 @@ class ProcessManager:
 
     @staticmethod
     def _parent_fds(job: _Job) -> tuple[int, ...]:
-        return tuple(fd for fd in (job.result_fd, job.control_fd, job.exit_fd) if fd >= 0)
+        fds = (job.result_fd, job.control_fd, job.exit_fd, job.sandbox.event_fd)
+        return tuple(fd for fd in fds if fd is not None and fd >= 0)
 
     @staticmethod
     def _exit_fd(process: Any) -> int:
@@ -438,8 +445,10 @@ class ProcessManager:
         """The worker process has ended: collect everything and build its one result."""
         job.end_time = time.time()
         selector = self._ensure_selector()
-        with contextlib.suppress(KeyError):
-            selector.unregister(job.exit_fd)
+        for fd in (job.exit_fd, job.sandbox.event_fd):
+            if fd is not None:
+                with contextlib.suppress(KeyError):
+                    selector.unregister(fd)
         del self._jobs[job.exit_fd]
         try:
             # Leftover grandchildren die first, so nothing else writes into the result pipe.
