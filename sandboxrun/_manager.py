@@ -181,6 +181,7 @@ class ProcessManager:
         self.task_results: list[TaskResult] = []
         self._pending: collections.deque[tuple[Task, bytes]] = collections.deque()
         self._jobs: dict[int, _Job] = {}  # keyed by exit fd
+        self._ready: collections.deque[TaskResult] = collections.deque()
         self._selector: selectors.BaseSelector | None = None
         self._backend_open = False
         self._state = _State.OPEN
@@ -235,9 +236,14 @@ class ProcessManager:
     # ------------------------------------------------------------------ the loop
 
     def _results(self) -> Iterator[TaskResult]:
+        # Finished results wait in self._ready until handed out one by one, so a caller that
+        # leaves the loop early loses none of a batch that ended in the same select() round.
         self._state = _State.RUNNING
-        while self._pending or self._jobs:
-            yield from self._step()
+        while self._ready or self._pending or self._jobs:
+            if not self._ready:
+                self._ready.extend(self._step())
+            if self._ready:
+                yield self._ready.popleft()
 
     def _step(self) -> list[TaskResult]:
         self._fill_slots()

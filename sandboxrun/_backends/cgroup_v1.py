@@ -1,0 +1,250 @@
+"""cgroup v1 backend: one child cgroup per task in each v1 hierarchy the runner is in.
+
+Read against Documentation/admin-guide/cgroup-v1/{memory,pids,freezer-subsystem,cpuacct}.rst.
+
+Layout, per hierarchy (memory always; pids, freezer, cpuacct when mounted)::
+
+    <mount>/<own cgroup>/sandboxrun-<pid>-<rand>/task-<n>
+
+v1 has no no-internal-processes rule, so the runner stays where it is and only creates children
+of its own cgroup. Limits and counters, all kernel-kept:
+
+- ``memory.limit_in_bytes`` (+ ``memory.memsw.limit_in_bytes`` when swap accounting exists, so the
+  limit cannot leak into swap); peak = ``memory.max_usage_in_bytes``; OOM kills = ``oom_kill`` in
+  ``memory.oom_control`` (4.13+), which is also an eventfd source (``cgroup.event_control``): on
+  an OOM event the whole task is killed, the v1 stand-in for v2's ``memory.oom.group=1``.
+- ``pids.max`` for ``max_processes``.
+- tree kill: freeze (``freezer.state`` = FROZEN, so nothing can fork), SIGKILL every pid, thaw.
+- CPU time from ``cpuacct.usage`` (nanoseconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import time
+from pathlib import Path
+
+from .._limits import Limits
+from . import cgroupfs
+from .base import Backend, Sandbox, Usage
+
+_CONTROLLERS = ("memory", "pids", "freezer", "cpuacct")
+_FREEZE_WAIT_SECONDS = 2.0
+_EMPTY_WAIT_SECONDS = 5.0
+
+
+def _hierarchies() -> dict[str, Path]:
+    """{controller: the runner's own cgroup directory} for each mounted v1 controller we use."""
+    own = cgroupfs.own_cgroups()
+    found: dict[str, Path] = {}
+    for fstype, point, options in cgroupfs.mounts():
+        if fstype != "cgroup":
+            continue
+        for controller in _CONTROLLERS:
+            if controller in options and controller not in found:
+                key = next((k for k in own if controller in k.split(",")), None)
+                if key is not None:
+                    found[controller] = point / own[key].lstrip("/")
+    return found
+
+
+def _probe(directory: Path) -> str | None:
+    probe = directory / cgroupfs.runner_dir_name()
+    try:
+        probe.mkdir()
+    except OSError as error:
+        return f"cannot create a cgroup in {directory}: {error.strerror}"
+    with contextlib.suppress(OSError):
+        probe.rmdir()
+    return None
+
+
+class CgroupV1Sandbox(Sandbox):
+    def __init__(self, dirs: dict[str, Path], limits: Limits) -> None:
+        self.dirs = dirs
+        self.limits = limits
+        self.event_fd = None
+        self._removed = False
+        created: list[Path] = []
+        try:
+            for path in dirs.values():
+                path.mkdir()
+                created.append(path)
+            memory = dirs["memory"]
+            if limits.memory_bytes is not None:
+                cgroupfs.write(memory / "memory.limit_in_bytes", limits.memory_bytes)
+                if (memory / "memory.memsw.limit_in_bytes").exists():
+                    cgroupfs.write(memory / "memory.memsw.limit_in_bytes", limits.memory_bytes)
+                self.event_fd = self._oom_eventfd(memory)
+            if limits.max_processes is not None and "pids" in dirs:
+                cgroupfs.write(dirs["pids"] / "pids.max", limits.max_processes)
+        except BaseException:
+            for path in reversed(created):
+                with contextlib.suppress(OSError):
+                    cgroupfs.remove(path)
+            self._close_event_fd()
+            raise
+
+    @staticmethod
+    def _oom_eventfd(memory: Path) -> int | None:
+        if not hasattr(os, "eventfd"):
+            return None
+        event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        control = os.open(memory / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            cgroupfs.write(memory / "cgroup.event_control", f"{event_fd} {control}")
+        except OSError:
+            os.close(event_fd)
+            return None
+        finally:
+            # The kernel holds its own reference to the oom_control file once registered.
+            os.close(control)
+        return event_fd
+
+    def attach(self, pid: int) -> None:
+        for path in self.dirs.values():
+            cgroupfs.write(path / "cgroup.procs", pid)
+
+    def on_event(self) -> str | None:
+        if self.event_fd is None:
+            return None
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.event_fd)
+        # The event fires when the cgroup hit its limit and reclaim failed (it also fires on
+        # rmdir, but the manager stops listening before remove()). The kernel kills one victim;
+        # killing the rest makes the task die as a whole, like memory.oom.group=1 on v2.
+        return "memory"
+
+    def kill(self) -> None:
+        freezer = self.dirs.get("freezer")
+        frozen = freezer is not None and self._freeze(freezer)
+        members = self.dirs["freezer"] if frozen and freezer else self.dirs["memory"]
+        try:
+            # Without a freezer, forks can race the kill; loop until a pass finds nobody.
+            for _ in range(1 if frozen else 1000):
+                victims = cgroupfs.pids(members)
+                if not victims:
+                    break
+                for pid in victims:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        finally:
+            if frozen and freezer is not None:
+                cgroupfs.write(freezer / "freezer.state", "THAWED")
+
+    @staticmethod
+    def _freeze(freezer: Path) -> bool:
+        try:
+            cgroupfs.write(freezer / "freezer.state", "FROZEN")
+        except OSError:
+            return False
+        deadline = time.monotonic() + _FREEZE_WAIT_SECONDS
+        for attempt in itertools.count():
+            if cgroupfs.read(freezer / "freezer.state") == "FROZEN":
+                return True
+            if time.monotonic() > deadline:
+                return False  # still FREEZING: kill anyway, and loop
+            time.sleep(0 if attempt < 10 else 0.001)
+        return False
+
+    def _wait_empty(self) -> None:
+        memory = self.dirs["memory"]
+        deadline = time.monotonic() + _EMPTY_WAIT_SECONDS
+        for attempt in itertools.count():
+            if not cgroupfs.pids(memory) or time.monotonic() > deadline:
+                return
+            if attempt % 50 == 49:
+                self.kill()
+            time.sleep(0.0005)
+
+    def collect(self) -> Usage:
+        if cgroupfs.pids(self.dirs["memory"]):
+            self.kill()
+        self._wait_empty()
+        memory = self.dirs["memory"]
+        oom = cgroupfs.read_keyed(memory / "memory.oom_control")
+        cpu_ns = cgroupfs.read_int(self.dirs["cpuacct"] / "cpuacct.usage") if "cpuacct" in self.dirs else None
+        return Usage(
+            peak_memory_bytes=cgroupfs.read_int(memory / "memory.max_usage_in_bytes"),
+            oom_killed=oom.get("oom_kill", 0) > 0,
+            memory_limit_hit=(cgroupfs.read_int(memory / "memory.failcnt") or 0) > 0,
+            cpu_time_seconds=None if cpu_ns is None else cpu_ns / 1e9,
+        )
+
+    def _close_event_fd(self) -> None:
+        if self.event_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.event_fd)
+            self.event_fd = None
+
+    def remove(self) -> None:
+        if self._removed:
+            return
+        self._removed = True
+        self._close_event_fd()
+        for path in self.dirs.values():
+            cgroupfs.remove(path)
+
+
+class CgroupV1Backend(Backend):
+    name = "cgroup_v1"
+    kernel_enforced = frozenset(
+        {"memory", "processes", "tree_kill", "peak_memory", "oom_detection", "cpu_time"}
+    )
+
+    _reason_cache: str | None | bool = False
+
+    def __init__(self) -> None:
+        self.own = _hierarchies()
+        self.runner: dict[str, Path] = {}
+        self._counter = itertools.count(1)
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if cls._reason_cache is not False:
+            return cls._reason_cache  # type: ignore[return-value]
+        own = _hierarchies()
+        if "memory" not in own:
+            reason: str | None = "no cgroup v1 memory hierarchy is mounted"
+        else:
+            reason = _probe(own["memory"])
+        cls._reason_cache = reason
+        return reason
+
+    def details(self) -> dict[str, object]:
+        memory = self.own.get("memory")
+        return {
+            "hierarchies": {name: str(path) for name, path in self.own.items()},
+            "swap_accounting": bool(memory and (memory / "memory.memsw.limit_in_bytes").exists()),
+            "tree_kill": "freezer" if "freezer" in self.own else "kill loop (no freezer)",
+            "process_limit": "pids.max" if "pids" in self.own else "unavailable (no pids hierarchy)",
+        }
+
+    def open(self) -> None:
+        name = cgroupfs.runner_dir_name()
+        try:
+            for controller, own in self.own.items():
+                for stale in cgroupfs.stale_runner_dirs(own):
+                    with contextlib.suppress(OSError):
+                        cgroupfs.remove_tree(stale)
+                runner = own / name
+                runner.mkdir()
+                self.runner[controller] = runner
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for runner in self.runner.values():
+            with contextlib.suppress(OSError):
+                cgroupfs.remove_tree(runner)
+        self.runner.clear()
+
+    def sandbox(self, limits: Limits) -> Sandbox:
+        if limits.max_processes is not None and "pids" not in self.runner:
+            raise RuntimeError("max_processes needs the cgroup v1 pids hierarchy, not mounted here")
+        name = f"task-{next(self._counter)}"
+        return CgroupV1Sandbox({c: runner / name for c, runner in self.runner.items()}, limits)

@@ -1,0 +1,167 @@
+"""Task functions for the tests. Module level, so they pickle under spawn and forkserver."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+MIB = 1024 * 1024
+
+
+def double(x):
+    return x * 2
+
+
+def identity(x):
+    return x
+
+
+def pid_and_value(x):
+    return os.getpid(), x
+
+
+def convert_file(input_file, output_file):
+    data = pathlib.Path(input_file).read_bytes()
+    pathlib.Path(output_file).write_bytes(data.upper())
+
+
+def file_to_memory(input_file):
+    return pathlib.Path(input_file).read_bytes().upper()
+
+
+def sleep_then(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def record_interval(directory, seconds):
+    start = time.monotonic()
+    time.sleep(seconds)
+    end = time.monotonic()
+    path = pathlib.Path(directory) / f"{os.getpid()}-{start}"
+    path.write_text(f"{start} {end}")
+
+
+def touch_after(path, seconds):
+    time.sleep(seconds)
+    pathlib.Path(path).write_text("ran")
+
+
+def raise_value_error(message):
+    raise ValueError(message)
+
+
+class NeedsTwoArgs(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
+
+
+def raise_unpicklable_exception():
+    raise NeedsTwoArgs("left", "right")
+
+
+def return_lambda():
+    return lambda: 1
+
+
+def exit_hard(code):
+    os._exit(code)
+
+
+def sys_exit(code):
+    sys.exit(code)
+
+
+def kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(10)
+
+
+def segfault():
+    ctypes.string_at(0)
+
+
+def ignore_sigterm_and_sleep(pid_file, seconds):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pathlib.Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(seconds)
+
+
+def spawn_grandchild(pid_file, then_sleep=0.0):
+    """Start `sleep 300` in its own session (so process-group kills miss it), then return or hang."""
+    child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    pathlib.Path(pid_file).write_text(str(child.pid))
+    time.sleep(then_sleep)
+    return child.pid
+
+
+def fork_grandchild_and_exit(pid_file):
+    """Double fork: the grandchild is orphaned at once, before any poll could see it."""
+    pid = os.fork()
+    if pid == 0:
+        if os.fork() == 0:
+            os.setsid()
+            time.sleep(300)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    time.sleep(0.2)  # let the grandchild write nothing; we find it by scanning for our marker
+    return os.getpid()
+
+
+def big_result(size):
+    return b"x" * size
+
+
+def flood_stdout(megabytes):
+    chunk = "y" * (MIB - 1) + "\n"
+    for _ in range(megabytes):
+        sys.stdout.write(chunk)
+    sys.stdout.flush()
+    return "done"
+
+
+def allocate(step_mib, steps, pause=0.0):
+    """Touch memory step by step (bytes objects are written, so really resident)."""
+    held = []
+    for _ in range(steps):
+        held.append(b"z" * (step_mib * MIB))
+        if pause:
+            time.sleep(pause)
+    return len(held)
+
+
+def touch_and_return(mib):
+    data = bytearray(mib * MIB)
+    for offset in range(0, len(data), 4096):
+        data[offset] = 1
+    return len(data)
+
+
+def fork_bomb(seconds):
+    deadline = time.monotonic() + seconds
+    forked = 0
+    while time.monotonic() < deadline:
+        try:
+            if os.fork() == 0:
+                time.sleep(seconds)
+                os._exit(0)
+            forked += 1
+        except OSError:
+            time.sleep(0.001)
+    return forked
+
+
+def burn_cpu(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+    return "burned"
+
+
+def check_threads_safe(n):
+    return sum(range(n))
