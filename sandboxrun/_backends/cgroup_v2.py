@@ -134,7 +134,8 @@ def _locate() -> _Place | str:
     missing = [name for name in REQUIRED if name not in _controllers(mount, "cgroup.controllers")]
     if missing:
         v1 = {c for fstype, _, options in cgroupfs.mounts() if fstype == "cgroup" for c in options}
-        why = " (hybrid host: cgroup v1 holds it)" if set(missing) & v1 else ""
+        why = f" (hybrid host: cgroup v1 holds {'it' if len(missing) == 1 else 'them'})"
+        why = why if set(missing) & v1 else ""
         return f"cgroup2 at {mount} has no {' or '.join(missing)} controller{why}"
     own_path = mount / own.lstrip("/")
     if not (own_path / "cgroup.procs").is_file():
@@ -238,6 +239,7 @@ class _Runner:
         self.path = place.root / cgroupfs.runner_dir_name()
         self.supervisor: Path | None = None
         self.enabled_in_root: list[str] = []
+        self.enabled_here: list[str] = []
         self.refs = 0
 
     @classmethod
@@ -295,6 +297,7 @@ class _Runner:
             usable = _controllers(self.path, "cgroup.controllers")
             names = [n for n in (*REQUIRED, *OPTIONAL) if n in usable]
             cgroupfs.write(self.path / "cgroup.subtree_control", " ".join(f"+{n}" for n in names))
+            self.enabled_here = names
         except BaseException:
             self._tear_down()
             raise
@@ -306,27 +309,29 @@ class _Runner:
             _wait_empty(child, _EMPTY_TIMEOUT)
             with contextlib.suppress(OSError):
                 cgroupfs.remove(child)
-        if self.supervisor is not None:
-            others = [p for p in root.iterdir() if p.is_dir() and p != self.path]
-            if others:
-                # Disabling controllers in <root> would strip them from these siblings (another
-                # runner may use them). Stay in supervisor; once we exit the empty runner dir is
-                # cleaned up as stale by the next runner.
+        if any(p.is_dir() and p != self.path for p in root.iterdir()):
+            # Other cgroups under <root> (maybe another runner's) may rely on the controllers we
+            # enabled there, so they stay. Then we cannot go back into <root> either: stay in
+            # supervisor; the runner dir is removed as stale by a later runner once we are gone.
+            if self.supervisor is not None:
                 return
-            with contextlib.suppress(OSError):
-                cgroupfs.write(self.path / "cgroup.subtree_control", "-memory -pids -cpu")
-            # No domain controller may stay enabled in <root> before processes can go back in.
-            for name in reversed(self.enabled_in_root):
+        else:
+            for path, names in ((self.path, self.enabled_here), (root, self.enabled_in_root)):
+                if names:  # bottom-up: a controller a child still enables cannot be disabled
+                    with contextlib.suppress(OSError):
+                        cgroupfs.write(
+                            path / "cgroup.subtree_control", " ".join(f"-{n}" for n in names)
+                        )
+            # Now <root> enables no domain controller again, so it may hold processes.
+            for pid in cgroupfs.pids(self.supervisor) if self.supervisor is not None else []:
                 with contextlib.suppress(OSError):
-                    cgroupfs.write(root / "cgroup.subtree_control", f"-{name}")
-            for pid in cgroupfs.pids(self.supervisor):
-                with contextlib.suppress(ProcessLookupError):
                     cgroupfs.write(root / "cgroup.procs", pid)
         try:
             cgroupfs.remove_tree(self.path)
         except OSError as error:
-            warnings.warn(f"sandboxrun: could not remove {self.path}: {error}", ResourceWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"sandboxrun: could not remove {self.path}: {error}", ResourceWarning, stacklevel=2
+            )
 
 
 class CgroupV2Sandbox(Sandbox):
@@ -402,7 +407,9 @@ class CgroupV2Sandbox(Sandbox):
 
 class CgroupV2Backend(Backend):
     name = "cgroup_v2"
-    kernel_enforced = frozenset({"memory", "processes", "tree_kill", "peak_memory", "oom_detection"})
+    kernel_enforced = frozenset(
+        {"memory", "processes", "tree_kill", "peak_memory", "oom_detection"}
+    )
 
     _verdicts: dict[str | None, _Place | str] = {}
 
@@ -447,7 +454,7 @@ class CgroupV2Backend(Backend):
             "peak_memory": (
                 "memory.peak"
                 if self.files["memory.peak"]
-                else f"sampled memory.current every {_PEAK_SAMPLE_SECONDS}s (degraded: no memory.peak)"
+                else f"memory.current every {_PEAK_SAMPLE_SECONDS}s (degraded: no memory.peak)"
             ),
             "controllers": sorted(_controllers(root, "cgroup.controllers")),
             "subtree_control": sorted(_controllers(root, "cgroup.subtree_control")),

@@ -1,0 +1,161 @@
+"""The public API: the seed's contract, the validation, the start methods."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import pickle
+import threading
+
+import pytest
+
+import sandboxrun
+from sandboxrun import BackendUnavailable, ProcessManager, Task, TaskResult
+
+from . import tasks
+
+SEED_FIELDS = [
+    "task", "success", "result", "exception", "exit_code", "timeout_seconds",
+    "memory_limit_in_gib", "start_time", "end_time", "elapsed_time", "timed_out",
+    "max_memory_used_in_gib", "out_of_memory",
+]  # fmt: skip
+
+
+def test_task_result_starts_with_the_13_seed_fields():
+    names = [field.name for field in dataclasses.fields(TaskResult)]
+    assert names[:13] == SEED_FIELDS
+
+
+def test_glasswall_name_is_an_alias():
+    assert sandboxrun.GlasswallProcessManager is ProcessManager
+
+
+def test_task_validation():
+    with pytest.raises(TypeError, match="callable"):
+        Task("not a function")
+    with pytest.raises(TypeError, match="args"):
+        Task(print, args="abc")
+    with pytest.raises(TypeError, match="kwargs"):
+        Task(print, kwargs=[1])
+    task = Task(print)
+    assert task.args == () and task.kwargs == {}
+
+
+def test_task_equality_hash_and_repr():
+    a = Task(tasks.double, (1,), {"x": "y"})
+    b = Task(tasks.double, [1], {"x": "y"})
+    assert a == b and hash(a) == hash(b)
+    assert a != Task(tasks.double, (2,), {"x": "y"})
+    assert len({a, b}) == 1
+    assert hash(Task(tasks.identity, ([1, 2],))) == hash(Task(tasks.identity, ([1, 2],)))
+    long = Task(tasks.identity, kwargs={"input_file": "C:\\gwpw\\input\\" + "a" * 300})
+    text = repr(long)
+    assert text.startswith("Task(func=identity, args=(), kwargs=(input_file='C:")
+    assert "..." in text and len(text) < 200
+    assert pickle.loads(pickle.dumps(a)) == a
+
+
+def test_task_result_repr_is_truncated_and_eq_follows_the_seed():
+    big = TaskResult(task=Task(tasks.identity), success=True, result=b"x" * 10_000)
+    assert "..." in repr(big) and len(repr(big)) < 2000
+    other = TaskResult(task=Task(tasks.identity), success=True, result=b"x" * 10_000, exit_code=5)
+    assert big == other  # task, success, result, exception: like the seed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"max_workers": 0}, ValueError),
+        ({"max_workers": -1}, ValueError),
+        ({"max_workers": 1.5}, TypeError),
+        ({"max_workers": True}, TypeError),
+        ({"worker_timeout_seconds": 0}, ValueError),
+        ({"worker_timeout_seconds": -1}, ValueError),
+        ({"worker_timeout_seconds": float("nan")}, ValueError),
+        ({"worker_timeout_seconds": "5"}, TypeError),
+        ({"memory_limit_in_gib": 0}, ValueError),
+        ({"memory_limit_in_gib": -2}, ValueError),
+        ({"memory_limit_in_gib": 1e-12}, ValueError),
+        ({"cpu_time_limit_seconds": 0}, ValueError),
+        ({"max_processes": 0}, ValueError),
+        ({"max_processes": 2.5}, TypeError),
+        ({"backend": "nope"}, ValueError),
+        ({"start_method": "teleport"}, ValueError),
+        ({"poll_interval_seconds": 0}, ValueError),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, error):
+    with pytest.raises(error):
+        ProcessManager(**kwargs)
+
+
+def test_default_max_workers_is_the_usable_cpus():
+    import os
+
+    manager = ProcessManager()
+    assert 1 <= manager.max_workers <= len(os.sched_getaffinity(0))
+
+
+def test_queue_task_rejects_non_tasks_and_finished_managers():
+    with ProcessManager(1, backend="psutil") as pm:
+        with pytest.raises(TypeError):
+            pm.queue_task(tasks.double)
+        pm.queue_task(Task(tasks.double, (2,)))
+    assert [r.result for r in pm.task_results] == [4]
+    with pytest.raises(RuntimeError, match="finished"):
+        pm.queue_task(Task(tasks.double, (2,)))
+
+
+def test_unsendable_task_is_refused_at_queue_time_under_spawn():
+    pm = ProcessManager(1, backend="psutil", start_method="spawn")
+    with pytest.raises(TypeError, match="cannot be sent to a worker"):
+        pm.queue_task(Task(lambda: 1))
+    with pytest.raises(TypeError, match="cannot be sent"):
+        pm.queue_task(Task(tasks.identity, (threading.Lock(),)))
+
+
+def test_lambda_is_fine_under_fork():
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork here")
+    with ProcessManager(1, backend="psutil", start_method="fork") as pm:
+        pm.queue_task(Task(lambda: 7))
+    assert pm.task_results[0].result == 7
+
+
+def test_unavailable_backend_is_a_clear_error():
+    report = sandboxrun.detect()
+    missing = [name for name, entry in report["backends"].items() if not entry["available"]]
+    if not missing:
+        pytest.skip("every backend works here")
+    with pytest.raises(BackendUnavailable, match="cannot work here"):
+        ProcessManager(backend=missing[0])
+
+
+@pytest.mark.parametrize("method", multiprocessing.get_all_start_methods())
+def test_start_methods(method, backend):
+    with ProcessManager(2, backend=backend, start_method=method, worker_timeout_seconds=60) as pm:
+        pm.queue_task(Task(tasks.double, (5,)))
+        pm.queue_task(Task(tasks.raise_value_error, ("m",)))
+        pm.queue_task(Task(tasks.exit_hard, (2,)))
+        pm.queue_task(Task(tasks.big_result, (8 * 1024 * 1024,)))
+    by_func = {r.task.func.__name__: r for r in pm.task_results}
+    assert by_func["double"].result == 10
+    assert isinstance(by_func["raise_value_error"].exception, ValueError)
+    assert by_func["exit_hard"].exit_code == 2
+    assert len(by_func["big_result"].result) == 8 * 1024 * 1024
+
+
+def test_safe_when_the_caller_has_threads(backend):
+    stop = threading.Event()
+    workers = [threading.Thread(target=stop.wait) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    try:
+        with ProcessManager(2, backend=backend, start_method="forkserver") as pm:
+            for index in range(10):
+                pm.queue_task(Task(tasks.check_threads_safe, (index,)))
+        assert sorted(r.result for r in pm.task_results) == sorted(sum(range(i)) for i in range(10))
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
