@@ -92,8 +92,12 @@ class Limits:
         if memory is not None and memory < 4096:
             raise ValueError(f"memory_limit_in_gib={memory_limit_in_gib!r} is below one page")
         return cls(
-            wall_time_seconds=None if worker_timeout_seconds is None else float(worker_timeout_seconds),
+            wall_time_seconds=None
+            if worker_timeout_seconds is None
+            else float(worker_timeout_seconds),
             memory_bytes=memory,
-            cpu_time_seconds=None if cpu_time_limit_seconds is None else float(cpu_time_limit_seconds),
+            cpu_time_seconds=None
+            if cpu_time_limit_seconds is None
+            else float(cpu_time_limit_seconds),
             max_processes=max_processes,
         )

@@ -125,7 +125,7 @@ class ProcessManager:
 
     Drop-in for the Glasswall process manager::
 
-        with ProcessManager(max_workers=None, worker_timeout_seconds=5, memory_limit_in_gib=4) as pm:
+        with ProcessManager(None, worker_timeout_seconds=5, memory_limit_in_gib=4) as pm:
             for path in paths:
                 pm.queue_task(Task(func=convert, args=(path,)))
         for result in pm.task_results:
@@ -157,7 +157,9 @@ class ProcessManager:
         if max_workers is not None and max_workers < 1:
             raise ValueError(f"max_workers must be at least 1, got {max_workers}")
         if not (isinstance(poll_interval_seconds, (int, float)) and poll_interval_seconds > 0):
-            raise ValueError(f"poll_interval_seconds must be positive, got {poll_interval_seconds!r}")
+            raise ValueError(
+                f"poll_interval_seconds must be positive, got {poll_interval_seconds!r}"
+            )
         self.limits = Limits.from_arguments(
             worker_timeout_seconds, memory_limit_in_gib, cpu_time_limit_seconds, max_processes
         )
@@ -420,7 +422,7 @@ class ProcessManager:
                 if job.result_filled == job.result_size:
                     return self._stop_reading(job)
                 view = memoryview(job.result_buffer)[job.result_filled :]
-                count = os.readv(job.result_fd, [view[:_READ_CHUNK * 16]])
+                count = os.readv(job.result_fd, [view[: _READ_CHUNK * 16]])
                 if count == 0:
                     return self._stop_reading(job)
                 job.result_filled += count
@@ -459,7 +461,7 @@ class ProcessManager:
         try:
             # Leftover grandchildren die first, so nothing else writes into the result pipe.
             usage = job.sandbox.collect()
-        except Exception:  # noqa: BLE001 - a result must still come out
+        except Exception:
             usage = Usage()
         finally:
             job.sandbox.remove()
@@ -482,25 +484,43 @@ class ProcessManager:
         header = protocol.Header.from_builtins(pickle.loads(buffer[:head_size]))
         body = memoryview(buffer)[head_size:]
         if header.kind == protocol.RESULT_UNPICKLABLE:
-            return header, None, ResultNotPicklable(
-                f"the task returned a {header.type_name} that cannot be pickled "
-                f"({header.traceback_text})",
-                header.type_name, header.text, header.traceback_text,
+            return (
+                header,
+                None,
+                ResultNotPicklable(
+                    f"the task returned a {header.type_name} that cannot be pickled "
+                    f"({header.traceback_text})",
+                    header.type_name,
+                    header.text,
+                    header.traceback_text,
+                ),
             )
         if header.kind == protocol.EXCEPTION_UNPICKLABLE:
-            return header, None, ExceptionNotPicklable(
-                f"the task raised {header.type_name}: {header.text} "
-                "(it cannot cross the process boundary; traceback_text has the original)",
-                header.type_name, header.text, header.traceback_text,
+            return (
+                header,
+                None,
+                ExceptionNotPicklable(
+                    f"the task raised {header.type_name}: {header.text} "
+                    "(it cannot cross the process boundary; traceback_text has the original)",
+                    header.type_name,
+                    header.text,
+                    header.traceback_text,
+                ),
             )
         try:
             value = pickle.loads(body)
-        except Exception as error:  # noqa: BLE001 - unpickling arbitrary bytes raises anything
+        except Exception as error:
             kind = ExceptionNotPicklable if header.kind == protocol.RAISED else ResultNotPicklable
-            return header, None, kind(
-                f"the task's {'exception' if header.kind == protocol.RAISED else 'result'} "
-                f"could not be unpickled here: {type(error).__name__}: {error}",
-                type(error).__name__, str(error), header.traceback_text,
+            return (
+                header,
+                None,
+                kind(
+                    f"the task's {'exception' if header.kind == protocol.RAISED else 'result'} "
+                    f"could not be unpickled here: {type(error).__name__}: {error}",
+                    type(error).__name__,
+                    str(error),
+                    header.traceback_text,
+                ),
             )
         finally:
             del body, buffer
@@ -533,39 +553,33 @@ class ProcessManager:
         )
         processes_exceeded = reason == "processes"
         success = header is not None and header.kind == protocol.RETURNED and exception is None
-        if timed_out:
-            success, exception = False, TimeoutError(
-                f"the task ran longer than worker_timeout_seconds={self.limits.wall_time_seconds}"
+        verdicts = [
+            (timed_out, lambda: TimeoutError(
+                f"the task ran longer than worker_timeout_seconds={self.worker_timeout_seconds}"
                 " and was killed with its whole process tree"
-            )
-        elif out_of_memory:
-            success = False
-            if not isinstance(exception, MemoryError):
-                exception = MemoryError(
-                    f"the task exceeded memory_limit_in_gib={self.memory_limit_in_gib}"
-                    f" (peak {peak / GIB:.3f} GiB) and was killed"
-                )
-        elif cpu_exceeded:
-            success, exception = False, CpuTimeLimitExceeded(
-                f"the task used more than cpu_time_limit_seconds={self.limits.cpu_time_seconds}"
-            )
-        elif processes_exceeded:
-            success, exception = False, ProcessLimitExceeded(
-                f"the task ran more than max_processes={self.limits.max_processes} processes"
-            )
-        elif reason == "attach":
-            success, exception = False, SandboxrunError(
+            )),
+            (out_of_memory, lambda: exception if isinstance(exception, MemoryError) else MemoryError(  # noqa: E501
+                f"the task exceeded memory_limit_in_gib={self.memory_limit_in_gib}"
+                f" (peak {peak / GIB:.3f} GiB) and was killed"
+            )),
+            (cpu_exceeded, lambda: CpuTimeLimitExceeded(
+                f"the task used more than cpu_time_limit_seconds={self.cpu_time_limit_seconds}"
+            )),
+            (processes_exceeded, lambda: ProcessLimitExceeded(
+                f"the task ran more than max_processes={self.max_processes} processes"
+            )),
+            (reason == "attach", lambda: SandboxrunError(
                 f"could not place the worker in its sandbox: {job.error}"
-            )
+            )),
+        ]  # fmt: skip
+        verdict = next((make for condition, make in verdicts if condition), None)
+        if verdict is not None:  # the first true condition, in that order, wins
+            success, exception = False, verdict()
         elif header is None:
-            detail = (
-                "its result was cut off mid-write"
-                if job.result_buffer is not None or job.prefix
-                else ""
-            )
-            exception = WorkerDied(exit_code, detail)
-            if detail:
-                exception.__cause__ = ResultTransferError(detail)
+            cut = job.result_buffer is not None or bool(job.prefix)
+            exception = WorkerDied(exit_code, "its result was cut off mid-write" if cut else "")
+            if cut:
+                exception.__cause__ = ResultTransferError("incomplete result frame")
         elif not success and exception is None:  # defensive: never success=False without a why
             exception = SandboxrunError(f"task failed ({header.kind})")
         return TaskResult(

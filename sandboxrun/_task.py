@@ -7,7 +7,8 @@ equality and hash of a task by function, args and kwargs, truncated reprs).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _REPR_LIMIT = 100
 

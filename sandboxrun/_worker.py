@@ -76,13 +76,13 @@ def _pickle_outcome(outcome: BaseException | Any, raised: bool) -> tuple[protoco
     if not raised:
         try:
             return protocol.Header(protocol.RETURNED), pickle.dumps(outcome, protocol=5)
-        except BaseException as error:  # noqa: BLE001 - any pickling failure is reported
+        except BaseException as error:
             return _describe(protocol.RESULT_UNPICKLABLE, outcome, error), b""
     tb = "".join(traceback.format_exception(type(outcome), outcome, outcome.__traceback__))
     try:
         body = pickle.dumps(outcome, protocol=5)
         pickle.loads(body)  # exceptions often pickle but fail to unpickle (required args)
-    except BaseException as error:  # noqa: BLE001
+    except BaseException as error:
         header = _describe(protocol.EXCEPTION_UNPICKLABLE, outcome, error)
         header.traceback_text = tb
         return header, b""
@@ -93,7 +93,7 @@ def _describe(kind: str, value: object, error: BaseException) -> protocol.Header
     cls = type(value)
     try:
         text = str(value)[:10_000]
-    except BaseException:  # noqa: BLE001 - a hostile __str__
+    except BaseException:
         text = "<str() failed>"
     return protocol.Header(
         kind,
@@ -139,7 +139,7 @@ def main(
     except SystemExit as stop:
         outcome, raised = stop, True
         exit_code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    except BaseException as error:  # noqa: BLE001 - every outcome is reported
+    except BaseException as error:
         outcome, raised = error, True
 
     if options.kill_descendants_on_exit:

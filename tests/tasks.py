@@ -93,7 +93,7 @@ def ignore_sigterm_and_sleep(pid_file, seconds):
 
 
 def spawn_grandchild(pid_file, then_sleep=0.0):
-    """Start `sleep 300` in its own session (so process-group kills miss it), then return or hang."""
+    """Start `sleep 300` in its own session (process-group kills miss it), then return or hang."""
     child = subprocess.Popen(["sleep", "300"], start_new_session=True)
     pathlib.Path(pid_file).write_text(str(child.pid))
     time.sleep(then_sleep)

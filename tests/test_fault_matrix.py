@@ -46,7 +46,12 @@ def run_one(backend, func, *args, **limits) -> TaskResult:
 
 def test_normal_return(backend):
     result = run_one(backend, tasks.double, 21)
-    assert (result.success, result.result, result.exception, result.exit_code) == (True, 42, None, 0)
+    assert (result.success, result.result, result.exception, result.exit_code) == (
+        True,
+        42,
+        None,
+        0,
+    )
     assert not result.timed_out and not result.out_of_memory
     assert result.max_memory_used_in_gib > 0  # filled without a limit too
     assert result.timeout_seconds is None and result.memory_limit_in_gib is None
@@ -58,9 +63,16 @@ def test_file_to_file_and_file_to_memory(backend, tmp_path):
         path = tmp_path / f"in-{index}.txt"
         path.write_bytes(b"hello %d" % index)
         inputs.append(path)
-    with ProcessManager(2, worker_timeout_seconds=30 * SCALE, memory_limit_in_gib=1, backend=backend) as pm:
+    with ProcessManager(
+        2, worker_timeout_seconds=30 * SCALE, memory_limit_in_gib=1, backend=backend
+    ) as pm:
         for path in inputs:
-            pm.queue_task(Task(tasks.convert_file, kwargs={"input_file": str(path), "output_file": str(path) + ".out"}))
+            pm.queue_task(
+                Task(
+                    tasks.convert_file,
+                    kwargs={"input_file": str(path), "output_file": str(path) + ".out"},
+                )
+            )
             pm.queue_task(Task(tasks.file_to_memory, kwargs={"input_file": str(path)}))
     assert len(pm.task_results) == 8
     assert all(r.success for r in pm.task_results)
@@ -68,7 +80,9 @@ def test_file_to_file_and_file_to_memory(backend, tmp_path):
         assert pathlib.Path(str(path) + ".out").read_bytes() == path.read_bytes().upper()
     in_memory = sorted(r.result for r in pm.task_results if r.result is not None)
     assert in_memory == sorted(p.read_bytes().upper() for p in inputs)
-    assert all(r.timeout_seconds == 30 * SCALE and r.memory_limit_in_gib == 1 for r in pm.task_results)
+    assert all(
+        r.timeout_seconds == 30 * SCALE and r.memory_limit_in_gib == 1 for r in pm.task_results
+    )
 
 
 def test_as_completed_streams_results(backend):
@@ -146,7 +160,12 @@ def test_exception_that_cannot_be_pickled(backend):
 
 def test_os_exit(backend):
     result = run_one(backend, tasks.exit_hard, 3)
-    assert (result.success, result.exit_code, result.timed_out, result.out_of_memory) == (False, 3, False, False)
+    assert (result.success, result.exit_code, result.timed_out, result.out_of_memory) == (
+        False,
+        3,
+        False,
+        False,
+    )
     assert isinstance(result.exception, WorkerDied)
     assert "code 3" in str(result.exception)
 
@@ -159,7 +178,12 @@ def test_sys_exit(backend):
 
 def test_self_sigkill_is_not_out_of_memory(backend):
     result = run_one(backend, tasks.kill_self, memory_limit_in_gib=1)
-    assert (result.success, result.exit_code, result.out_of_memory, result.timed_out) == (False, -9, False, False)
+    assert (result.success, result.exit_code, result.out_of_memory, result.timed_out) == (
+        False,
+        -9,
+        False,
+        False,
+    )
     assert isinstance(result.exception, WorkerDied) and "SIGKILL" in str(result.exception)
 
 
@@ -173,14 +197,25 @@ def test_sleep_past_timeout(backend):
     started = time.monotonic()
     result = run_one(backend, tasks.sleep_then, 60, worker_timeout_seconds=0.5 * SCALE)
     assert time.monotonic() - started < 30 * SCALE
-    assert (result.success, result.timed_out, result.exit_code, result.out_of_memory) == (False, True, -9, False)
+    assert (result.success, result.timed_out, result.exit_code, result.out_of_memory) == (
+        False,
+        True,
+        -9,
+        False,
+    )
     assert isinstance(result.exception, TimeoutError)
     assert result.elapsed_time >= 0.5 * SCALE
 
 
 def test_ignoring_sigterm_past_timeout(backend, tmp_path):
     pid_file = tmp_path / "pid"
-    result = run_one(backend, tasks.ignore_sigterm_and_sleep, str(pid_file), 60, worker_timeout_seconds=0.5 * SCALE)
+    result = run_one(
+        backend,
+        tasks.ignore_sigterm_and_sleep,
+        str(pid_file),
+        60,
+        worker_timeout_seconds=0.5 * SCALE,
+    )
     assert result.timed_out and isinstance(result.exception, TimeoutError)
     assert gone(int(pid_file.read_text()))
 
@@ -194,7 +229,9 @@ def test_grandchild_left_running_is_killed(backend, tmp_path):
 
 def test_grandchild_of_a_timed_out_task_is_killed(backend, tmp_path):
     pid_file = tmp_path / "pid"
-    result = run_one(backend, tasks.spawn_grandchild, str(pid_file), 60, worker_timeout_seconds=1 * SCALE)
+    result = run_one(
+        backend, tasks.spawn_grandchild, str(pid_file), 60, worker_timeout_seconds=1 * SCALE
+    )
     assert result.timed_out
     assert wait_gone(int(pid_file.read_text()))
 
@@ -209,9 +246,14 @@ def test_double_forked_orphan_is_killed(backend):
     # alive whose parent chain does not lead to us is a leak.
     me = psutil.Process()
     leaks = [
-        p for p in psutil.process_iter(["name", "status"])
-        if p.pid not in before and p.pid != worker and p.info["status"] != psutil.STATUS_ZOMBIE
-        and me not in p.parents() and p.info["name"] and "python" in p.info["name"]
+        p
+        for p in psutil.process_iter(["name", "status"])
+        if p.pid not in before
+        and p.pid != worker
+        and p.info["status"] != psutil.STATUS_ZOMBIE
+        and me not in p.parents()
+        and p.info["name"]
+        and "python" in p.info["name"]
     ]
     assert leaks == []
 
@@ -239,13 +281,19 @@ def test_memory_over_the_limit(backend):
 
 def test_cpu_time_limit(backend):
     result = run_one(backend, tasks.burn_cpu, 30, cpu_time_limit_seconds=1)
-    assert (result.success, result.cpu_time_limit_exceeded, result.timed_out) == (False, True, False)
+    assert (result.success, result.cpu_time_limit_exceeded, result.timed_out) == (
+        False,
+        True,
+        False,
+    )
     assert isinstance(result.exception, TimeoutError)
     assert result.exit_code in (-signal.SIGXCPU, -signal.SIGKILL)
 
 
 def test_fork_bomb_is_contained(backend):
-    result = run_one(backend, tasks.fork_bomb, 3 * SCALE, max_processes=30, worker_timeout_seconds=20 * SCALE)
+    result = run_one(
+        backend, tasks.fork_bomb, 3 * SCALE, max_processes=30, worker_timeout_seconds=20 * SCALE
+    )
     if result.backend == "psutil":
         assert result.process_limit_exceeded and not result.success  # polled: killed when seen
     else:

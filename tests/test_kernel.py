@@ -44,7 +44,13 @@ def test_short_task_peak_is_not_missed(kernel_backend):
 
 
 def test_fork_bomb_under_max_processes_50(kernel_backend):
-    result = run(kernel_backend, tasks.fork_bomb, 2 * SCALE, max_processes=50, worker_timeout_seconds=30 * SCALE)
+    result = run(
+        kernel_backend,
+        tasks.fork_bomb,
+        2 * SCALE,
+        max_processes=50,
+        worker_timeout_seconds=30 * SCALE,
+    )
     assert result.success and not result.timed_out
     assert result.result >= 40  # it did fork up to the cap, then the kernel said no
     after = run(kernel_backend, tasks.double, 21, max_processes=50)
@@ -64,7 +70,9 @@ def test_killed_by_hand_is_not_out_of_memory(kernel_backend, tmp_path):
 
     thread = threading.Thread(target=killer)
     thread.start()
-    result = run(kernel_backend, tasks.ignore_sigterm_and_sleep, str(pid_file), 30, memory_limit_in_gib=0.5)
+    result = run(
+        kernel_backend, tasks.ignore_sigterm_and_sleep, str(pid_file), 30, memory_limit_in_gib=0.5
+    )
     thread.join()
     assert (result.success, result.exit_code, result.out_of_memory) == (False, -9, False)
     assert isinstance(result.exception, WorkerDied)

@@ -45,7 +45,9 @@ def create_backend(name: str = "auto", **options: Any) -> Backend:
 
 def _instantiate(name: str, options: dict[str, Any]) -> Backend:
     cls = backend_class(name)
-    accepted = {key: value for key, value in options.items() if key in cls.__init__.__code__.co_varnames}
+    accepted = {
+        key: value for key, value in options.items() if key in cls.__init__.__code__.co_varnames
+    }
     return cls(**accepted)
 
 

@@ -56,7 +56,7 @@ class Sandbox(abc.ABC):
         """Put process ``pid`` (the worker, still waiting for the go frame) inside."""
 
     def poll(self) -> str | None:
-        """Polled backends: sample usage; return ``"memory"`` or ``"processes"`` when over a limit."""
+        """Polled backends: sample; ``"memory"`` or ``"processes"`` when over that limit."""
         return None
 
     def on_event(self) -> str | None:

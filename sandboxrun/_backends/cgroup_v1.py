@@ -166,7 +166,11 @@ class CgroupV1Sandbox(Sandbox):
         self._wait_empty()
         memory = self.dirs["memory"]
         oom = cgroupfs.read_keyed(memory / "memory.oom_control")
-        cpu_ns = cgroupfs.read_int(self.dirs["cpuacct"] / "cpuacct.usage") if "cpuacct" in self.dirs else None
+        cpu_ns = (
+            cgroupfs.read_int(self.dirs["cpuacct"] / "cpuacct.usage")
+            if "cpuacct" in self.dirs
+            else None
+        )
         return Usage(
             peak_memory_bytes=cgroupfs.read_int(memory / "memory.max_usage_in_bytes"),
             oom_killed=oom.get("oom_kill", 0) > 0,
@@ -195,7 +199,7 @@ class CgroupV1Backend(Backend):
         {"memory", "processes", "tree_kill", "peak_memory", "oom_detection", "cpu_time"}
     )
 
-    _reason_cache: str | None | bool = False
+    _reason_cache: str | bool | None = False
 
     def __init__(self) -> None:
         self.own = _hierarchies()
@@ -220,7 +224,9 @@ class CgroupV1Backend(Backend):
             "hierarchies": {name: str(path) for name, path in self.own.items()},
             "swap_accounting": bool(memory and (memory / "memory.memsw.limit_in_bytes").exists()),
             "tree_kill": "freezer" if "freezer" in self.own else "kill loop (no freezer)",
-            "process_limit": "pids.max" if "pids" in self.own else "unavailable (no pids hierarchy)",
+            "process_limit": "pids.max"
+            if "pids" in self.own
+            else "unavailable (no pids hierarchy)",
         }
 
     def open(self) -> None:

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The test command: lint, the suite on this machine's backends, then the suite in a systemd +
+# cgroup v2 guest when this host can run qemu (skip it with SANDBOXRUN_SKIP_VM=1).
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+py=$(bash scripts/bootstrap.sh)
+
+"$py" -m ruff check sandboxrun tests scripts
+"$py" -c 'import json, sandboxrun; print(json.dumps(sandboxrun.detect(), indent=1))'
+status=0
+"$py" -m pytest -p no:cacheprovider "$@" tests || status=$?
+
+if [ "${SANDBOXRUN_SKIP_VM:-0}" != 1 ] && [ -x scripts/vm-test.sh ]; then
+  if [ "$(id -u)" = 0 ] && { [ -e /dev/kvm ] || command -v apt-get >/dev/null; }; then
+    bash scripts/vm-test.sh || status=$?
+  else
+    echo "vm-test: skipped (needs root and qemu; set SANDBOXRUN_SKIP_VM=1 to silence)"
+  fi
+fi
+exit $status
