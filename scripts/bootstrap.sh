@@ -20,9 +20,14 @@ if ! "$python" -c 'import venv, ensurepip' 2>/dev/null; then
 fi
 stamp="$venv/.installed-$(sha1sum "$repo/pyproject.toml" | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  "$python" -m venv "$venv" >&2
-  "$venv/bin/python" -m pip install -q --upgrade pip >&2
-  "$venv/bin/python" -m pip install -q -e "$repo[dev]" >&2
+  log=$(mktemp)
+  if ! { "$python" -m venv "$venv" && "$venv/bin/python" -m pip install -q --upgrade pip \
+         && "$venv/bin/python" -m pip install -q -e "$repo[dev]"; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "bootstrap: installing sandboxrun into $venv failed (log above)" >&2
+    exit 1
+  fi
+  rm -f "$log"
   rm -f "$venv"/.installed-*
   touch "$stamp"
 fi

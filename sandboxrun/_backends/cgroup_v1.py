@@ -1,8 +1,9 @@
 """cgroup v1 backend: one child cgroup per task in each v1 hierarchy the runner is in.
 
-Read against Documentation/admin-guide/cgroup-v1/{memory,pids,freezer-subsystem,cpuacct}.rst.
+Read against Documentation/admin-guide/cgroup-v1/{memory,pids,freezer-subsystem,cpuacct}.rst
+and scheduler/sched-design-CFS.rst (group scheduling).
 
-Layout, per hierarchy (memory always; pids, freezer, cpuacct when mounted)::
+Layout, per hierarchy (memory always; pids, freezer, cpu, cpuacct when mounted)::
 
     <mount>/<own cgroup>/sandboxrun-<pid>-<rand>/task-<n>
 
@@ -16,6 +17,9 @@ of its own cgroup. Limits and counters, all kernel-kept:
 - ``pids.max`` for ``max_processes``.
 - tree kill: freeze (``freezer.state`` = FROZEN, so nothing can fork), SIGKILL every pid, thaw.
 - CPU time from ``cpuacct.usage`` (nanoseconds).
+- ``cpu``: no limit is written, but a task cgroup is one CFS scheduling entity, so a task running
+  hundreds of busy processes gets one share of the CPU, not hundreds: the manager's timers stay
+  on time while a fork bomb spins.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from .._limits import Limits
 from . import cgroupfs
 from .base import Backend, Sandbox, Usage
 
-_CONTROLLERS = ("memory", "pids", "freezer", "cpuacct")
+_CONTROLLERS = ("memory", "pids", "freezer", "cpu", "cpuacct")
 _FREEZE_WAIT_SECONDS = 2.0
 _EMPTY_WAIT_SECONDS = 5.0
 
@@ -68,9 +72,11 @@ class CgroupV1Sandbox(Sandbox):
         self.limits = limits
         self.event_fd = None
         self._removed = False
+        # Co-mounted controllers (e.g. "cpu,cpuacct") share one directory.
+        self.paths = list(dict.fromkeys(dirs.values()))
         created: list[Path] = []
         try:
-            for path in dirs.values():
+            for path in self.paths:
                 path.mkdir()
                 created.append(path)
             memory = dirs["memory"]
@@ -105,7 +111,7 @@ class CgroupV1Sandbox(Sandbox):
         return event_fd
 
     def attach(self, pid: int) -> None:
-        for path in self.dirs.values():
+        for path in self.paths:
             cgroupfs.write(path / "cgroup.procs", pid)
 
     def on_event(self) -> str | None:
@@ -189,7 +195,7 @@ class CgroupV1Sandbox(Sandbox):
             return
         self._removed = True
         self._close_event_fd()
-        for path in self.dirs.values():
+        for path in self.paths:
             cgroupfs.remove(path)
 
 
@@ -233,18 +239,19 @@ class CgroupV1Backend(Backend):
         name = cgroupfs.runner_dir_name()
         try:
             for controller, own in self.own.items():
-                for stale in cgroupfs.stale_runner_dirs(own):
-                    with contextlib.suppress(OSError):
-                        cgroupfs.remove_tree(stale)
                 runner = own / name
-                runner.mkdir()
+                if runner not in self.runner.values():
+                    for stale in cgroupfs.stale_runner_dirs(own):
+                        with contextlib.suppress(OSError):
+                            cgroupfs.remove_tree(stale)
+                    runner.mkdir()
                 self.runner[controller] = runner
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        for runner in self.runner.values():
+        for runner in dict.fromkeys(self.runner.values()):
             with contextlib.suppress(OSError):
                 cgroupfs.remove_tree(runner)
         self.runner.clear()
