@@ -7,6 +7,7 @@ Drop-in for the Glasswall process manager: change the import, keep the code::
 
 from ._backends import NAMES as BACKEND_NAMES
 from ._backends import detect
+from ._command import CommandFailed, CommandResult, CommandTask
 from ._errors import (
     BackendUnavailable,
     CpuTimeLimitExceeded,
@@ -28,6 +29,9 @@ GlasswallProcessManager = ProcessManager  # the name Glasswall users already imp
 __all__ = [
     "BACKEND_NAMES",
     "BackendUnavailable",
+    "CommandFailed",
+    "CommandResult",
+    "CommandTask",
     "CpuTimeLimitExceeded",
     "ExceptionNotPicklable",
     "GlasswallProcessManager",

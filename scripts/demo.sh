@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
-# The main job: a real demo batch of untrusted files under hard limits (see scripts/demo.py).
+# The main job: a real demo batch. Writes 12 sample files (8 ordinary, 4 hostile) and converts
+# them with `sandboxrun batch` under a 256 MiB / 5 s / 64-process limit per file, then checks
+# that each file got the verdict it should.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=$(bash "$repo/scripts/bootstrap.sh")
-cd "$repo"
-exec "$py" scripts/demo.py "$@"
+work=${1:-"$repo/demo-output"}
+rm -rf "$work"
+"$py" "$repo/scripts/demo.py" samples "$work/input"
+status=0
+"$(dirname "$py")/sandboxrun" batch "$work/input" --out "$work/output" \
+  --cmd "$py $repo/scripts/demo.py convert {input} {output}.z" \
+  --memory 256M --timeout 5s --max-processes 64 --cpu-time 10s || status=$?
+# batch exits 1 here by design (the hostile files fail); anything else is a real error.
+[ "$status" -le 1 ] || exit "$status"
+"$py" "$repo/scripts/demo.py" check "$work/output/sandboxrun-journal.jsonl"
