@@ -319,6 +319,8 @@ class ProcessManager:
                 self.backend.worker_options,
                 self.limits.cpu_time_seconds,
                 foreign if self.start_method == "fork" else (),
+                # A forkserver child's parent is the server, not us: no pid to compare.
+                None if self.start_method == "forkserver" else os.getpid(),
             ),
             name="sandboxrun-task",
         )

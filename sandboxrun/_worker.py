@@ -11,6 +11,7 @@ import contextlib
 import os
 import pickle
 import resource
+import signal
 import sys
 import traceback
 from multiprocessing.connection import Connection
@@ -20,6 +21,7 @@ from . import _protocol as protocol
 from ._backends.base import WorkerOptions
 from ._task import Task
 
+_PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -33,12 +35,21 @@ def _read_exactly(fd: int, size: int) -> bytes:
     return bytes(chunks)
 
 
-def _set_subreaper() -> None:
+def _prctl(option: int, value: int) -> None:
     if sys.platform.startswith("linux"):
         import ctypes
 
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+            ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+
+
+def _die_with_manager(manager_pid: int | None) -> None:
+    # If the manager is SIGKILLed, nobody enforces the wall-clock limit any more: take the task
+    # down with it rather than leave it running unwatched. Checked after arming, since the
+    # manager may have died before prctl.
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if manager_pid is not None and os.getppid() != manager_pid:
+        os._exit(70)
 
 
 def _set_cpu_limit(seconds: float) -> None:
@@ -110,6 +121,7 @@ def main(
     options: WorkerOptions,
     cpu_time_seconds: float | None,
     foreign_fds: tuple[int, ...],
+    manager_pid: int | None,
 ) -> None:
     # Under fork we inherit the manager's ends of other tasks' pipes: untrusted code must not be
     # able to read another task's result or write into its handshake.
@@ -117,8 +129,9 @@ def main(
         with contextlib.suppress(OSError):
             os.close(fd)
     control_fd, result_fd = control.fileno(), result.fileno()
+    _die_with_manager(manager_pid)
     if options.subreaper:
-        _set_subreaper()
+        _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
     (length,) = protocol.LENGTH.unpack(_read_exactly(control_fd, protocol.LENGTH.size))
     payload = _read_exactly(control_fd, length) if length else b""

@@ -241,9 +241,7 @@ class CgroupV1Backend(Backend):
             for controller, own in self.own.items():
                 runner = own / name
                 if runner not in self.runner.values():
-                    for stale in cgroupfs.stale_runner_dirs(own):
-                        with contextlib.suppress(OSError):
-                            cgroupfs.remove_tree(stale)
+                    cgroupfs.reap_stale(own)
                     runner.mkdir()
                 self.runner[controller] = runner
         except BaseException:

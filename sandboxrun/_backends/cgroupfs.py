@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -116,3 +117,36 @@ def stale_runner_dirs(parent: Path) -> list[Path]:
 
 def runner_dir_name() -> str:
     return f"{RUNNER_PREFIX}{os.getpid()}-{os.urandom(3).hex()}"
+
+
+def _walk(path: Path) -> list[Path]:
+    found = [path]
+    with contextlib.suppress(OSError):
+        for child in path.iterdir():
+            if child.is_dir():
+                found += _walk(child)
+    return found
+
+
+def reap_stale(parent: Path) -> None:
+    """Remove the cgroups of runners that died (SIGKILLed managers), ending what still runs there.
+
+    Their tasks were started by sandboxrun and lost their watcher: nothing would ever enforce
+    their wall-clock limit again.
+    """
+    for stale in stale_runner_dirs(parent):
+        for _ in range(100):
+            dirs = _walk(stale)
+            for directory in dirs:
+                if (directory / "freezer.state").exists():  # a frozen process ignores SIGKILL
+                    with contextlib.suppress(OSError):
+                        write(directory / "freezer.state", "THAWED")
+            victims = [pid for directory in dirs for pid in pids(directory)]
+            if not victims:
+                break
+            for pid in victims:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+        with contextlib.suppress(OSError):
+            remove_tree(stale)
