@@ -304,18 +304,23 @@ class ProcessManager:
             self.backend.open()
             self._backend_open = True
         job = _Job(task, self.backend.sandbox(self.limits))
+        # The control pipe exists only when the worker must wait for us: to receive the pickled
+        # task (spawn/forkserver), or until a parent-side attach has placed it (handshake).
+        handshake = bool(payload) or job.sandbox.parent_attach
         result_r, result_w = os.pipe()
-        control_r, control_w = os.pipe()
+        control_r, control_w = os.pipe() if handshake else (-1, -1)
         _set_pipe_size(result_w)
-        child_result, child_control = Connection(result_w), Connection(control_r)
+        child_result = Connection(result_w)
+        child_control = Connection(control_r) if handshake else None
         foreign = tuple(fd for other in self._jobs.values() for fd in self._parent_fds(other))
-        foreign += (result_r, control_w)
+        foreign += tuple(fd for fd in (result_r, control_w) if fd >= 0)
         job.process = self._context.Process(
             target=_worker.main,
             args=(
                 child_control,
                 child_result,
                 task if self.start_method == "fork" else None,
+                job.sandbox.enter_files(),
                 self.backend.worker_options,
                 self.limits.cpu_time_seconds,
                 foreign if self.start_method == "fork" else (),
@@ -330,16 +335,17 @@ class ProcessManager:
             job.process.start()
         except BaseException:
             for fd in (result_r, control_w):
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             job.sandbox.remove()
             raise
         finally:
             # The parent must not hold the child's ends, or EOF would never come.
             child_result.close()
-            child_control.close()
+            if child_control is not None:
+                child_control.close()
         job.result_fd, job.control_fd = result_r, control_w
         os.set_blocking(result_r, False)
-        os.set_blocking(control_w, False)
         job.exit_fd = self._exit_fd(job.process)
         self._jobs[job.exit_fd] = job
         selector = self._ensure_selector()
@@ -348,15 +354,19 @@ class ProcessManager:
         try:
             job.sandbox.attach(job.process.pid)
         except Exception as error:
-            # The worker never got the go frame, so no task code ran: fail this task clearly.
+            # The worker is still waiting for the go frame, so no task code ran.
             job.kill_reason = "attach"
+            job.error = error
             job.sandbox.kill()
             with contextlib.suppress(OSError):
                 job.process.kill()
-            job.error = error
             return
         if job.sandbox.event_fd is not None:
             selector.register(job.sandbox.event_fd, selectors.EVENT_READ, job)
+        if not handshake:
+            self._arm(job, time.monotonic())
+            return
+        os.set_blocking(control_w, False)
         job.go_frame = memoryview(protocol.LENGTH.pack(len(payload)) + payload)
         self._write_go(job, time.monotonic())
         if job.go_frame is not None:
@@ -390,6 +400,10 @@ class ProcessManager:
             return
         job.go_frame = None
         self._close_control(job)
+        self._arm(job, now)
+
+    def _arm(self, job: _Job, now: float) -> None:
+        """The worker may now run task code: start its clock and its polling."""
         job.phase = _Phase.RUNNING
         if self.limits.wall_time_seconds is not None:
             job.deadline = now + self.limits.wall_time_seconds
@@ -485,6 +499,14 @@ class ProcessManager:
         buffer, job.result_buffer = job.result_buffer, None
         header = protocol.Header.from_builtins(pickle.loads(buffer[:head_size]))
         body = memoryview(buffer)[head_size:]
+        if header.kind == protocol.ENTER_FAILED:
+            return (
+                header,
+                None,
+                SandboxrunError(
+                    f"the worker could not enter its sandbox, no task code ran: {header.text}"
+                ),
+            )
         if header.kind == protocol.RESULT_UNPICKLABLE:
             return (
                 header,

@@ -1,7 +1,8 @@
 """The two frames that cross between the manager and one worker, over one pipe pair per task.
 
-control (manager -> worker), sent once the worker is inside its sandbox:
-    u64 length | pickled Task (empty under ``fork``: the worker already has it)
+control (manager -> worker), only when the worker must wait: it carries the pickled task under
+spawn/forkserver, or is the go signal after a parent-side attach (empty payload):
+    u64 length | pickled Task or nothing
 result (worker -> manager), sent once:
     u64 header length | u64 body length | header | body
 
@@ -23,6 +24,7 @@ RETURNED = "returned"
 RAISED = "raised"
 RESULT_UNPICKLABLE = "result-unpicklable"
 EXCEPTION_UNPICKLABLE = "exception-unpicklable"
+ENTER_FAILED = "enter-failed"  # the worker could not move itself into its sandbox
 
 
 @dataclasses.dataclass

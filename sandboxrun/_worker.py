@@ -8,6 +8,7 @@ limits.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pickle
 import resource
@@ -35,12 +36,15 @@ def _read_exactly(fd: int, size: int) -> bytes:
     return bytes(chunks)
 
 
-def _prctl(option: int, value: int) -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
+# Loaded once in the manager, inherited by every forked worker (importing ctypes per task would
+# cost milliseconds).
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
+
+def _prctl(option: int, value: int) -> None:
+    if _LIBC is not None:
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+            _LIBC.prctl(option, value, 0, 0, 0)
 
 
 def _die_with_manager(manager_pid: int | None) -> None:
@@ -114,10 +118,28 @@ def _describe(kind: str, value: object, error: BaseException) -> protocol.Header
     )
 
 
+def _enter(files: tuple[str, ...], result_fd: int) -> None:
+    """Move this process into its cgroups; on failure report it and stop before any task code."""
+    for path in files:
+        try:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        except OSError as error:
+            header = protocol.Header(protocol.ENTER_FAILED, text=f"{path}: {error}")
+            head = pickle.dumps(header.to_builtins(), protocol=5)
+            with contextlib.suppress(OSError):
+                protocol.write_all(result_fd, protocol.RESULT_PREFIX.pack(len(head), 0) + head)
+            os._exit(71)
+
+
 def main(
-    control: Connection,
+    control: Connection | None,
     result: Connection,
     task: Task | None,
+    enter_files: tuple[str, ...],
     options: WorkerOptions,
     cpu_time_seconds: float | None,
     foreign_fds: tuple[int, ...],
@@ -128,14 +150,17 @@ def main(
     for fd in foreign_fds:
         with contextlib.suppress(OSError):
             os.close(fd)
-    control_fd, result_fd = control.fileno(), result.fileno()
+    result_fd = result.fileno()
     _die_with_manager(manager_pid)
+    _enter(enter_files, result_fd)
     if options.subreaper:
         _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-
-    (length,) = protocol.LENGTH.unpack(_read_exactly(control_fd, protocol.LENGTH.size))
-    payload = _read_exactly(control_fd, length) if length else b""
-    control.close()
+    payload = b""
+    if control is not None:  # wait for the go frame (and the task, under spawn/forkserver)
+        control_fd = control.fileno()
+        (length,) = protocol.LENGTH.unpack(_read_exactly(control_fd, protocol.LENGTH.size))
+        payload = _read_exactly(control_fd, length) if length else b""
+        control.close()
     # From here on we are inside the sandbox.
     if cpu_time_seconds is not None:
         _set_cpu_limit(cpu_time_seconds)

@@ -51,9 +51,19 @@ class Sandbox(abc.ABC):
     #: cgroup v1 OOM eventfd). The manager selects on it and then calls ``on_event()``.
     event_fd: int | None = None
 
-    @abc.abstractmethod
-    def attach(self, pid: int) -> None:
-        """Put process ``pid`` (the worker, still waiting for the go frame) inside."""
+    #: True when ``attach`` really places the process (so the worker must wait for the go
+    #: frame); False when the worker enters by itself through ``enter_files``.
+    parent_attach: bool = False
+
+    def enter_files(self) -> tuple[str, ...]:
+        """``cgroup.procs`` files the worker writes ``0`` into, first thing, before task code.
+
+        Entering from the inside costs the manager nothing and needs no round trip.
+        """
+        return ()
+
+    def attach(self, pid: int) -> None:  # noqa: B027 - optional hook
+        """Parent side, right after the start: record or place process ``pid``."""
 
     def poll(self) -> str | None:
         """Polled backends: sample; ``"memory"`` or ``"processes"`` when over that limit."""

@@ -110,9 +110,8 @@ class CgroupV1Sandbox(Sandbox):
             os.close(control)
         return event_fd
 
-    def attach(self, pid: int) -> None:
-        for path in self.paths:
-            cgroupfs.write(path / "cgroup.procs", pid)
+    def enter_files(self) -> tuple[str, ...]:
+        return tuple(str(path / "cgroup.procs") for path in self.paths)
 
     def on_event(self) -> str | None:
         if self.event_fd is None:

@@ -37,7 +37,7 @@ class PolledSandbox(Sandbox):
         self.peak_memory_bytes = 0
         self.cpu_seconds: dict[int, float] = {}
 
-    def attach(self, pid: int) -> None:
+    def attach(self, pid: int) -> None:  # bookkeeping only: nothing to wait for
         self.root = psutil.Process(pid)
         self.known[pid] = self.root
 
