@@ -575,8 +575,10 @@ class ProcessManager:
             and exit_code in (-_signal_number("SIGXCPU"), -9)
             and (cpu_time is None or cpu_time >= self.limits.cpu_time_seconds * 0.9)
         )
-        processes_exceeded = reason == "processes"
+        # pids.max makes fork() fail instead of killing: a task that hit it and then failed
+        # failed because of it; one that coped with it (and succeeded) did not exceed anything.
         success = header is not None and header.kind == protocol.RETURNED and exception is None
+        processes_exceeded = reason == "processes" or (usage.process_limit_hit and not success)
         verdicts = [
             (timed_out, lambda: TimeoutError(
                 f"the task ran longer than worker_timeout_seconds={self.worker_timeout_seconds}"
@@ -589,9 +591,9 @@ class ProcessManager:
             (cpu_exceeded, lambda: CpuTimeLimitExceeded(
                 f"the task used more than cpu_time_limit_seconds={self.cpu_time_limit_seconds}"
             )),
-            (processes_exceeded, lambda: ProcessLimitExceeded(
+            (processes_exceeded, lambda: _caused_by(ProcessLimitExceeded(
                 f"the task ran more than max_processes={self.max_processes} processes"
-            )),
+            ), exception)),
             (reason == "attach", lambda: SandboxrunError(
                 f"could not place the worker in its sandbox: {job.error}"
             )),
@@ -650,6 +652,11 @@ class ProcessManager:
         if self._backend_open:
             self._backend_open = False
             self.backend.close()
+
+
+def _caused_by(error: BaseException, cause: BaseException | None) -> BaseException:
+    error.__cause__ = cause  # keep what the task itself raised (e.g. the refused fork)
+    return error
 
 
 def _signal_number(name: str) -> int:

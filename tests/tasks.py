@@ -106,10 +106,13 @@ def fork_grandchild_and_exit(pid_file):
     if pid == 0:
         if os.fork() == 0:
             os.setsid()
+            pathlib.Path(pid_file).write_text(str(os.getpid()))
             time.sleep(300)
         os._exit(0)
     os.waitpid(pid, 0)
-    time.sleep(0.2)  # let the grandchild write nothing; we find it by scanning for our marker
+    deadline = time.monotonic() + 10
+    while not pathlib.Path(pid_file).exists() and time.monotonic() < deadline:
+        time.sleep(0.001)
     return os.getpid()
 
 
@@ -169,3 +172,11 @@ def check_threads_safe(n):
 
 def run_command(argv):
     return subprocess.run(argv, check=False).returncode
+
+
+def fork_or_fail(count):
+    """Start `count` sleepers; a refused fork raises (BlockingIOError), as real tools do."""
+    children = [subprocess.Popen(["sleep", "5"]) for _ in range(count)]
+    for child in children:
+        child.kill()
+    return len(children)

@@ -236,26 +236,11 @@ def test_grandchild_of_a_timed_out_task_is_killed(backend, tmp_path):
     assert wait_gone(int(pid_file.read_text()))
 
 
-def test_double_forked_orphan_is_killed(backend):
-    before = {p.pid for p in psutil.process_iter()}
-    result = run_one(backend, tasks.fork_grandchild_and_exit, "unused")
+def test_double_forked_orphan_is_killed(backend, tmp_path):
+    pid_file = tmp_path / "pid"
+    result = run_one(backend, tasks.fork_grandchild_and_exit, str(pid_file))
     assert result.success
-    worker = result.result
-    time.sleep(0.1)
-    # The orphan is a python process that was forked from the worker: any new process still
-    # alive whose parent chain does not lead to us is a leak.
-    me = psutil.Process()
-    leaks = [
-        p
-        for p in psutil.process_iter(["name", "status"])
-        if p.pid not in before
-        and p.pid != worker
-        and p.info["status"] != psutil.STATUS_ZOMBIE
-        and me not in p.parents()
-        and p.info["name"]
-        and "python" in p.info["name"]
-    ]
-    assert leaks == []
+    assert wait_gone(int(pid_file.read_text()))
 
 
 def test_256_mib_result_arrives_intact(backend):
@@ -330,5 +315,6 @@ def test_parent_is_idle_while_tasks_sleep(backend):
         pm.queue_task(Task(tasks.sleep_then, (2,)))
         pm.queue_task(Task(tasks.sleep_then, (2,)))
     used = sum(me.cpu_times()[:2]) - before
-    # A busy loop would burn ~2 s here; an event loop uses milliseconds (polling a little more).
-    assert used < 0.6, used
+    # A busy loop would burn ~2 s here; an event loop uses milliseconds (polling a little more,
+    # and every poll costs 20-35x more in an emulated guest).
+    assert used < 0.6 * max(1.0, SCALE / 4), used

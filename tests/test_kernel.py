@@ -121,3 +121,9 @@ def test_auto_picks_a_kernel_backend_when_one_works():
 
 def test_no_cgroup_left_behind():
     assert leftover_cgroups() == []
+
+
+def test_fork_bomb_that_gives_up_is_a_process_limit_failure(kernel_backend):
+    result = run(kernel_backend, tasks.fork_or_fail, 20, max_processes=5)
+    assert not result.success and result.process_limit_exceeded
+    assert not result.out_of_memory and not result.timed_out

@@ -27,6 +27,7 @@ class Usage:
     peak_memory_bytes: int | None = None
     oom_killed: bool = False  # the kernel's OOM killer (or the polled monitor) ended a process
     memory_limit_hit: bool = False  # the limit was reached at least once (allocation failed)
+    process_limit_hit: bool = False  # a fork was refused by pids.max at least once
     cpu_time_seconds: float | None = None
 
 

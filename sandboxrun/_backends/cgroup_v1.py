@@ -180,8 +180,13 @@ class CgroupV1Sandbox(Sandbox):
             peak_memory_bytes=cgroupfs.read_int(memory / "memory.max_usage_in_bytes"),
             oom_killed=oom.get("oom_kill", 0) > 0,
             memory_limit_hit=(cgroupfs.read_int(memory / "memory.failcnt") or 0) > 0,
+            process_limit_hit=self._forks_refused(),
             cpu_time_seconds=None if cpu_ns is None else cpu_ns / 1e9,
         )
+
+    def _forks_refused(self) -> bool:
+        pids = self.dirs.get("pids")
+        return pids is not None and cgroupfs.read_keyed(pids / "pids.events").get("max", 0) > 0
 
     def _close_event_fd(self) -> None:
         if self.event_fd is not None:

@@ -2,7 +2,8 @@
 
 File names are the kernel's (Documentation/admin-guide/cgroup-v2.rst). Layout::
 
-    <root>                        delegated to us; only its cgroup.subtree_control is written
+    <root>                        delegated to us; we write only its cgroup.subtree_control
+                                  (and cgroup.procs, to move this process out and back)
     └── sandboxrun-<pid>-<rand>   runner: one per process, shared by its open backends
         ├── supervisor            only when <root> held this process: it moves here, because a
         │                         cgroup with controllers enabled for children holds no processes
@@ -47,10 +48,6 @@ def _controllers(path: Path, name: str) -> set[str]:
         return set(cgroupfs.read(path / name).split())
     except OSError:
         return set()
-
-
-def _populated(path: Path) -> bool:
-    return cgroupfs.read_keyed(path / "cgroup.events").get("populated", 0) == 1
 
 
 def _parent_pid(pid: int) -> int | None:
@@ -272,10 +269,7 @@ class _Runner:
 
     def _set_up(self) -> None:
         root = self.place.root
-        for stale in cgroupfs.stale_runner_dirs(root):
-            if not _populated(stale):
-                with contextlib.suppress(OSError):
-                    cgroupfs.remove_tree(stale)
+        cgroupfs.reap_stale(root)  # runners that were SIGKILLed: their tasks run unwatched
         os.mkdir(self.path)
         try:
             if self.place.move_self:
@@ -358,8 +352,9 @@ class CgroupV2Sandbox(Sandbox):
             cgroupfs.remove(path)
             raise
 
-    def attach(self, pid: int) -> None:
-        cgroupfs.write(self.path / "cgroup.procs", pid)
+    def enter_files(self) -> tuple[str, ...]:
+        # The worker writes 0 here itself before any task code: no round trip with the manager.
+        return (str(self.path / "cgroup.procs"),)
 
     def poll(self) -> str | None:
         current = cgroupfs.read_int(self.path / "memory.current")
@@ -386,6 +381,7 @@ class CgroupV2Sandbox(Sandbox):
             # OOM under memory.oom.group (the victim, then the group kill).
             oom_killed=events.get("oom_kill", 0) > 0 or events.get("oom_group_kill", 0) > 0,
             memory_limit_hit=events.get("max", 0) > 0 or events.get("oom", 0) > 0,
+            process_limit_hit=cgroupfs.read_keyed(self.path / "pids.events").get("max", 0) > 0,
             cpu_time_seconds=None if cpu is None else cpu / 1e6,
         )
 
@@ -418,7 +414,7 @@ class CgroupV2Backend(Backend):
         if isinstance(place, str):
             raise BackendUnavailable(f"backend 'cgroup_v2' cannot work here: {place}")
         self.place = place
-        self.runner: _Runner | None = None
+        self._runner: _Runner | None = None
         self.files = _probe_files(place, None)
         self._set_enforced()
 
@@ -437,7 +433,7 @@ class CgroupV2Backend(Backend):
         return verdict if isinstance(verdict, str) else None
 
     def details(self) -> dict[str, object]:
-        place = self.runner.place if self.runner is not None else self.place
+        place = self._runner.place if self._runner is not None else self.place
         root = place.root
         return {
             "mount": str(place.mount),
@@ -447,7 +443,7 @@ class CgroupV2Backend(Backend):
                 f"{root}/sandboxrun-<pid>-<rand>/"
                 + ("{supervisor,task-<n>}" if place.move_self else "task-<n>")
             ),
-            "runner": None if self.runner is None else str(self.runner.path),
+            "runner": None if self._runner is None else str(self._runner.path),
             "moves_self_to_supervisor": place.move_self,
             "kernel": platform.release(),
             "files": dict(self.files),
@@ -460,18 +456,24 @@ class CgroupV2Backend(Backend):
             "subtree_control": sorted(_controllers(root, "cgroup.subtree_control")),
         }
 
+    @property
+    def runner_path(self) -> Path | None:
+        """The runner cgroup while open (tasks are ``task-<n>`` below it)."""
+        return None if self._runner is None else self._runner.path
+
     def open(self) -> None:
-        self.runner = _Runner.acquire()
-        self.place = self.runner.place
-        self.files = _probe_files(self.place, self.runner.path)
+        self._runner = _Runner.acquire()
+        self.place = self._runner.place
+        self.files = _probe_files(self.place, self._runner.path)
         self._set_enforced()
 
     def close(self) -> None:
-        runner, self.runner = self.runner, None
+        runner, self._runner = self._runner, None
         if runner is not None:
             runner.release()
 
     def sandbox(self, limits: Limits) -> Sandbox:
-        if self.runner is None:
+        if self._runner is None:
             raise RuntimeError("CgroupV2Backend.sandbox() before open()")
-        return CgroupV2Sandbox(self.runner.path / f"task-{next(_task_numbers)}", limits, self.files)
+        path = self._runner.path / f"task-{next(_task_numbers)}"
+        return CgroupV2Sandbox(path, limits, self.files)
