@@ -1,34 +1,45 @@
 #!/usr/bin/env bash
-# Create (or refresh) the project's venv in .venv and install sandboxrun with its dev tools.
-# Sourced by scripts/test.sh and scripts/demo.sh; prints the venv's python path on stdout.
+# Create (or refresh) the project's venv in .venv and install sandboxrun with its dev tools, and
+# on a systemd host the [systemd] extra (pystemd builds from source: libsystemd-dev, pkg-config
+# and gcc come from apt when missing). Prints the venv's python path on stdout, all else on stderr.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="$repo/.venv"
 python=${PYTHON:-python3}
 
+apt_install() {
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"; } >&2
+  else
+    echo "bootstrap: please install: $*" >&2
+    return 1
+  fi
+}
+
 if ! "$python" -c 'import sys; assert sys.version_info >= (3, 10)' 2>/dev/null; then
   echo "sandboxrun needs Python >= 3.10 ($python is $("$python" --version 2>&1))" >&2
   exit 1
 fi
-if ! "$python" -c 'import venv, ensurepip' 2>/dev/null; then
-  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    apt-get update -qq >&2 && apt-get install -y -qq python3-venv >&2
-  else
-    echo "python venv/ensurepip missing: install python3-venv" >&2
-    exit 1
+"$python" -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
+
+extras=dev
+if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
+  extras=dev,systemd
+  if ! pkg-config --exists libsystemd 2>/dev/null || ! command -v gcc >/dev/null; then
+    apt_install libsystemd-dev pkg-config gcc || extras=dev
   fi
 fi
-stamp="$venv/.installed-$(sha1sum "$repo/pyproject.toml" | cut -c1-12)"
+
+stamp="$venv/.installed-$(cat "$repo/pyproject.toml" | sha1sum | cut -c1-12)-$extras"
 if [ ! -f "$stamp" ]; then
   log=$(mktemp)
   if ! { "$python" -m venv "$venv" && "$venv/bin/python" -m pip install -q --upgrade pip \
-         && "$venv/bin/python" -m pip install -q -e "$repo[dev]"; } >"$log" 2>&1; then
+         && "$venv/bin/python" -m pip install -q -e "$repo[$extras]"; } >"$log" 2>&1; then
     cat "$log" >&2
     echo "bootstrap: installing sandboxrun into $venv failed (log above)" >&2
     exit 1
   fi
-  rm -f "$log"
-  rm -f "$venv"/.installed-*
+  rm -f "$log" "$venv"/.installed-*
   touch "$stamp"
 fi
 echo "$venv/bin/python"
