@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import pathlib
+import platform
 import signal
 import subprocess
 import sys
@@ -180,3 +181,25 @@ def fork_or_fail(count):
     for child in children:
         child.kill()
     return len(children)
+
+
+def killed_while_sending_result(size):
+    """Return a big result, and SIGKILL ourselves while the worker is writing it to the pipe."""
+    import threading
+
+    main = threading.get_native_id()
+
+    def killer():
+        # /proc/<tid>/syscall names the syscall a thread is blocked in (write: 1 on x86-64),
+        # which the main thread only enters to send the result frame.
+        status = pathlib.Path(f"/proc/self/task/{main}/syscall")
+        write = {"x86_64": "1", "aarch64": "64"}[platform.machine()]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if status.read_text().split()[0] == write:
+                break
+            time.sleep(0.0002)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=killer, daemon=True).start()
+    return b"r" * size

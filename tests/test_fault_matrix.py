@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import platform
 import signal
 import time
 
@@ -18,6 +19,7 @@ from sandboxrun import (
     ProcessManager,
     RemoteTraceback,
     ResultNotPicklable,
+    ResultTransferError,
     Task,
     TaskResult,
     WorkerDied,
@@ -318,3 +320,14 @@ def test_parent_is_idle_while_tasks_sleep(backend):
     # A busy loop would burn ~2 s here; an event loop uses milliseconds (polling a little more,
     # and every poll costs 20-35x more in an emulated guest).
     assert used < 0.6 * max(1.0, SCALE / 4), used
+
+
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "aarch64"), reason="needs the write syscall number"
+)
+def test_worker_killed_mid_write_is_a_failed_result(backend):
+    result = run_one(backend, tasks.killed_while_sending_result, 256 * MIB)
+    assert (result.success, result.result, result.exit_code) == (False, None, -9)
+    assert isinstance(result.exception, WorkerDied)
+    assert "cut off mid-write" in str(result.exception)
+    assert isinstance(result.exception.__cause__, ResultTransferError)
