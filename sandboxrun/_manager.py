@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import enum
-import errno
 import multiprocessing
 import os
 import pickle
@@ -47,7 +46,6 @@ from ._errors import (
 from ._limits import GIB, Limits
 from ._task import Task, TaskResult
 
-_READ_CHUNK = 1 << 20
 _PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031
 
@@ -77,12 +75,9 @@ class _Job:
         "kill_reason",
         "next_poll",
         "phase",
-        "prefix",
         "process",
-        "result_buffer",
+        "reader",
         "result_fd",
-        "result_filled",
-        "result_size",
         "sandbox",
         "start_monotonic",
         "start_time",
@@ -98,10 +93,7 @@ class _Job:
         self.result_fd = -1
         self.control_fd = -1
         self.go_frame: memoryview | None = None
-        self.prefix = bytearray()
-        self.result_buffer: bytearray | None = None
-        self.result_size = 0
-        self.result_filled = 0
+        self.reader = protocol.ResultReader()
         self.start_time = 0.0
         self.start_monotonic = 0.0
         self.end_time = 0.0
@@ -422,32 +414,8 @@ class ProcessManager:
     # ------------------------------------------------------------------ results
 
     def _read_result(self, job: _Job) -> None:
-        """Read what is there without blocking; a frame is complete once its sizes are met."""
-        while True:
-            try:
-                if job.result_buffer is None:
-                    chunk = os.read(job.result_fd, protocol.RESULT_PREFIX.size - len(job.prefix))
-                    if not chunk:
-                        return self._stop_reading(job)
-                    job.prefix += chunk
-                    if len(job.prefix) == protocol.RESULT_PREFIX.size:
-                        head, body = protocol.RESULT_PREFIX.unpack(job.prefix)
-                        job.result_size = head + body
-                        job.result_buffer = bytearray(job.result_size)
-                    continue
-                if job.result_filled == job.result_size:
-                    return self._stop_reading(job)
-                view = memoryview(job.result_buffer)[job.result_filled :]
-                count = os.readv(job.result_fd, [view[: _READ_CHUNK * 16]])
-                if count == 0:
-                    return self._stop_reading(job)
-                job.result_filled += count
-            except BlockingIOError:
-                return None
-            except OSError as error:
-                if error.errno in (errno.EAGAIN, errno.EINTR):
-                    return None
-                return self._stop_reading(job)
+        if job.reader.feed(job.result_fd):
+            self._stop_reading(job)
 
     def _stop_reading(self, job: _Job) -> None:
         if job.result_fd < 0:
@@ -493,67 +461,45 @@ class ProcessManager:
 
     def _decode(self, job: _Job) -> tuple[protocol.Header | None, Any, BaseException | None]:
         """(header, returned value, exception) from a complete frame; header None if incomplete."""
-        if job.result_buffer is None or job.result_filled < job.result_size:
+        frame = job.reader.take()
+        if frame is None:
             return None, None, None
-        head_size, _ = protocol.RESULT_PREFIX.unpack(job.prefix)
-        buffer, job.result_buffer = job.result_buffer, None
-        header = protocol.Header.from_builtins(pickle.loads(buffer[:head_size]))
-        body = memoryview(buffer)[head_size:]
+        header, body = frame
+        try:
+            with body:
+                return header, *self._interpret(header, body)
+        finally:
+            job.reader.close()
+
+    @staticmethod
+    def _interpret(header: protocol.Header, body: memoryview) -> tuple[Any, BaseException | None]:
+        """(returned value, exception) from a frame whose header arrived."""
         if header.kind == protocol.ENTER_FAILED:
-            return (
-                header,
-                None,
-                SandboxrunError(
-                    f"the worker could not enter its sandbox, no task code ran: {header.text}"
-                ),
+            text = f"the worker could not enter its sandbox, no task code ran: {header.text}"
+            return None, SandboxrunError(text)
+        what = (
+            "exception"
+            if header.kind in (protocol.RAISED, protocol.EXCEPTION_UNPICKLABLE)
+            else "result"
+        )
+        kind = ExceptionNotPicklable if what == "exception" else ResultNotPicklable
+        if header.kind in (protocol.RESULT_UNPICKLABLE, protocol.EXCEPTION_UNPICKLABLE):
+            text = (
+                f"the task's {what} ({header.type_name}: {header.text:.200}) cannot be pickled:"
+                f" {header.traceback_text.splitlines()[-1] if header.traceback_text else ''}"
             )
-        if header.kind == protocol.RESULT_UNPICKLABLE:
-            return (
-                header,
-                None,
-                ResultNotPicklable(
-                    f"the task returned a {header.type_name} that cannot be pickled "
-                    f"({header.traceback_text})",
-                    header.type_name,
-                    header.text,
-                    header.traceback_text,
-                ),
-            )
-        if header.kind == protocol.EXCEPTION_UNPICKLABLE:
-            return (
-                header,
-                None,
-                ExceptionNotPicklable(
-                    f"the task raised {header.type_name}: {header.text} "
-                    "(it cannot cross the process boundary; traceback_text has the original)",
-                    header.type_name,
-                    header.text,
-                    header.traceback_text,
-                ),
-            )
+            return None, kind(text, header.type_name, header.text, header.traceback_text)
         try:
             value = pickle.loads(body)
         except Exception as error:
-            kind = ExceptionNotPicklable if header.kind == protocol.RAISED else ResultNotPicklable
-            return (
-                header,
-                None,
-                kind(
-                    f"the task's {'exception' if header.kind == protocol.RAISED else 'result'} "
-                    f"could not be unpickled here: {type(error).__name__}: {error}",
-                    type(error).__name__,
-                    str(error),
-                    header.traceback_text,
-                ),
-            )
-        finally:
-            del body, buffer
-        if header.kind == protocol.RAISED:
-            if isinstance(value, BaseException):
-                value.__cause__ = RemoteTraceback(header.traceback_text)
-                return header, None, value
-            return header, None, SandboxrunError(f"worker sent a non-exception: {value!r:.200}")
-        return header, value, None
+            text = f"the task's {what} could not be unpickled here: {type(error).__name__}: {error}"
+            return None, kind(text, type(error).__name__, str(error), header.traceback_text)
+        if header.kind != protocol.RAISED:
+            return value, None
+        if isinstance(value, BaseException):
+            value.__cause__ = RemoteTraceback(header.traceback_text)
+            return None, value
+        return None, SandboxrunError(f"worker sent a non-exception: {value!r:.200}")
 
     def _build_result(self, job: _Job, usage: Usage, exit_code: int) -> TaskResult:
         header, value, exception = self._decode(job)
@@ -602,7 +548,7 @@ class ProcessManager:
         if verdict is not None:  # the first true condition, in that order, wins
             success, exception = False, verdict()
         elif header is None:
-            cut = job.result_buffer is not None or bool(job.prefix)
+            cut = job.reader.started
             exception = WorkerDied(exit_code, "its result was cut off mid-write" if cut else "")
             if cut:
                 exception.__cause__ = ResultTransferError("incomplete result frame")

@@ -87,20 +87,22 @@ def _usage() -> tuple[int, float]:
     return max_rss, me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _pickle_outcome(outcome: BaseException | Any, raised: bool) -> tuple[protocol.Header, bytes]:
+def _pickle_outcome(
+    outcome: BaseException | Any, raised: bool
+) -> tuple[protocol.Header, protocol.Chunks]:
     if not raised:
         try:
-            return protocol.Header(protocol.RETURNED), pickle.dumps(outcome, protocol=5)
+            return protocol.Header(protocol.RETURNED), protocol.pickle_parts(outcome)
         except BaseException as error:
-            return _describe(protocol.RESULT_UNPICKLABLE, outcome, error), b""
+            return _describe(protocol.RESULT_UNPICKLABLE, outcome, error), protocol.Chunks()
     tb = "".join(traceback.format_exception(type(outcome), outcome, outcome.__traceback__))
     try:
-        body = pickle.dumps(outcome, protocol=5)
-        pickle.loads(body)  # exceptions often pickle but fail to unpickle (required args)
+        body = protocol.pickle_parts(outcome)
+        pickle.loads(b"".join(body.parts))  # exceptions often pickle but fail to unpickle
     except BaseException as error:
         header = _describe(protocol.EXCEPTION_UNPICKLABLE, outcome, error)
         header.traceback_text = tb
-        return header, b""
+        return header, protocol.Chunks()
     return protocol.Header(protocol.RAISED, traceback_text=tb), body
 
 
@@ -188,9 +190,9 @@ def main(
     header.exit_code = exit_code
     head = pickle.dumps(header.to_builtins(), protocol=5)
     with contextlib.suppress(BrokenPipeError):
-        protocol.write_all(result_fd, protocol.RESULT_PREFIX.pack(len(head), len(body)) + head)
-        if body:
-            protocol.write_all(result_fd, body)
+        protocol.write_all(result_fd, protocol.RESULT_PREFIX.pack(len(head), body.size) + head)
+        for part in body.parts:
+            protocol.write_all(result_fd, part)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
