@@ -43,6 +43,7 @@ from ._errors import (
     SandboxrunError,
     WorkerDied,
 )
+from ._fork import ForkedProcess
 from ._limits import GIB, Limits
 from ._task import Task, TaskResult
 
@@ -101,6 +102,17 @@ class _Job:
         self.next_poll: float | None = None
         self.kill_reason: str | None = None
         self.error: BaseException | None = None
+
+
+def _pidfd_works() -> bool:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):  # not Linux, or a kernel before 5.3
+        return False
+    return True
+
+
+_HAVE_PIDFD = _pidfd_works()
 
 
 def _set_pipe_size(fd: int) -> None:
@@ -306,7 +318,9 @@ class ProcessManager:
         child_control = Connection(control_r) if handshake else None
         foreign = tuple(fd for other in self._jobs.values() for fd in self._parent_fds(other))
         foreign += tuple(fd for fd in (result_r, control_w) if fd >= 0)
-        job.process = self._context.Process(
+        bare_fork = self.start_method == "fork" and _HAVE_PIDFD
+        launcher = ForkedProcess if bare_fork else self._context.Process
+        job.process = launcher(
             target=_worker.main,
             args=(
                 child_control,
@@ -319,7 +333,6 @@ class ProcessManager:
                 # A forkserver child's parent is the server, not us: no pid to compare.
                 None if self.start_method == "forkserver" else os.getpid(),
             ),
-            name="sandboxrun-task",
         )
         job.start_time = time.time()
         job.start_monotonic = time.monotonic()
@@ -376,7 +389,7 @@ class ProcessManager:
         if hasattr(os, "pidfd_open"):
             with contextlib.suppress(OSError):
                 return os.pidfd_open(process.pid)
-        return os.dup(process.sentinel)
+        return os.dup(process.sentinel)  # no pidfd (macOS): multiprocessing's sentinel pipe
 
     def _write_go(self, job: _Job, now: float) -> None:
         if job.go_frame is None:
