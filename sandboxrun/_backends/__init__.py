@@ -12,6 +12,7 @@ from .base import Backend
 # Strongest first. "auto" takes the first whose unavailable_reason() is None.
 _REGISTRY: dict[str, str] = {
     "cgroup_v2": "sandboxrun._backends.cgroup_v2:CgroupV2Backend",
+    "systemd": "sandboxrun._backends.systemd:SystemdBackend",
     "cgroup_v1": "sandboxrun._backends.cgroup_v1:CgroupV1Backend",
     "psutil": "sandboxrun._backends.polling:PollingBackend",
 }

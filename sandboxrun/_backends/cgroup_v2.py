@@ -68,6 +68,28 @@ def _is_ours(pid: int) -> bool:
     return False
 
 
+def _undelegated_unit(mount: Path, path: Path) -> Path | None:
+    """The systemd unit cgroup holding ``path`` when systemd did not delegate it to us, else None.
+
+    systemd marks the cgroup of a unit with ``Delegate=yes`` with the xattr ``trusted.delegate``
+    (``user.delegate`` too since v251). Cgroups made below a unit without it fight systemd
+    (docs/CGROUP_DELEGATION.md). Only judged as root: unprivileged, such a cgroup is not writable
+    anyway, or it belongs to the user's own manager, which may not mark delegation.
+    """
+    if os.geteuid() != 0 or not os.path.isdir("/run/systemd/system"):  # sd_booted()
+        return None
+    probe = path
+    while probe != mount and mount in probe.parents:
+        if probe.name.endswith((".service", ".scope")):
+            for name in ("trusted.delegate", "user.delegate"):
+                with contextlib.suppress(OSError):
+                    if os.getxattr(probe, name) == b"1":
+                        return None
+            return probe
+        probe = probe.parent
+    return None
+
+
 def _wait_empty(path: Path, timeout: float) -> bool:
     """Wait for ``populated 0``; cgroup.events raises POLLPRI on every change, so no spinning."""
     deadline = time.monotonic() + timeout
@@ -156,6 +178,13 @@ def _locate() -> _Place | str:
         return active.place
 
     which = f"{ROOT_ENV} cgroup {root}" if configured else f"own cgroup {root}"
+    unit = None if configured else _undelegated_unit(mount, root)
+    if unit is not None:
+        return (
+            f"{which} belongs to systemd unit {unit.name}, which is not delegated (no "
+            "Delegate=yes): use backend 'systemd', run under `systemd-run -p Delegate=yes`, or "
+            f"set {ROOT_ENV} to a delegated cgroup"
+        )
     missing = [name for name in REQUIRED if name not in _controllers(root, "cgroup.controllers")]
     if missing:
         return (
@@ -246,11 +275,12 @@ class _Runner:
         return runner if runner is not None and runner.pid == os.getpid() else None
 
     @classmethod
-    def acquire(cls) -> _Runner:
+    def acquire(cls, at: _Place | None = None) -> _Runner:
+        """The active runner, else a new one at ``at`` (default: ``_locate()``)."""
         with cls._lock:
             runner = cls.active()
             if runner is None:
-                place = _locate()  # fresh: the cached verdict may be stale by now
+                place = at or _locate()  # fresh: the cached verdict may be stale by now
                 if isinstance(place, str):
                     raise BackendUnavailable(f"backend 'cgroup_v2' cannot work here: {place}")
                 runner = cls(place)

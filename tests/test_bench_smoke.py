@@ -1,0 +1,136 @@
+"""scripts/bench.py --quick runs without the peers or matplotlib and writes a well-formed report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import SCALE
+
+BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+SECTIONS = [
+    "## Machine",
+    "## Targets",
+    "## 1. Throughput",
+    "## 2. Parent CPU",
+    "## 3. Memory-limit strictness",
+    "## 4. Peak-memory accuracy",
+    "## 5. Timeout enforcement",
+    "## 6. A ",
+    "## 7. Cost as work grows",
+    "## Physical floor",
+]
+NUMBER = r"-?\d[\d ]*(?:\.\d+)?"
+FIGURE = re.compile(rf"^{NUMBER}(?: / {NUMBER} / {NUMBER})?$")
+
+
+def _tables(text: str) -> dict[str, list[list[str]]]:
+    """{section heading: rows of its first table, header row included}."""
+    found: dict[str, list[list[str]]] = {}
+    heading = ""
+    for line in text.splitlines():
+        if line.startswith("#"):
+            heading = line
+        elif line.startswith("|") and not line.startswith("|---"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            found.setdefault(heading, []).append(cells)
+    return found
+
+
+def _number(cell: str) -> float:
+    return float(cell.split(" / ")[1 if " / " in cell else 0].replace(" ", ""))
+
+
+def _row(rows: list[list[str]], label: str) -> list[str]:
+    matches = [row for row in rows if row[0] == label]
+    assert matches, f"no row {label!r} in {rows}"
+    return matches[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(SCALE > 1, reason="a benchmark under emulation measures the emulator")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bench.py measures Linux")
+def test_quick_bench_report(tmp_path):
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    before = _own_floor_cgroups()
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--only", "sandboxrun", "--out", str(tmp_path),
+         "--json", str(tmp_path / "raw.json"), "--quiet"],
+        capture_output=True, text=True, timeout=80, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (tmp_path / "benchmarks.md").read_text()
+    raw = json.loads((tmp_path / "raw.json").read_text())["data"]
+    failed = [
+        (key, tool, result)
+        for key, run in raw["runs"].items()
+        for tool, rounds in run["rounds"].items()
+        for result in rounds
+        if set(result) == {"error"}
+    ]
+    assert not failed, failed
+    for section in SECTIONS:
+        assert section in text, f"missing {section!r}"
+    assert "(**--quick**" in text
+    assert "failed:" not in text, text
+    tables = _tables(text)
+
+    def table(prefix: str) -> list[list[str]]:
+        key = next(heading for heading in tables if heading.startswith(prefix))
+        rows = tables[key]
+        assert all(len(row) == len(rows[0]) for row in rows), f"ragged table {key}: {rows}"
+        return rows
+
+    ours = "sandboxrun (psutil)"
+    throughput = table("## 1.")
+    assert _number(_row(throughput, ours)[1]) > 0
+    cpu = table("## 2.")
+    assert 0 <= _number(_row(cpu, ours)[1]) < 5
+    strict = table("## 3.")
+    assert _number(_row(strict, ours)[2]) > 0  # peak VmHWM
+    assert _row(strict, ours)[5] == "True"  # the polled limit fired
+    peak = table("## 4.")
+    truth, reported = (_number(cell) for cell in _row(peak, ours)[3:5])
+    assert abs(reported - truth) < 0.5 * truth
+    timeout = table("## 5.")
+    assert FIGURE.match(_row(timeout, ours)[3]), _row(timeout, ours)
+    big = table("## 6.")
+    assert _number(_row(big, ours)[1]) > 0
+    scale = table("## 7.")
+    assert [row[1] for row in scale if row[0] == ours] == ["20", "50"]
+    profile = table("### Where the manager's time goes")
+    assert profile[-1][0] == "**wall time per task (profiled)**"
+    assert all(float(row[1]) >= -0.5 for row in profile[1:]), profile
+    floor = table("## Physical floor")
+    assert _number(floor[1][1]) > 0
+    for rows in (throughput, cpu, peak, big, scale):  # every figure cell parses
+        for row in rows[1:]:
+            for cell in row[1:]:
+                if " / " in cell or re.fullmatch(NUMBER, cell):
+                    assert FIGURE.match(cell), (cell, row)
+    if "sandboxrun (cgroup_v1)" in text:  # the kernel backend on a hybrid host
+        kernel = _row(strict, "sandboxrun (cgroup_v1)")
+        assert kernel[3] == "0", kernel  # no overshoot
+        assert kernel[5] == "True"
+        assert _number(_row(timeout, "sandboxrun (cgroup_v1)")[3]) < 1000
+    assert _own_floor_cgroups() == before, "the cgroup floor left directories behind"
+
+
+def _own_floor_cgroups() -> set[str]:
+    """The benchmark's floor cgroups (``sbbench-*``) below this process's own v1 cgroups."""
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    try:
+        own = bench.v1_own_dirs()
+    except OSError:
+        return set()
+    return {str(path) for directory in own.values() for path in directory.glob("sbbench-*")}
