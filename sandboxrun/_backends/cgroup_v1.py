@@ -166,9 +166,9 @@ class CgroupV1Sandbox(Sandbox):
             time.sleep(0.0005)
 
     def collect(self) -> Usage:
-        if cgroupfs.pids(self.dirs["memory"]):
+        if cgroupfs.pids(self.dirs["memory"]):  # leftovers (grandchildren): end them
             self.kill()
-        self._wait_empty()
+            self._wait_empty()
         memory = self.dirs["memory"]
         oom = cgroupfs.read_keyed(memory / "memory.oom_control")
         cpu_ns = (
@@ -186,7 +186,9 @@ class CgroupV1Sandbox(Sandbox):
 
     def _forks_refused(self) -> bool:
         pids = self.dirs.get("pids")
-        return pids is not None and cgroupfs.read_keyed(pids / "pids.events").get("max", 0) > 0
+        if pids is None or self.limits.max_processes is None:
+            return False  # no pids.max of ours: nothing to read
+        return cgroupfs.read_keyed(pids / "pids.events").get("max", 0) > 0
 
     def _close_event_fd(self) -> None:
         if self.event_fd is not None:
