@@ -104,7 +104,7 @@ step() {  # step NAME COMMAND...: run it, remember how it ended
   local name=$1 started=$SECONDS rc; shift
   echo; echo "=== vm-test.sh: $name ==="
   "$@"; rc=$?
-  summary+=("$(printf '%-28s exit %3s  %4ss' "$name" "$rc" "$((SECONDS - started))")")
+  summary+=("$(printf '%-34s exit %3s  %4ss' "$name" "$rc" "$((SECONDS - started))")")
   [ "$rc" = 0 ] || status=1
 }
 wanted() { [[ " $steps " == *" $1 "* ]]; }
