@@ -58,11 +58,6 @@ class _State(enum.Enum):
     ABORTED = "aborted"  # the with-body raised: tasks killed, queue dropped
 
 
-class _Phase(enum.Enum):
-    HANDSHAKE = "handshake"
-    RUNNING = "running"
-
-
 class _Job:
     """Book-keeping for one launched task (parent side)."""
 
@@ -75,12 +70,10 @@ class _Job:
         "go_frame",
         "kill_reason",
         "next_poll",
-        "phase",
         "process",
         "reader",
         "result_fd",
         "sandbox",
-        "start_monotonic",
         "start_time",
         "task",
     )
@@ -89,14 +82,12 @@ class _Job:
         self.task = task
         self.sandbox = sandbox
         self.process: Any = None
-        self.phase = _Phase.HANDSHAKE
         self.exit_fd = -1
         self.result_fd = -1
         self.control_fd = -1
         self.go_frame: memoryview | None = None
         self.reader = protocol.ResultReader()
         self.start_time = 0.0
-        self.start_monotonic = 0.0
         self.end_time = 0.0
         self.deadline: float | None = None
         self.next_poll: float | None = None
@@ -335,7 +326,6 @@ class ProcessManager:
             ),
         )
         job.start_time = time.time()
-        job.start_monotonic = time.monotonic()
         try:
             job.process.start()
         except BaseException:
@@ -409,7 +399,6 @@ class ProcessManager:
 
     def _arm(self, job: _Job, now: float) -> None:
         """The worker may now run task code: start its clock and its polling."""
-        job.phase = _Phase.RUNNING
         if self.limits.wall_time_seconds is not None:
             job.deadline = now + self.limits.wall_time_seconds
         if job.sandbox.poll_interval_seconds is not None:

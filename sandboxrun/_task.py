@@ -109,20 +109,3 @@ class TaskResult:
             for field in dataclasses.fields(self)
         )
         return f"TaskResult({fields})"
-
-
-SEED_FIELDS = (
-    "task",
-    "success",
-    "result",
-    "exception",
-    "exit_code",
-    "timeout_seconds",
-    "memory_limit_in_gib",
-    "start_time",
-    "end_time",
-    "elapsed_time",
-    "timed_out",
-    "max_memory_used_in_gib",
-    "out_of_memory",
-)
