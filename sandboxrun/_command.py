@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
+from . import _linux
 from ._errors import SandboxrunError
 from ._task import Task, _short
 
@@ -93,14 +94,6 @@ def _pump(
     return kept, total
 
 
-def _die_with_parent() -> None:
-    # Runs between fork and exec in the (single-threaded) worker: if the worker is killed, the
-    # command goes too, instead of running on unwatched.
-    import ctypes
-
-    ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
-
-
 def execute(
     argv: Sequence[str] | str,
     stdin_data: bytes | None = None,
@@ -122,10 +115,12 @@ def execute(
         stdin = subprocess.DEVNULL
     pipe = subprocess.PIPE if capture_output else None
     try:
+        # preexec runs between fork and exec in the (single-threaded) worker: if the worker is
+        # killed, the command goes too, instead of running on unwatched.
         process = subprocess.Popen(
             argv, stdin=stdin, stdout=pipe, stderr=pipe, cwd=cwd,
             env=None if env is None else dict(env), shell=shell,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=_linux.die_with_parent if sys.platform.startswith("linux") else None,
         )  # fmt: skip
     finally:
         if isinstance(stdin, int) and stdin >= 0:

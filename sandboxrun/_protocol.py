@@ -31,6 +31,11 @@ RESULT_UNPICKLABLE = "result-unpicklable"
 EXCEPTION_UNPICKLABLE = "exception-unpicklable"
 ENTER_FAILED = "enter-failed"  # the worker could not move itself into its sandbox
 
+# The worker's own exit codes when it sends no result of the task (the manager reports them in
+# WorkerDied). 70 is also what the bare fork launcher exits with if the worker code itself raised.
+EXIT_MANAGER_GONE = 70  # the control pipe closed before the go frame: the manager gave up on us
+EXIT_ENTER_FAILED = 71  # the worker could not enter its sandbox (an ENTER_FAILED frame was sent)
+
 _MMAP_FROM = 1 << 20  # bigger frames land in an anonymous mapping: no zero-fill pass, freed at once
 _READ_MAX = 16 << 20
 
@@ -43,7 +48,6 @@ class Header:
     traceback_text: str = ""
     max_rss_bytes: int = 0
     cpu_time_seconds: float = 0.0
-    exit_code: int = 0
 
     def to_builtins(self) -> dict[str, object]:
         return dataclasses.asdict(self)

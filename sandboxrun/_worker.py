@@ -8,22 +8,33 @@ limits.
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import dataclasses
 import os
 import pickle
 import resource
-import signal
 import sys
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+from . import _linux
 from . import _protocol as protocol
 from ._backends.base import WorkerOptions
 from ._task import Task
 
-_PR_SET_PDEATHSIG = 1
-_PR_SET_CHILD_SUBREAPER = 36
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """Everything one worker process is started with (built by ``_launch``, read here only)."""
+
+    control: Connection | None  # the go frame (and the task under spawn/forkserver); None: no wait
+    result: Connection  # where the one result frame goes
+    task: Task | None  # fork only; otherwise it arrives pickled in the go frame
+    enter_files: tuple[str, ...]  # cgroup.procs files to write "0" into, first thing
+    options: WorkerOptions
+    cpu_time_seconds: float | None  # RLIMIT_CPU allowance for the task code
+    foreign_fds: tuple[int, ...]  # fork only: the manager's fds of other jobs, closed at once
+    manager_pid: int | None  # None under forkserver (our parent is the server)
 
 
 def _read_exactly(fd: int, size: int) -> bytes:
@@ -31,29 +42,18 @@ def _read_exactly(fd: int, size: int) -> bytes:
     while len(chunks) < size:
         chunk = os.read(fd, min(size - len(chunks), 1 << 20))
         if not chunk:  # the manager is gone or gave up on us: nothing to do
-            os._exit(70)
+            os._exit(protocol.EXIT_MANAGER_GONE)
         chunks += chunk
     return bytes(chunks)
-
-
-# Loaded once in the manager, inherited by every forked worker (importing ctypes per task would
-# cost milliseconds).
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def _prctl(option: int, value: int) -> None:
-    if _LIBC is not None:
-        with contextlib.suppress(OSError, AttributeError):
-            _LIBC.prctl(option, value, 0, 0, 0)
 
 
 def _die_with_manager(manager_pid: int | None) -> None:
     # If the manager is SIGKILLed, nobody enforces the wall-clock limit any more: take the task
     # down with it rather than leave it running unwatched. Checked after arming, since the
     # manager may have died before prctl.
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _linux.die_with_parent()
     if manager_pid is not None and os.getppid() != manager_pid:
-        os._exit(70)
+        os._exit(protocol.EXIT_MANAGER_GONE)
 
 
 def _set_cpu_limit(seconds: float) -> None:
@@ -134,42 +134,34 @@ def _enter(files: tuple[str, ...], result_fd: int) -> None:
             head = pickle.dumps(header.to_builtins(), protocol=5)
             with contextlib.suppress(OSError):
                 protocol.write_all(result_fd, protocol.RESULT_PREFIX.pack(len(head), 0) + head)
-            os._exit(71)
+            os._exit(protocol.EXIT_ENTER_FAILED)
 
 
-def main(
-    control: Connection | None,
-    result: Connection,
-    task: Task | None,
-    enter_files: tuple[str, ...],
-    options: WorkerOptions,
-    cpu_time_seconds: float | None,
-    foreign_fds: tuple[int, ...],
-    manager_pid: int | None,
-) -> None:
+def main(spec: WorkerSpec) -> None:
     # Under fork we inherit the manager's ends of other tasks' pipes: untrusted code must not be
     # able to read another task's result or write into its handshake.
-    for fd in foreign_fds:
+    for fd in spec.foreign_fds:
         with contextlib.suppress(OSError):
             os.close(fd)
-    result_fd = result.fileno()
-    _die_with_manager(manager_pid)
-    _enter(enter_files, result_fd)
-    if options.subreaper:
-        _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    result_fd = spec.result.fileno()
+    _die_with_manager(spec.manager_pid)
+    _enter(spec.enter_files, result_fd)
+    if spec.options.subreaper:
+        _linux.become_subreaper()
     payload = b""
-    if control is not None:  # wait for the go frame (and the task, under spawn/forkserver)
-        control_fd = control.fileno()
+    if spec.control is not None:  # wait for the go frame (and the task, under spawn/forkserver)
+        control_fd = spec.control.fileno()
         (length,) = protocol.LENGTH.unpack(_read_exactly(control_fd, protocol.LENGTH.size))
         payload = _read_exactly(control_fd, length) if length else b""
-        control.close()
+        spec.control.close()
     # From here on we are inside the sandbox.
-    if cpu_time_seconds is not None:
-        _set_cpu_limit(cpu_time_seconds)
+    if spec.cpu_time_seconds is not None:
+        _set_cpu_limit(spec.cpu_time_seconds)
 
-    exit_code = 0
+    exit_code = 0  # ours only: the manager reads the process's real exit status
     raised = False
     outcome: Any
+    task = spec.task
     try:
         if payload:
             task = pickle.loads(payload)
@@ -182,12 +174,11 @@ def main(
     except BaseException as error:
         outcome, raised = error, True
 
-    if options.kill_descendants_on_exit:
+    if spec.options.kill_descendants_on_exit:
         _kill_descendants()
     header, body = _pickle_outcome(outcome, raised)
     del outcome
     header.max_rss_bytes, header.cpu_time_seconds = _usage()
-    header.exit_code = exit_code
     head = pickle.dumps(header.to_builtins(), protocol=5)
     with contextlib.suppress(BrokenPipeError):
         protocol.write_all(result_fd, protocol.RESULT_PREFIX.pack(len(head), body.size) + head)

@@ -1,0 +1,317 @@
+"""From what a finished job left behind to its one ``TaskResult``, and back to one ``Verdict``.
+
+Pure logic (no processes, no fds but the reader's buffer), so every rule is unit-tested alone::
+
+    job.reader --decode--> (header | None, value, exception)
+    usage (None: collect failed)  ---+
+    exit code, job.kill_reason    ---+--build_result--> TaskResult --classify--> Verdict
+    Terms (the manager's limits)  ---+                                (exit code, batch label)
+
+The first true condition wins, in this order: timeout, memory, CPU time, processes, attach
+failure; then a missing frame (WorkerDied), then what the task itself returned or raised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import pickle
+import signal
+from typing import Any
+
+from . import _protocol as protocol
+from ._backends.base import Usage
+from ._errors import (
+    CpuTimeLimitExceeded,
+    ExceptionNotPicklable,
+    ProcessLimitExceeded,
+    RemoteTraceback,
+    ResultNotPicklable,
+    ResultTransferError,
+    SandboxrunError,
+    WorkerDied,
+)
+from ._job import Job
+from ._limits import GIB, Limits
+from ._reasons import KillReason
+from ._task import TaskResult
+
+_SIGXCPU = int(getattr(signal, "SIGXCPU", 0)) or -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Terms:
+    """What one manager promised every task: its limits as given, and who enforces them."""
+
+    limits: Limits
+    worker_timeout_seconds: float | None = None
+    memory_limit_in_gib: float | None = None
+    cpu_time_limit_seconds: float | None = None
+    max_processes: int | None = None
+    backend: str = ""
+    #: The backend really knows whether the memory limit was hit (``Usage.memory_limit_hit``);
+    #: False for the psutil backend, which only samples.
+    memory_hit_known: bool = False
+
+
+# ---------------------------------------------------------------------- decoding the frame
+
+
+def decode(job: Job) -> tuple[protocol.Header | None, Any, BaseException | None]:
+    """(header, returned value, exception) from a complete frame; header None if incomplete."""
+    frame = job.reader.take()
+    if frame is None:
+        return None, None, None
+    header, body = frame
+    try:
+        with body:
+            value, exception = interpret(header, body)
+            return header, value, exception
+    finally:
+        job.reader.close()
+
+
+def interpret(header: protocol.Header, body: memoryview) -> tuple[Any, BaseException | None]:
+    """(returned value, exception) from a frame whose header arrived."""
+    if header.kind == protocol.ENTER_FAILED:
+        text = f"the worker could not enter its sandbox, no task code ran: {header.text}"
+        return None, SandboxrunError(text)
+    raised = header.kind in (protocol.RAISED, protocol.EXCEPTION_UNPICKLABLE)
+    what = "exception" if raised else "result"
+    kind = ExceptionNotPicklable if raised else ResultNotPicklable
+    if header.kind in (protocol.RESULT_UNPICKLABLE, protocol.EXCEPTION_UNPICKLABLE):
+        text = (
+            f"the task's {what} ({header.type_name}: {header.text:.200}) cannot be pickled:"
+            f" {header.traceback_text.splitlines()[-1] if header.traceback_text else ''}"
+        )
+        return None, kind(text, header.type_name, header.text, header.traceback_text)
+    try:
+        value = pickle.loads(body)
+    except Exception as error:
+        text = f"the task's {what} could not be unpickled here: {type(error).__name__}: {error}"
+        return None, kind(text, type(error).__name__, str(error), header.traceback_text)
+    if header.kind != protocol.RAISED:
+        return value, None
+    if isinstance(value, BaseException):
+        value.__cause__ = RemoteTraceback(header.traceback_text)
+        return None, value
+    return None, SandboxrunError(f"worker sent a non-exception: {value!r:.200}")
+
+
+# ---------------------------------------------------------------------- classifying
+
+
+@dataclasses.dataclass
+class _Facts:
+    """Everything the verdict rules look at, gathered once."""
+
+    header: protocol.Header | None
+    exception: BaseException | None
+    usage: Usage
+    exit_code: int
+    reason: KillReason | None
+    peak_bytes: int | None
+    cpu_time: float | None
+
+
+def peak_bytes(usage: Usage | None, header: protocol.Header | None) -> int | None:
+    """The larger of the sandbox's peak and the worker's ru_maxrss; None if neither exists."""
+    measured = [
+        value
+        for value in (
+            None if usage is None else usage.peak_memory_bytes,
+            None if header is None else header.max_rss_bytes,
+        )
+        if value is not None
+    ]
+    return max(measured) if measured else None
+
+
+def _out_of_memory(facts: _Facts, terms: Terms) -> bool:
+    if facts.reason == KillReason.MEMORY:
+        return True
+    if facts.reason == KillReason.TIMEOUT:
+        return False
+    if facts.usage.oom_killed:
+        return True
+    # A MemoryError counts as the limit's doing only under a limit, and, where the backend
+    # knows, only when the limit was really reached (else the task raised it, or asked more of
+    # the machine than it has, which the limit did not cause).
+    return (
+        terms.limits.memory_bytes is not None
+        and isinstance(facts.exception, MemoryError)
+        and (facts.usage.memory_limit_hit or not terms.memory_hit_known)
+    )
+
+
+def _cpu_exceeded(facts: _Facts, terms: Terms) -> bool:
+    limit = terms.limits.cpu_time_seconds
+    return (
+        limit is not None
+        and facts.exit_code in (-_SIGXCPU, -9)
+        and (facts.cpu_time is None or facts.cpu_time >= limit * 0.9)
+    )
+
+
+def _succeeded(facts: _Facts) -> bool:
+    header = facts.header
+    return header is not None and header.kind == protocol.RETURNED and facts.exception is None
+
+
+@dataclasses.dataclass(frozen=True)
+class Flags:
+    """The TaskResult's limit flags. Several may be true (a fork bomb that then timed out);
+    the first true one, in field order, makes the exception."""
+
+    timed_out: bool
+    out_of_memory: bool
+    cpu_time_limit_exceeded: bool
+    process_limit_exceeded: bool
+    attach_failed: bool
+
+
+def _flags(facts: _Facts, terms: Terms) -> Flags:
+    timed_out = facts.reason == KillReason.TIMEOUT
+    out_of_memory = _out_of_memory(facts, terms)
+    return Flags(
+        timed_out=timed_out,
+        out_of_memory=out_of_memory,
+        cpu_time_limit_exceeded=not timed_out and not out_of_memory and _cpu_exceeded(facts, terms),
+        # pids.max makes fork() fail instead of killing: a task that hit it and then failed
+        # failed because of it; one that coped with it (and succeeded) did not exceed anything.
+        process_limit_exceeded=facts.reason == KillReason.PROCESSES
+        or (facts.usage.process_limit_hit and not _succeeded(facts)),
+        attach_failed=facts.reason == KillReason.ATTACH,
+    )
+
+
+def _verdict_error(facts: _Facts, flags: Flags, terms: Terms, job: Job) -> BaseException | None:
+    """The limit (or launch) failure that decides the result, or None when none applies."""
+    if flags.timed_out:
+        return TimeoutError(
+            f"the task ran longer than worker_timeout_seconds={terms.worker_timeout_seconds}"
+            " and was killed with its whole process tree"
+        )
+    if flags.out_of_memory:
+        if isinstance(facts.exception, MemoryError):
+            return facts.exception
+        peak = "unknown" if facts.peak_bytes is None else f"{facts.peak_bytes / GIB:.3f} GiB"
+        return MemoryError(
+            f"the task exceeded memory_limit_in_gib={terms.memory_limit_in_gib}"
+            f" (peak {peak}) and was killed"
+        )
+    if flags.cpu_time_limit_exceeded:
+        return CpuTimeLimitExceeded(
+            f"the task used more than cpu_time_limit_seconds={terms.cpu_time_limit_seconds}"
+        )
+    if flags.process_limit_exceeded:
+        error = ProcessLimitExceeded(
+            f"the task ran more than max_processes={terms.max_processes} processes"
+        )
+        error.__cause__ = facts.exception  # keep what the task itself raised (the refused fork)
+        return error
+    if flags.attach_failed:
+        return SandboxrunError(f"could not place the worker in its sandbox: {job.error}")
+    return None
+
+
+def build_result(job: Job, usage: Usage | None, exit_code: int, terms: Terms) -> TaskResult:
+    """The one ``TaskResult`` of a job whose process has ended (``usage`` None: collect failed)."""
+    header, value, exception = decode(job)
+    cpu_time = None if usage is None else usage.cpu_time_seconds
+    if cpu_time is None and header is not None:
+        cpu_time = header.cpu_time_seconds
+    facts = _Facts(
+        header=header,
+        exception=exception,
+        usage=Usage() if usage is None else usage,
+        exit_code=exit_code,
+        reason=None if job.kill_reason is None else KillReason(job.kill_reason),
+        peak_bytes=peak_bytes(usage, header),
+        cpu_time=cpu_time,
+    )
+    success = _succeeded(facts)
+    flags = _flags(facts, terms)
+    verdict = _verdict_error(facts, flags, terms, job)
+    if verdict is not None:
+        success, exception = False, verdict
+    elif header is None:
+        cut = job.reader.started
+        exception = WorkerDied(exit_code, "its result was cut off mid-write" if cut else "")
+        if cut:
+            exception.__cause__ = ResultTransferError("incomplete result frame")
+    elif not success and exception is None:  # defensive: never success=False without a why
+        exception = SandboxrunError(f"task failed ({header.kind})")
+    return TaskResult(
+        task=job.task,
+        success=success,
+        result=value if success else None,
+        exception=exception,
+        exit_code=exit_code,
+        timeout_seconds=terms.worker_timeout_seconds,
+        memory_limit_in_gib=terms.memory_limit_in_gib,
+        start_time=job.start_time,
+        end_time=job.end_time,
+        elapsed_time=job.end_time - job.start_time,
+        timed_out=flags.timed_out,
+        max_memory_used_in_gib=None if facts.peak_bytes is None else facts.peak_bytes / GIB,
+        out_of_memory=flags.out_of_memory,
+        cpu_time_used_seconds=cpu_time,
+        cpu_time_limit_exceeded=flags.cpu_time_limit_exceeded,
+        process_limit_exceeded=flags.process_limit_exceeded,
+        backend=terms.backend,
+    )
+
+
+# ---------------------------------------------------------------------- one verdict per result
+
+EXIT_PROCESSES = 121
+EXIT_CPU_TIME = 122
+EXIT_OUT_OF_MEMORY = 123
+EXIT_TIMEOUT = 124
+
+
+class Verdict(str, enum.Enum):
+    """The one classification of a finished ``TaskResult`` (``classify``), shared by the CLI's
+    exit codes and the batch journal's verdicts."""
+
+    OK = "ok"
+    TIMED_OUT = "timed out"
+    OUT_OF_MEMORY = "out of memory"
+    CPU_TIME_EXCEEDED = "cpu time exceeded"
+    PROCESSES_EXCEEDED = "processes exceeded"
+    FAILED = "failed"
+
+    @property
+    def label(self) -> str:
+        """The batch journal's word: ``ok``, ``timed out``, ``out of memory`` or ``failed``."""
+        if self in (Verdict.CPU_TIME_EXCEEDED, Verdict.PROCESSES_EXCEEDED):
+            return Verdict.FAILED.value
+        return self.value
+
+    @property
+    def exit_code(self) -> int | None:
+        """The runner's own exit code (above 120, like timeout(1)) for a limit verdict; None
+        for OK and FAILED, whose code comes from the task itself (its command, its signal)."""
+        return _EXIT_CODES.get(self)
+
+
+_EXIT_CODES = {
+    Verdict.TIMED_OUT: EXIT_TIMEOUT,
+    Verdict.OUT_OF_MEMORY: EXIT_OUT_OF_MEMORY,
+    Verdict.CPU_TIME_EXCEEDED: EXIT_CPU_TIME,
+    Verdict.PROCESSES_EXCEEDED: EXIT_PROCESSES,
+}
+
+
+def classify(result: TaskResult) -> Verdict:
+    """Which limit ended the task, else whether it succeeded (the flags' order of precedence)."""
+    if result.timed_out:
+        return Verdict.TIMED_OUT
+    if result.out_of_memory:
+        return Verdict.OUT_OF_MEMORY
+    if result.cpu_time_limit_exceeded:
+        return Verdict.CPU_TIME_EXCEEDED
+    if result.process_limit_exceeded:
+        return Verdict.PROCESSES_EXCEEDED
+    return Verdict.OK if result.success else Verdict.FAILED

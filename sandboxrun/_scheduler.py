@@ -1,0 +1,277 @@
+"""The event loop: at most ``max_workers`` jobs at once, each driven from launch to one result.
+
+One single thread selects over file descriptors (a pidfd per worker, the result pipes, the
+control pipes being written, the sandboxes' event fds) with the nearest deadline or poll as the
+timeout. It never sleeps in a busy loop and never blocks on one worker while another needs
+attention.
+
+Life of one job (the names are this module's methods)::
+
+    pending --_launch--> started --sandbox.attach--> HANDSHAKE --_write_go done--> ARMED
+                           |     (no go frame: _arm at once) ------------------->   |
+                           +-- attach failed: job.kill_reason=ATTACH, kill --+      |
+                                                                             |      |
+      deadline passed / sandbox.poll() / sandbox.on_event() / abort: _kill --+------+
+                                                                             v      v
+                             exit fd readable --> _finish --> outcome.build_result --> TaskResult
+
+ARMED means the deadline and the polling run. Every path ends in ``_finish`` (the worker's
+process ended, whoever killed it), which builds exactly one ``TaskResult``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import selectors
+import time
+from collections.abc import Iterator
+
+from . import _outcome as outcome
+from ._backends.base import Backend, Usage
+from ._job import Job
+from ._launch import Launcher
+from ._reasons import KillReason
+from ._task import Task, TaskResult
+
+log = logging.getLogger("sandboxrun.scheduler")
+
+
+class Scheduler:
+    def __init__(
+        self, backend: Backend, launcher: Launcher, terms: outcome.Terms, max_workers: int
+    ) -> None:
+        self.backend = backend
+        self.launcher = launcher
+        self.terms = terms
+        self.max_workers = max_workers
+        self.pending: collections.deque[tuple[Task, bytes]] = collections.deque()
+        self._jobs: dict[int, Job] = {}  # keyed by exit fd
+        self._ready: collections.deque[TaskResult] = collections.deque()
+        self._selector_made: selectors.BaseSelector | None = None
+        self._backend_open = False
+
+    @property
+    def _selector(self) -> selectors.BaseSelector:
+        # Made on first use: a manager that never runs a task holds no epoll fd.
+        if self._selector_made is None:
+            self._selector_made = selectors.DefaultSelector()
+        return self._selector_made
+
+    # ------------------------------------------------------------------ the loop
+
+    def results(self) -> Iterator[TaskResult]:
+        # Finished results wait in self._ready until handed out one by one, so a caller that
+        # leaves the loop early loses none of a batch that ended in the same select() round.
+        while self._ready or self.pending or self._jobs:
+            if not self._ready:
+                self._ready.extend(self._step())
+            if self._ready:
+                yield self._ready.popleft()
+
+    def _step(self) -> list[TaskResult]:
+        self._fill_slots()
+        events = self._selector.select(self._select_timeout())
+        done: list[TaskResult] = []
+        now = time.monotonic()
+        for key, mask in events:
+            job: Job = key.data
+            if key.fd == job.exit_fd and job.exit_fd in self._jobs:
+                done.append(self._finish(job))
+            elif key.fd == job.result_fd and mask & selectors.EVENT_READ:
+                self._read_result(job)
+            elif key.fd == job.control_fd and mask & selectors.EVENT_WRITE:
+                self._write_go(job, now)
+            elif key.fd == job.sandbox.event_fd:
+                reason = job.sandbox.on_event()
+                if reason is not None:
+                    self._kill(job, reason)
+        for job in list(self._jobs.values()):
+            if job.deadline is not None and now >= job.deadline:
+                self._kill(job, KillReason.TIMEOUT)
+            elif job.next_poll is not None and now >= job.next_poll:
+                reason = job.sandbox.poll()
+                if reason is not None:
+                    self._kill(job, reason)
+                else:
+                    job.next_poll = now + (job.sandbox.poll_interval_seconds or 0.05)
+        return done
+
+    def _select_timeout(self) -> float | None:
+        moments = [
+            moment
+            for job in self._jobs.values()
+            for moment in (job.deadline, job.next_poll)
+            if moment is not None
+        ]
+        if not moments:
+            return None
+        return max(0.0, min(moments) - time.monotonic())
+
+    # ------------------------------------------------------------------ launching
+
+    def _fill_slots(self) -> None:
+        while self.pending and len(self._jobs) < self.max_workers:
+            task, payload = self.pending.popleft()
+            self._launch(task, payload)
+
+    def _launch(self, task: Task, payload: bytes) -> None:
+        if not self._backend_open:
+            self.backend.open()
+            self._backend_open = True
+        sandbox = self.backend.sandbox(self.terms.limits)
+        try:
+            job = self.launcher.start(
+                task, payload, sandbox, self.terms.limits.cpu_time_seconds, self._jobs.values()
+            )
+        except BaseException:
+            sandbox.remove()
+            raise
+        self._jobs[job.exit_fd] = job
+        self._selector.register(job.exit_fd, selectors.EVENT_READ, job)
+        self._selector.register(job.result_fd, selectors.EVENT_READ, job)
+        pid = job.process.pid
+        assert pid is not None  # started
+        try:
+            sandbox.attach(pid)
+        except Exception as error:
+            # The worker is still waiting for the go frame, so no task code ran.
+            job.error = error
+            log.warning("%r: could not attach pid %s to its sandbox: %s; the task fails"
+                        " without running", task, pid, error)  # fmt: skip
+            self._kill(job, KillReason.ATTACH)
+            try:
+                job.process.kill()
+            except OSError as kill_error:  # already gone: its exit event reports it
+                log.debug("%r: kill after a failed attach: %s", task, kill_error)
+            return
+        if sandbox.event_fd is not None:
+            self._selector.register(sandbox.event_fd, selectors.EVENT_READ, job)
+        now = time.monotonic()
+        if job.go_frame is None:
+            self._arm(job, now)
+            return
+        self._write_go(job, now)
+        if job.go_frame is not None:
+            self._selector.register(job.control_fd, selectors.EVENT_WRITE, job)
+
+    def _write_go(self, job: Job, now: float) -> None:
+        if job.go_frame is None:
+            return
+        try:
+            written = os.write(job.control_fd, job.go_frame)
+        except BlockingIOError:
+            return
+        except OSError:  # the worker died before reading: its exit event will report it
+            written = len(job.go_frame)
+        job.go_frame = job.go_frame[written:]
+        if job.go_frame:
+            return
+        job.go_frame = None
+        self._close_control(job)
+        self._arm(job, now)
+
+    def _arm(self, job: Job, now: float) -> None:
+        """The worker may now run task code: start its clock and its polling."""
+        if self.terms.limits.wall_time_seconds is not None:
+            job.deadline = now + self.terms.limits.wall_time_seconds
+        if job.sandbox.poll_interval_seconds is not None:
+            job.next_poll = now
+
+    # ------------------------------------------------------------------ ending a job
+
+    def _close_control(self, job: Job) -> None:
+        if job.control_fd < 0:
+            return
+        with contextlib.suppress(KeyError):  # not registered: the go frame went in one write
+            self._selector.unregister(job.control_fd)
+        os.close(job.control_fd)
+        job.control_fd = -1
+
+    def _read_result(self, job: Job) -> None:
+        if job.reader.feed(job.result_fd):
+            self._stop_reading(job)
+
+    def _stop_reading(self, job: Job) -> None:
+        if job.result_fd < 0:
+            return
+        self._selector.unregister(job.result_fd)
+        os.close(job.result_fd)
+        job.result_fd = -1
+
+    def _kill(self, job: Job, reason: KillReason | str) -> None:
+        if job.kill_reason is None:
+            job.kill_reason = KillReason(reason)
+        log.debug("%r: killing pid %s (%s)", job.task, job.process.pid, job.kill_reason)
+        job.deadline = None
+        job.next_poll = None
+        job.sandbox.kill()
+
+    def _finish(self, job: Job) -> TaskResult:
+        """The worker process has ended: collect everything and build its one result."""
+        job.end_time = time.time()
+        for fd in (job.exit_fd, job.sandbox.event_fd):
+            if fd is not None:
+                with contextlib.suppress(KeyError):  # the event fd is only there after attach
+                    self._selector.unregister(fd)
+        del self._jobs[job.exit_fd]
+        usage: Usage | None
+        try:
+            # Leftover grandchildren die first, so nothing else writes into the result pipe.
+            usage = job.sandbox.collect()
+        except Exception as error:
+            usage = None
+            log.warning("%r: reading the sandbox's counters failed (%s: %s); its result has"
+                        " the worker's own ru_maxrss and CPU time only", job.task,
+                        type(error).__name__, error)  # fmt: skip
+        finally:
+            job.sandbox.remove()
+        if job.result_fd >= 0:
+            self._read_result(job)
+            self._stop_reading(job)
+        self._close_control(job)
+        os.close(job.exit_fd)
+        job.process.join()
+        exit_code = job.process.exitcode
+        job.process.close()
+        return outcome.build_result(job, usage, -9 if exit_code is None else exit_code, self.terms)
+
+    # ------------------------------------------------------------------ shutting down
+
+    def abort(self) -> None:
+        """The with-body raised: kill what runs, drop what waits, release everything."""
+        self.pending.clear()
+        try:
+            for job in list(self._jobs.values()):
+                self._kill_logged(job)
+            for job in list(self._jobs.values()):
+                self._finish_logged(job)
+        finally:
+            self.close()
+
+    def _kill_logged(self, job: Job) -> None:
+        try:
+            self._kill(job, KillReason.ABORT)
+        except Exception as error:  # keep going: the other jobs must be killed too
+            log.warning("%r: kill on abort failed (%s: %s); the backend's close() retries the"
+                        " whole runner tree", job.task, type(error).__name__, error)  # fmt: skip
+
+    def _finish_logged(self, job: Job) -> None:
+        try:
+            job.process.join(timeout=10)
+            self._finish(job)  # the result is dropped: the with-body's exception wins
+        except Exception as error:
+            log.warning(
+                "%r: clean-up on abort failed (%s: %s); its fds or sandbox may leak until the"
+                " backend closes", job.task, type(error).__name__, error,
+            )  # fmt: skip
+
+    def close(self) -> None:
+        if self._selector_made is not None:
+            self._selector_made.close()
+            self._selector_made = None
+        if self._backend_open:
+            self._backend_open = False
+            self.backend.close()
