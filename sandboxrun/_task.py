@@ -72,7 +72,8 @@ class TaskResult:
 
     Beyond the seed: ``exit_code`` is never ``None`` once the process ended (negative = killed by
     that signal), ``exception`` is never ``None`` when ``success`` is False, and
-    ``max_memory_used_in_gib`` is filled whether or not a limit was set.
+    ``max_memory_used_in_gib`` is filled whether or not a limit was set (``None`` only when
+    nothing measured it: the sandbox's counters could not be read and no result frame came).
     """
 
     task: Task
@@ -86,7 +87,7 @@ class TaskResult:
     end_time: float = 0.0
     elapsed_time: float = 0.0
     timed_out: bool = False
-    max_memory_used_in_gib: float = 0.0
+    max_memory_used_in_gib: float | None = 0.0
     out_of_memory: bool = False
     # --- sandboxrun's own fields, after the 13 ---
     cpu_time_used_seconds: float | None = None

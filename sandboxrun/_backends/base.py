@@ -18,6 +18,7 @@ import dataclasses
 from typing import ClassVar
 
 from .._limits import Limits
+from .._reasons import KillReason
 
 
 @dataclasses.dataclass
@@ -26,7 +27,10 @@ class Usage:
 
     peak_memory_bytes: int | None = None
     oom_killed: bool = False  # the kernel's OOM killer (or the polled monitor) ended a process
-    memory_limit_hit: bool = False  # the limit was reached at least once (allocation failed)
+    # The limit was reached at least once (allocation failed or reclaim was forced); read only
+    # where the backend's kernel_enforced has "memory": a MemoryError under a limit that was
+    # never reached is the task's own, not out_of_memory.
+    memory_limit_hit: bool = False
     process_limit_hit: bool = False  # a fork was refused by pids.max at least once
     cpu_time_seconds: float | None = None
 
@@ -66,12 +70,14 @@ class Sandbox(abc.ABC):
     def attach(self, pid: int) -> None:  # noqa: B027 - optional hook
         """Parent side, right after the start: record or place process ``pid``."""
 
-    def poll(self) -> str | None:
-        """Polled backends: sample; ``"memory"`` or ``"processes"`` when over that limit."""
+    def poll(self) -> KillReason | None:
+        """Polled backends: sample; ``KillReason.MEMORY`` or ``KillReason.PROCESSES`` when over
+        that limit (a ``str`` enum: the bare strings ``"memory"``/``"processes"`` still work)."""
         return None
 
-    def on_event(self) -> str | None:
-        """``event_fd`` turned readable: return ``"memory"`` to have the whole task killed."""
+    def on_event(self) -> KillReason | None:
+        """``event_fd`` turned readable: return ``KillReason.MEMORY`` to have the whole task
+        killed."""
         return None
 
     @abc.abstractmethod
