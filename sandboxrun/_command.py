@@ -49,7 +49,7 @@ class CommandFailed(SandboxrunError):
         tail = result.stderr[-500:].decode(errors="replace").strip()
         super().__init__(f"{result.argv[0]} {status}" + (f": {tail}" if tail else ""))
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[CommandFailed], tuple[CommandResult]]:
         return (type(self), (self.result,))
 
 
@@ -81,7 +81,7 @@ def _pump(
                         pending = pending[:0]
                     if not pending:
                         selector.unregister(key.fileobj)
-                        process.stdin.close()  # type: ignore[union-attr]
+                        process.stdin.close()
                     continue
                 chunk = os.read(fd, _CHUNK)
                 if not chunk:

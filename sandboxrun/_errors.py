@@ -43,7 +43,9 @@ class RemoteError(SandboxrunError):
         self.text = text
         self.traceback_text = traceback_text
 
-    def __reduce__(self):  # keep all fields when the result itself is pickled
+    def __reduce__(  # keep all fields when the result itself is pickled
+        self,
+    ) -> tuple[type[RemoteError], tuple[str, str, str, str]]:
         return (type(self), (self.args[0], self.type_name, self.text, self.traceback_text))
 
 

@@ -286,8 +286,8 @@ class Verdict(str, enum.Enum):
     def label(self) -> str:
         """The batch journal's word: ``ok``, ``timed out``, ``out of memory`` or ``failed``."""
         if self in (Verdict.CPU_TIME_EXCEEDED, Verdict.PROCESSES_EXCEEDED):
-            return Verdict.FAILED.value
-        return self.value
+            return "failed"
+        return str(self.value)
 
     @property
     def exit_code(self) -> int | None:

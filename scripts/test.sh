@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: lint, the suite on this machine's backends, then the suite in a systemd +
+# The test command: lint, types (mypy --strict), the suite on this machine's backends, then the suite in a systemd +
 # cgroup v2 guest when this host can run qemu (skip it with SANDBOXRUN_SKIP_VM=1).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -7,6 +7,7 @@ cd "$repo"
 py=$(bash scripts/bootstrap.sh)
 
 "$py" -m ruff check sandboxrun tests scripts
+"$py" -m mypy --strict sandboxrun
 "$py" -c 'import json, sandboxrun; print(json.dumps(sandboxrun.detect(), indent=1))'
 status=0
 "$py" -m pytest -p no:cacheprovider "$@" tests || status=$?
