@@ -226,7 +226,7 @@ def build_result(job: Job, usage: Usage | None, exit_code: int, terms: Terms) ->
         exception=exception,
         usage=Usage() if usage is None else usage,
         exit_code=exit_code,
-        reason=None if job.kill_reason is None else KillReason(job.kill_reason),
+        reason=job.kill_reason,
         peak_bytes=peak_bytes(usage, header),
         cpu_time=cpu_time,
     )

@@ -224,7 +224,8 @@ class Scheduler:
         except Exception as error:
             usage = None
             log.warning("%r: reading the sandbox's counters failed (%s: %s); its result has"
-                        " the worker's own ru_maxrss and CPU time only", job.task,
+                        " the worker's own ru_maxrss and CPU time only (no peak at all if its"
+                        " result frame is missing too)", job.task,
                         type(error).__name__, error)  # fmt: skip
         finally:
             job.sandbox.remove()

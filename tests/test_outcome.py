@@ -16,18 +16,8 @@ from typing import Any
 import pytest
 
 import sandboxrun
-from sandboxrun import (
-    CpuTimeLimitExceeded,
-    ExceptionNotPicklable,
-    ProcessLimitExceeded,
-    RemoteTraceback,
-    ResultNotPicklable,
-    ResultTransferError,
-    SandboxrunError,
-    Task,
-    TaskResult,
-    WorkerDied,
-)
+from sandboxrun import Task, TaskResult
+from sandboxrun import _errors as errors
 from sandboxrun import _outcome as outcome
 from sandboxrun import _protocol as protocol
 from sandboxrun._backends.base import Backend, Sandbox, Usage
@@ -129,41 +119,42 @@ CASES: dict[str, tuple[Any, ...]] = {
                                     terms(), dict(out_of_memory=False), MemoryError),
     "SIGXCPU under a CPU limit": (
         None, None, Usage(cpu_time_seconds=1.0), -signal.SIGXCPU,
-        terms(cpu_time_limit_seconds=1), dict(cpu_time_limit_exceeded=True), CpuTimeLimitExceeded),
+        terms(cpu_time_limit_seconds=1), dict(cpu_time_limit_exceeded=True),
+        errors.CpuTimeLimitExceeded),
     "SIGKILL well below the CPU limit": (
         None, None, Usage(cpu_time_seconds=0.1), -9, terms(cpu_time_limit_seconds=1),
-        dict(cpu_time_limit_exceeded=False, exit_code=-9), WorkerDied),
+        dict(cpu_time_limit_exceeded=False, exit_code=-9), errors.WorkerDied),
     "fork refused, task failed": (
         RAISED_FORK, None, Usage(process_limit_hit=True), 1, terms(max_processes=4),
-        dict(process_limit_exceeded=True, success=False), ProcessLimitExceeded),
+        dict(process_limit_exceeded=True, success=False), errors.ProcessLimitExceeded),
     "fork refused, task coped": (
         RETURNED_42, None, Usage(process_limit_hit=True), 0, terms(max_processes=4),
         dict(process_limit_exceeded=False, success=True, result=42), type(None)),
     "polled process kill": (None, KillReason.PROCESSES, Usage(), -9, terms(max_processes=4),
-                            dict(process_limit_exceeded=True), ProcessLimitExceeded),
+                            dict(process_limit_exceeded=True), errors.ProcessLimitExceeded),
     "fork bomb that then timed out keeps both flags": (
         None, KillReason.TIMEOUT, Usage(process_limit_hit=True), -9,
         terms(worker_timeout_seconds=1, max_processes=4),
         dict(timed_out=True, process_limit_exceeded=True), TimeoutError),
     "attach failed": (None, KillReason.ATTACH, Usage(), -9, terms(),
-                      dict(success=False, timed_out=False), SandboxrunError),
+                      dict(success=False, timed_out=False), errors.SandboxrunError),
     "died without a frame": (None, None, Usage(), 3, terms(),
-                             dict(success=False, exit_code=3), WorkerDied),
+                             dict(success=False, exit_code=3), errors.WorkerDied),
     "could not enter its sandbox": (
         frame(protocol.ENTER_FAILED, text="cgroup.procs: EACCES"), None, Usage(),
-        protocol.EXIT_ENTER_FAILED, terms(), dict(success=False), SandboxrunError),
+        protocol.EXIT_ENTER_FAILED, terms(), dict(success=False), errors.SandboxrunError),
     "result unpicklable in the worker": (
         frame(protocol.RESULT_UNPICKLABLE, type_name="builtins.function", text="<lambda>",
               traceback_text="PicklingError: no"), None, Usage(), 0, terms(),
-        dict(success=False), ResultNotPicklable),
+        dict(success=False), errors.ResultNotPicklable),
     "exception unpicklable in the worker": (
         frame(protocol.EXCEPTION_UNPICKLABLE, type_name="x.E", text="e", traceback_text="tb"),
-        None, Usage(), 1, terms(), dict(success=False), ExceptionNotPicklable),
+        None, Usage(), 1, terms(), dict(success=False), errors.ExceptionNotPicklable),
     "result that does not unpickle here": (
         frame(protocol.RETURNED, raw=b"\x80\x05garbage"), None, Usage(), 0, terms(),
-        dict(success=False, result=None), ResultNotPicklable),
+        dict(success=False, result=None), errors.ResultNotPicklable),
     "raised a non-exception": (frame(protocol.RAISED, 7), None, Usage(), 1, terms(),
-                               dict(success=False), SandboxrunError),
+                               dict(success=False), errors.SandboxrunError),
 }  # fmt: skip
 
 
@@ -183,7 +174,7 @@ def test_classification(case: str) -> None:
 def test_the_task_s_own_exception_keeps_its_remote_traceback() -> None:
     data = frame(protocol.RAISED, ValueError("bad"), traceback_text="Traceback: line 1")
     result = outcome.build_result(job_with(data), Usage(), 1, terms())
-    assert isinstance(result.exception.__cause__, RemoteTraceback)
+    assert isinstance(result.exception.__cause__, errors.RemoteTraceback)
     assert "line 1" in str(result.exception.__cause__)
 
 
@@ -203,8 +194,8 @@ def test_attach_error_is_named() -> None:
 def test_cut_frame_is_a_transfer_error() -> None:
     whole = RETURNED_42
     result = outcome.build_result(job_with(whole[: len(whole) - 3]), Usage(), -9, terms())
-    assert isinstance(result.exception, WorkerDied)
-    assert isinstance(result.exception.__cause__, ResultTransferError)
+    assert isinstance(result.exception, errors.WorkerDied)
+    assert isinstance(result.exception.__cause__, errors.ResultTransferError)
     assert "cut off" in str(result.exception)
 
 
@@ -370,7 +361,7 @@ def test_failed_collect_is_logged_and_leaves_the_worker_s_own_peak(caplog) -> No
     returned, died = pm.task_results
     assert returned.success and returned.result == 3
     assert returned.max_memory_used_in_gib is not None and returned.max_memory_used_in_gib > 0
-    assert isinstance(died.exception, WorkerDied)
+    assert isinstance(died.exception, errors.WorkerDied)
     assert died.max_memory_used_in_gib is None  # nothing measured it: not a made-up 0
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 2 and all("memory.peak" in text for text in warnings)
