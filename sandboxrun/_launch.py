@@ -4,7 +4,7 @@ The launcher only starts the process and hands back a ``Job`` with its fds open;
 to the sandbox, arming its clock and writing the go frame are the scheduler's (so this module
 never needs the scheduler, and the outcome never needs either)::
 
-    Launcher.start(task, payload, sandbox, cpu_time_seconds, siblings)
+    Launcher.launch(task, payload, sandbox, cpu_time_seconds, siblings)
         result pipe  (worker writes, we read; bigger pipe = fewer wake-ups)
         control pipe (only with a handshake: a task payload or a parent-side attach)
         process.start()  -- ForkedProcess (fork + pidfd) or multiprocessing's Process
@@ -141,7 +141,7 @@ class Launcher:
         # A forkserver child's parent is the server, not us: no pid to compare.
         self._manager_pid = None if start_method == "forkserver" else os.getpid()
 
-    def start(
+    def launch(
         self,
         task: Task,
         payload: bytes,

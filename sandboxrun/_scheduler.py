@@ -123,7 +123,7 @@ class Scheduler:
             self._backend_open = True
         sandbox = self.backend.sandbox(self.terms.limits)
         try:
-            job = self.launcher.start(
+            job = self.launcher.launch(
                 task, payload, sandbox, self.terms.limits.cpu_time_seconds, self._jobs.values()
             )
         except BaseException:

@@ -323,12 +323,12 @@ def case_tasks(tool, p):
 PROFILE_PARTS = {  # name: (file suffix(es), "~" for builtins; function; cumulative time?)
     "select": ("~", "<method 'poll' of 'select.epoll' objects>", False),
     "fork": ("~", "<built-in method posix.fork>", False),
-    "start": (("multiprocessing/process.py", "sandboxrun/_fork.py"), "start", True),
+    "start": (("multiprocessing/process.py", "sandboxrun/_launch.py"), "start", True),
     "sandbox": ("cgroup_v1.py", "sandbox", True),
-    "launch": ("_manager.py", "_launch", True),
+    "launch": ("_scheduler.py", "_launch", True),
     "collect": ("cgroup_v1.py", "collect", True),
     "remove": ("cgroup_v1.py", "remove", True),
-    "finish": ("_manager.py", "_finish", True),
+    "finish": ("_scheduler.py", "_finish", True),
 }
 
 
