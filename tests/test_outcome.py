@@ -365,3 +365,32 @@ def test_failed_collect_is_logged_and_leaves_the_worker_s_own_peak(caplog) -> No
     assert died.max_memory_used_in_gib is None  # nothing measured it: not a made-up 0
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 2 and all("memory.peak" in text for text in warnings)
+
+
+class _Unkillable(_BrokenCounters):
+    def kill(self) -> None:
+        raise PermissionError(13, "Permission denied", "cgroup.kill")
+
+    def collect(self) -> Usage:
+        return Usage()
+
+
+class _UnkillableBackend(_BrokenBackend):
+    def sandbox(self, limits: Limits) -> Sandbox:
+        return _Unkillable()
+
+
+def test_abort_logs_a_failed_kill_and_still_cleans_up(caplog) -> None:
+    import time
+
+    caplog.set_level("WARNING", logger="sandboxrun")
+    pm = sandboxrun.ProcessManager(2, backend=_UnkillableBackend(), start_method="fork")
+    with pytest.raises(RuntimeError, match="the with-body's own"), pm:
+        pm.queue_task(Task(func=abs, args=(-1,)))
+        pm.queue_task(Task(func=time.sleep, args=(0.3,)))  # still running at the abort
+        for _ in pm.as_completed():
+            raise RuntimeError("the with-body's own")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "kill on abort failed" in warnings[0], warnings
+    assert "cgroup.kill" in warnings[0]
+    assert not pm._scheduler._jobs  # the sleeper was still joined and finished
