@@ -7,16 +7,19 @@ attention.
 
 Life of one job (the names are this module's methods)::
 
-    pending --_launch--> started --sandbox.attach--> HANDSHAKE --_write_go done--> ARMED
-                           |     (no go frame: _arm at once) ------------------->   |
-                           +-- attach failed: job.kill_reason=ATTACH, kill --+      |
-                                                                             |      |
-      deadline passed / sandbox.poll() / sandbox.on_event() / abort: _kill --+------+
-                                                                             v      v
-                             exit fd readable --> _finish --> outcome.build_result --> TaskResult
+    pending --_launch--> started --attach--> HANDSHAKE --_write_go: all written--> ARMED
+                            |                  (no go frame: _arm at once) ------->   |
+                      attach failed                  |                                |
+                            |                    on_event()        deadline, poll(), on_event()
+                            v                        v                                v
+                     _kill(ATTACH) ----------> KILLED (sandbox.kill) <---------- _kill(reason)
+                                     abort: _kill(ABORT), from any state
 
-ARMED means the deadline and the polling run. Every path ends in ``_finish`` (the worker's
-process ended, whoever killed it), which builds exactly one ``TaskResult``.
+    any state, exit fd readable (the process ended) --> _finish --> build_result --> TaskResult
+
+ARMED means the deadline and the polling run (``job.deadline``/``job.next_poll`` set; a kill
+clears them). Every path ends in ``_finish``, whoever ended the process, which builds exactly
+one ``TaskResult``.
 """
 
 from __future__ import annotations
