@@ -1,4 +1,7 @@
-"""The CLI via typer's runner and as real processes: exit codes, JSON, journal, resume, Ctrl-C."""
+"""The CLI via typer's runner and as real processes: exit codes, JSON, journal, resume, Ctrl-C.
+
+The library parts it is built on (command tasks, size and duration parsing) are tested in
+test_library.py."""
 
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sandboxrun import CommandFailed, CommandTask, ProcessManager, parse_duration, parse_size
 from sandboxrun.cli import app
 
 from .conftest import SCALE, leftover_cgroups
@@ -21,62 +23,6 @@ from .conftest import SCALE, leftover_cgroups
 runner = CliRunner()
 PY = sys.executable
 CLI = [PY, "-m", "sandboxrun"]
-
-
-@pytest.mark.parametrize(
-    ("text", "value"),
-    [("512M", 512 << 20), ("1.5G", 3 << 29), ("4GiB", 4 << 30), ("100kb", 100_000), ("4096", 4096)],
-)
-def test_parse_size(text, value):
-    assert parse_size(text) == value
-
-
-@pytest.mark.parametrize(("text", "value"), [("500ms", 0.5), ("5s", 5), ("2m", 120), ("30", 30)])
-def test_parse_duration(text, value):
-    assert parse_duration(text) == value
-
-
-@pytest.mark.parametrize("bad", ["", "12Q", "-5M", "0", "M", "1.2.3G"])
-def test_parse_size_rejects(bad):
-    with pytest.raises(ValueError):
-        parse_size(bad)
-
-
-@pytest.mark.parametrize("bad", ["", "5 parsecs", "-1s", "0", "inf"])
-def test_parse_duration_rejects(bad):
-    with pytest.raises(ValueError):
-        parse_duration(bad)
-
-
-# --------------------------------------------------------------------- command tasks (library)
-
-
-def test_command_task_captures_capped_output_and_stdin(backend):
-    with ProcessManager(2, backend=backend, worker_timeout_seconds=30 * SCALE) as pm:
-        pm.queue_task(CommandTask(["cat"], stdin=b"abc" * 100_000))
-        pm.queue_task(CommandTask(["sh", "-c", "yes | head -c 20000000"], output_limit_bytes=1000))
-        pm.queue_task(CommandTask(["sh", "-c", "echo oops >&2; exit 3"]))
-        pm.queue_task(CommandTask("echo $((6*7))", shell=True))
-    by_argv = {str(r.task.argv): r for r in pm.task_results}
-    cat = by_argv["['cat']"].result
-    assert cat.stdout == b"abc" * 100_000 and not cat.stdout_truncated
-    flood = by_argv[str(["sh", "-c", "yes | head -c 20000000"])].result
-    assert len(flood.stdout) == 1000 and flood.stdout_truncated and flood.stdout_bytes == 20_000_000
-    failed = by_argv[str(["sh", "-c", "echo oops >&2; exit 3"])]
-    assert not failed.success and isinstance(failed.exception, CommandFailed)
-    assert failed.exception.result.returncode == 3 and failed.exception.result.stderr == b"oops\n"
-    assert by_argv["echo $((6*7))"].result.stdout == b"42\n"
-
-
-def test_command_task_validation():
-    with pytest.raises(TypeError):
-        CommandTask("echo hi")  # a string without shell=True
-    with pytest.raises(TypeError):
-        CommandTask([])
-    with pytest.raises(ValueError):
-        CommandTask(["cat"], stdin=b"x", stdin_file="/dev/null")
-    with pytest.raises(ValueError):
-        CommandTask(["cat"], output_limit_bytes=-1)
 
 
 # --------------------------------------------------------------------- sandboxrun run
