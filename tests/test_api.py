@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import multiprocessing
+import os
 import pickle
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +18,7 @@ import sandboxrun
 from sandboxrun import BackendUnavailable, ProcessManager, Task, TaskResult
 
 from . import tasks
+from .conftest import cgroup_dirs, wait_until
 
 SEED_FIELDS = [
     "task", "success", "result", "exception", "exit_code", "timeout_seconds",
@@ -89,11 +95,93 @@ def test_bad_constructor_arguments(kwargs, error):
         ProcessManager(**kwargs)
 
 
-def test_default_max_workers_is_the_usable_cpus():
-    import os
+def _quota(directory: Path, hierarchy: str) -> float | None:
+    """The CPU quota set on one cgroup directory, in CPUs; None when there is none."""
+    try:
+        if hierarchy == "":
+            quota, period = (directory / "cpu.max").read_text().split()
+            return None if quota == "max" else int(quota) / int(period)
+        quota = int((directory / "cpu.cfs_quota_us").read_text())
+        return None if quota < 0 else quota / int((directory / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
 
-    manager = ProcessManager()
-    assert 1 <= manager.max_workers <= len(os.sched_getaffinity(0))
+
+def expected_cpus() -> int:
+    """What the guide promises for ``max_workers=None``: the CPUs of this process's affinity,
+    capped by the smallest CPU quota on the way from its cgroups up to each mount's root
+    (rounded up: a quota of 1.5 CPUs keeps 2 workers busy). Worked out here from
+    /proc/self/mountinfo, not with the library's own code."""
+    count = len(os.sched_getaffinity(0))
+    quotas = []
+    for hierarchy, directory in cgroup_dirs().items():
+        if hierarchy != "" and "cpu" not in hierarchy.split(","):
+            continue
+        mount_root = directory
+        while not os.path.ismount(mount_root) and mount_root != mount_root.parent:
+            mount_root = mount_root.parent
+        for level in [directory, *directory.parents]:
+            quota = _quota(level, hierarchy)
+            if quota is not None:
+                quotas.append(quota)
+            if level == mount_root:
+                break
+    if quotas:
+        count = min(count, max(1, math.ceil(min(quotas))))
+    return count
+
+
+def test_default_max_workers_is_the_usable_cpus():
+    assert ProcessManager().max_workers == expected_cpus()
+
+
+def _default_workers_in_a_child(setup: str) -> int:
+    """``ProcessManager().max_workers`` in a fresh interpreter after ``setup`` ran there."""
+    code = f"{setup}\nfrom sandboxrun import ProcessManager\nprint(ProcessManager().max_workers)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
+def test_default_max_workers_follows_the_affinity():
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("one usable CPU: a smaller affinity cannot be told apart")
+    assert _default_workers_in_a_child(f"import os; os.sched_setaffinity(0, {{{cpus[0]}}})") == 1
+
+
+@pytest.mark.parametrize("quota", [0.5, 1.5])
+def test_default_max_workers_follows_a_cgroup_cpu_quota(quota):
+    """A child interpreter moves itself into a cgroup v1 ``cpu`` cgroup with a CFS quota, made
+    below this process's own ``cpu`` cgroup and removed afterwards."""
+    cpus = len(os.sched_getaffinity(0))
+    if cpus < 2:
+        pytest.skip("one usable CPU: a quota cannot lower the count")
+    own = next((d for h, d in cgroup_dirs().items() if "cpu" in h.split(",")), None)
+    if own is None:
+        pytest.skip("no cgroup v1 cpu hierarchy")
+    cgroup = own / f"sbtest-{os.getpid()}-cpu-quota"
+    try:
+        cgroup.mkdir()
+    except OSError as error:
+        pytest.skip(f"cannot make a cpu cgroup here: {error}")
+    try:
+        period = int((cgroup / "cpu.cfs_period_us").read_text())
+        (cgroup / "cpu.cfs_quota_us").write_text(str(int(quota * period)))
+        enter = f"open({str(cgroup / 'cgroup.procs')!r}, 'w').write('0')"
+        assert _default_workers_in_a_child(enter) == min(cpus, max(1, math.ceil(quota)))
+    finally:
+        assert wait_until(lambda: _rmdir(cgroup), 5)
+
+
+def _rmdir(path: Path) -> bool:
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # EBUSY: the child's exit is not accounted yet
+    return True
 
 
 def test_queue_task_rejects_non_tasks_and_finished_managers():
