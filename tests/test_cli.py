@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from typer.testing import CliRunner
 
 from sandboxrun.cli import app
 
-from .conftest import SCALE, leftover_cgroups
+from .conftest import SCALE, leftover_cgroups, wait_until
 
 runner = CliRunner()
 PY = sys.executable
@@ -92,12 +91,13 @@ def test_doctor():
 # --------------------------------------------------------------------- sandboxrun batch
 
 CONVERTER = """
-import sys, time, pathlib
+import sys, time, pathlib, signal
 src, dst = sys.argv[1], sys.argv[2]
 data = pathlib.Path(src).read_bytes()
 if data.startswith(b"SLOW"):
     time.sleep(float(data.split()[1]))
 if data.startswith(b"HANG"):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the manager can end it, not a Ctrl-C
     time.sleep(3600)
 if data.startswith(b"BOMB"):
     x = b"a" * (600 << 20)
@@ -165,12 +165,20 @@ def test_batch_bad_template_is_a_usage_error(batch_dir):
 
 
 def _wait_for_lines(path: Path, count: int, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if path.exists() and len(path.read_text().splitlines()) >= count:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"journal never reached {count} lines")
+    def reached() -> bool:
+        return path.exists() and len(path.read_text().splitlines()) >= count
+
+    if not wait_until(reached, seconds / SCALE, interval=0.02):
+        raise AssertionError(f"journal never reached {count} lines")
+
+
+def _converters(batch_dir: Path, pattern: str = "") -> list[int]:
+    """Pids of this test's converter processes (``conv.py`` and then ``pattern`` in their
+    command line; the CLI's own ``--cmd`` argument names ``conv.py {input}``)."""
+    found = subprocess.run(
+        ["pgrep", "-f", f"{batch_dir / 'conv.py'} .*{pattern}"], capture_output=True
+    )
+    return [int(pid) for pid in found.stdout.split()]
 
 
 def test_batch_survives_sigkill_and_resume_redoes_nothing(batch_dir):
@@ -192,20 +200,24 @@ def test_batch_survives_sigkill_and_resume_redoes_nothing(batch_dir):
 
 
 def test_batch_ctrl_c_kills_tasks_and_keeps_the_journal(batch_dir):
-    for index in range(6):
-        (batch_dir / "in" / f"{index}.txt").write_bytes(b"SLOW %f" % (0.4 * SCALE))
-    (batch_dir / "in" / "9-hang.txt").write_bytes(b"HANG")
+    # Two quick files for the journal, then converters that never end by themselves and ignore
+    # the Ctrl-C: one left behind stays, so the check below cannot pass by a lucky exit.
+    for index in range(2):
+        (batch_dir / "in" / f"{index}.txt").write_bytes(b"x")
+    for index in range(2, 6):
+        (batch_dir / "in" / f"{index}-hang.txt").write_bytes(b"HANG")
     process = subprocess.Popen(
         [*CLI, *batch_args(batch_dir, "-j", "2")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     path = batch_dir / "out" / "sandboxrun-journal.jsonl"
     _wait_for_lines(path, 2, 60 * SCALE)
+    assert wait_until(lambda: _converters(batch_dir, "-hang"), 30), "no hanging task started"
     os.killpg(process.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
     _, err = process.communicate(timeout=30 * SCALE)
     assert process.returncode == 130, err.decode()
     assert b"--resume" in err
     assert len(journal(batch_dir)) >= 2
-    time.sleep(0.2)
-    leftovers = subprocess.run(["pgrep", "-f", str(batch_dir / "conv.py")], capture_output=True)
-    assert leftovers.stdout == b""
+    # A task SIGKILLed just before the CLI exited may take a moment to leave the process table.
+    wait_until(lambda: not _converters(batch_dir), 10)
+    assert _converters(batch_dir) == []
