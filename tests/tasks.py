@@ -14,6 +14,14 @@ import time
 MIB = 1024 * 1024
 
 
+def write_pid(path, pid=None):
+    """Write a pid file atomically (a temporary file renamed over it): whoever sees the file
+    can read the whole pid, never an empty or half-written one."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    pathlib.Path(temporary).write_text(str(os.getpid() if pid is None else pid))
+    os.replace(temporary, path)
+
+
 def double(x):
     return x * 2
 
@@ -46,6 +54,15 @@ def record_interval(directory, seconds):
     end = time.monotonic()
     path = pathlib.Path(directory) / f"{os.getpid()}-{start}"
     path.write_text(f"{start} {end}")
+
+
+def wait_for_file(pid_file, release_file, seconds):
+    """Write our pid, then wait (at most ``seconds``) until ``release_file`` exists."""
+    write_pid(pid_file)
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(release_file) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return os.path.exists(release_file)
 
 
 def touch_after(path, seconds):
@@ -89,14 +106,14 @@ def segfault():
 
 def ignore_sigterm_and_sleep(pid_file, seconds):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    pathlib.Path(pid_file).write_text(str(os.getpid()))
+    write_pid(pid_file)
     time.sleep(seconds)
 
 
 def spawn_grandchild(pid_file, then_sleep=0.0):
     """Start `sleep 300` in its own session (process-group kills miss it), then return or hang."""
     child = subprocess.Popen(["sleep", "300"], start_new_session=True)
-    pathlib.Path(pid_file).write_text(str(child.pid))
+    write_pid(pid_file, child.pid)
     time.sleep(then_sleep)
     return child.pid
 
@@ -107,7 +124,7 @@ def fork_grandchild_and_exit(pid_file):
     if pid == 0:
         if os.fork() == 0:
             os.setsid()
-            pathlib.Path(pid_file).write_text(str(os.getpid()))
+            write_pid(pid_file)
             time.sleep(300)
         os._exit(0)
     os.waitpid(pid, 0)

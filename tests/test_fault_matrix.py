@@ -9,6 +9,7 @@ import os
 import pathlib
 import platform
 import signal
+import threading
 import time
 
 import psutil
@@ -26,7 +27,16 @@ from sandboxrun import (
 )
 
 from . import tasks
-from .conftest import SCALE, gone, leftover_cgroups, wait_gone
+from .conftest import (
+    SCALE,
+    cgroup_dirs,
+    descendants,
+    gone,
+    leftover_cgroups,
+    new_descendants,
+    wait_gone,
+    wait_until,
+)
 
 MIB = 1024 * 1024
 
@@ -44,6 +54,39 @@ def run_one(backend, func, *args, **limits) -> TaskResult:
         assert result.exception is not None
     assert not leftover_cgroups()
     return result
+
+
+def test_leftover_check_sees_a_running_tasks_cgroups(kernel_backend, tmp_path):
+    """leftover_cgroups(), which the other tests trust to find what a backend left behind, does
+    find the cgroups of a running task: read from /proc/PID/cgroup, not from their names."""
+    pid_file, release = tmp_path / "pid", tmp_path / "release"
+    seen: dict[str, object] = {}
+
+    def inspect() -> None:
+        try:
+            if wait_until(pid_file.exists, 30):
+                pid = int(pid_file.read_text())
+                own = cgroup_dirs()
+                seen["task"] = [d for h, d in cgroup_dirs(pid).items() if d != own.get(h)]
+                seen["leftovers"] = [pathlib.Path(p) for p in leftover_cgroups()]
+        finally:
+            release.write_text("go")
+
+    inspector = threading.Thread(target=inspect)
+    inspector.start()
+    with ProcessManager(1, backend=kernel_backend, worker_timeout_seconds=60 * SCALE) as pm:
+        pm.queue_task(Task(tasks.wait_for_file, (str(pid_file), str(release), 30 * SCALE)))
+    inspector.join()
+    assert pm.task_results[0].success, pm.task_results[0].exception
+    task_dirs, leftovers = seen["task"], seen["leftovers"]
+    assert task_dirs, "the task ran in no cgroup of its own"
+    for directory in task_dirs:
+        assert any(p == directory or p in directory.parents for p in leftovers), (
+            directory,
+            leftovers,
+        )
+        assert not directory.exists()
+    assert not leftover_cgroups()
 
 
 def test_normal_return(backend):
@@ -285,6 +328,9 @@ def test_fork_bomb_is_contained(backend):
         assert result.process_limit_exceeded and not result.success  # polled: killed when seen
     else:
         assert result.success  # the kernel refused the forks; the task went on
+        # ...and refused them at the limit: every child sleeps past the loop's end, so all it
+        # forked were alive at once, next to the task itself (without a limit: thousands).
+        assert 0 < result.result < 30, result.result
     after = run_one(backend, tasks.double, 1)
     assert after.success and after.result == 2
 
@@ -292,6 +338,7 @@ def test_fork_bomb_is_contained(backend):
 def test_exception_in_with_body_kills_and_drops(backend, tmp_path):
     marker = tmp_path / "ran"
     pid_file = tmp_path / "pid"
+    before = descendants()
     with pytest.raises(KeyError), ProcessManager(2, backend=backend) as pm:
         pm.queue_task(Task(tasks.identity, (1,)))
         pm.queue_task(Task(tasks.ignore_sigterm_and_sleep, (str(pid_file), 60)))
@@ -302,7 +349,9 @@ def test_exception_in_with_body_kills_and_drops(backend, tmp_path):
                 time.sleep(0.01)
             raise KeyError("boom")
     assert pid_file.exists() and wait_gone(int(pid_file.read_text()))
-    time.sleep(0.2)
+    # Every process the manager started must end; once none is left, nothing can still write
+    # the marker, so its absence is final (not just "not yet").
+    assert wait_until(lambda: not new_descendants(before), 10), new_descendants(before)
     assert not marker.exists()  # the queued task was dropped, not run
     assert pm.task_results == []
     with pytest.raises(RuntimeError):
