@@ -165,10 +165,11 @@ def test_batch_bad_template_is_a_usage_error(batch_dir):
 
 
 def _wait_for_lines(path: Path, count: int, seconds: float) -> None:
+    """Wait until the journal has ``count`` lines (``seconds`` times SCALE at the most)."""
     def reached() -> bool:
         return path.exists() and len(path.read_text().splitlines()) >= count
 
-    if not wait_until(reached, seconds / SCALE, interval=0.02):
+    if not wait_until(reached, seconds, interval=0.02):
         raise AssertionError(f"journal never reached {count} lines")
 
 
@@ -187,7 +188,7 @@ def test_batch_survives_sigkill_and_resume_redoes_nothing(batch_dir):
     args = batch_args(batch_dir, "-j", "1")
     process = subprocess.Popen([*CLI, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     path = batch_dir / "out" / "sandboxrun-journal.jsonl"
-    _wait_for_lines(path, 3, 60 * SCALE)
+    _wait_for_lines(path, 3, 60)
     process.kill()
     process.wait(timeout=30)
     first = [entry["file"] for entry in journal(batch_dir)]
@@ -211,7 +212,7 @@ def test_batch_ctrl_c_kills_tasks_and_keeps_the_journal(batch_dir):
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     path = batch_dir / "out" / "sandboxrun-journal.jsonl"
-    _wait_for_lines(path, 2, 60 * SCALE)
+    _wait_for_lines(path, 2, 60)
     assert wait_until(lambda: _converters(batch_dir, "-hang"), 30), "no hanging task started"
     os.killpg(process.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
     _, err = process.communicate(timeout=30 * SCALE)

@@ -344,9 +344,7 @@ def test_exception_in_with_body_kills_and_drops(backend, tmp_path):
         pm.queue_task(Task(tasks.ignore_sigterm_and_sleep, (str(pid_file), 60)))
         pm.queue_task(Task(tasks.touch_after, (str(marker), 0)))
         for _ in pm.as_completed():  # the first result: the SIGTERM-ignorer is running
-            deadline = time.monotonic() + 10 * SCALE
-            while not pid_file.exists() and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(pid_file.exists, 10)
             raise KeyError("boom")
     assert pid_file.exists() and wait_gone(int(pid_file.read_text()))
     # Every process the manager started must end; once none is left, nothing can still write
