@@ -10,11 +10,16 @@ import resource
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from . import GIB, MIB
 from .tasks import allocator, big_result, hostile, sleeper, toucher, trivial
-from .tools import runner
+from .tools import Run, runner
+
+Params = dict[str, Any]
+Result = dict[str, Any]
 
 
 def _maxrss_mib(who: int = resource.RUSAGE_SELF) -> float:
@@ -40,7 +45,7 @@ class _CpuClock:
         self.children = _cpu(resource.getrusage(resource.RUSAGE_CHILDREN)) - _cpu(self._kids)
 
 
-def case_tasks(tool, p):
+def case_tasks(tool: str, p: Params) -> Result:
     """Throughput and per-task cost: ``n`` trivial tasks, 2 workers, a fresh process each."""
     n = p["n"]
     run = runner(tool)
@@ -72,7 +77,7 @@ PROFILE_PARTS = {  # name: (file suffix(es), "~" for builtins; function; cumulat
 }
 
 
-def case_profile(tool, p):
+def case_profile(tool: str, p: Params) -> Result:
     """The manager's own time per task under cProfile, in buckets (sandboxrun only)."""
     import cProfile
     import pstats
@@ -85,8 +90,9 @@ def case_profile(tool, p):
     run([(trivial, (i,)) for i in range(n)])
     profile.disable()
     wall = time.perf_counter() - start
-    stats = pstats.Stats(profile).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
-    t = {}
+    # {(file, line, name): (cc, nc, tt, ct, callers)}: a documented-by-use attribute
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    t: dict[str, float] = {}
     for part, (suffix, name, cumulative) in PROFILE_PARTS.items():
         t[part] = sum(
             value[3] if cumulative else value[2]
@@ -111,7 +117,7 @@ def case_profile(tool, p):
     }
 
 
-def case_cpu(tool, p):
+def case_cpu(tool: str, p: Params) -> Result:
     """CPU of the manager process (and of its helper processes) while two tasks sleep."""
     run = runner(tool)
     with _CpuClock() as clock:
@@ -139,7 +145,7 @@ def _timeline(log: str) -> list[tuple[float, int, int]]:
     return timeline
 
 
-def case_strict(tool, p):
+def case_strict(tool: str, p: Params) -> Result:
     """A fast allocator under a memory limit: the true peak, from the task's own log."""
     run = runner(tool)
     with tempfile.TemporaryDirectory(prefix="bench-strict-") as tmp:
@@ -167,7 +173,7 @@ def case_strict(tool, p):
     }
 
 
-def case_peak(tool, p):
+def case_peak(tool: str, p: Params) -> Result:
     """Reported peak memory vs the task's own VmHWM."""
     run = runner(tool)
     outcomes = run([(toucher, (p["mib"], p["hold"]))], memory_gib=p["limit_gib"])
@@ -196,7 +202,7 @@ def _gone(pid: int) -> bool:
     return state in (b"Z", b"X")
 
 
-def _timeout_side(run, pid_path: str, timeout: float, summary_w: int) -> None:
+def _timeout_side(run: Run, pid_path: str, timeout: float, summary_w: int) -> None:
     """The forked child: run the hostile task through the tool, send a summary, exit."""
     code = 0
     try:
@@ -223,7 +229,7 @@ def _reap_tool(child: int, seconds: float) -> bool:
     return False
 
 
-def case_timeout(tool, p):
+def case_timeout(tool: str, p: Params) -> Result:
     """Time from the deadline until the SIGTERM-ignoring task and its grandchild are gone.
 
     The tool runs in a forked child; this process polls the two pids every millisecond.
@@ -289,7 +295,7 @@ def case_timeout(tool, p):
     }
 
 
-def case_bigresult(tool, p):
+def case_bigresult(tool: str, p: Params) -> Result:
     """A ``size``-byte bytes result: time to deliver it and this process's peak memory."""
     run = runner(tool)
     base = _maxrss_mib()
@@ -309,7 +315,7 @@ def case_bigresult(tool, p):
     }
 
 
-CASES = {
+CASES: dict[str, Callable[[str, Params], Result]] = {
     "throughput": case_tasks,
     "scale": case_tasks,
     "cpu": case_cpu,

@@ -11,11 +11,12 @@ import importlib
 import json
 import os
 import sys
+from typing import Any
 
 RESULT_MARK = "BENCH-RESULT "
 
 
-def one(tool: str, case: str, params: dict) -> dict:
+def one(tool: str, case: str, params: dict[str, Any]) -> dict[str, Any]:
     if tool == "floor":
         from .floor import FLOORS
 

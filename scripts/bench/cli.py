@@ -22,6 +22,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from . import GIB
 from .plots import plots
@@ -33,7 +34,7 @@ DOCS = SCRIPTS.parent / "docs"
 DESCRIPTION = (sys.modules[__package__].__doc__ or "").split("\n\n")[0]
 
 
-def snapshot_sandboxrun(into: Path) -> dict:
+def snapshot_sandboxrun(into: Path) -> dict[str, Any]:
     """Copy the sandboxrun package being measured and put the copy first on PYTHONPATH.
 
     Other people may commit to the checkout while a run goes on (an editable install would pick
@@ -51,7 +52,7 @@ def snapshot_sandboxrun(into: Path) -> dict:
         filter(None, [str(into), os.environ.get("PYTHONPATH")])
     )
     sys.path.insert(0, str(into))
-    info = {"source": str(source), "sha256": digest.hexdigest()[:12]}
+    info: dict[str, Any] = {"source": str(source), "sha256": digest.hexdigest()[:12]}
 
     def git(*command: str) -> str:
         done = subprocess.run(["git", "-C", str(source.parent), *command],
@@ -65,7 +66,7 @@ def snapshot_sandboxrun(into: Path) -> dict:
     return info
 
 
-def machine() -> dict:
+def machine() -> dict[str, Any]:
     model = "unknown"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -89,7 +90,7 @@ def machine() -> dict:
     }
 
 
-def write_report(data: dict, meta: dict, out: Path, quick: bool) -> None:
+def write_report(data: dict[str, Any], meta: dict[str, Any], out: Path, quick: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     skipped = plots(data, out)
     data["plots"] = skipped is None

@@ -9,17 +9,19 @@ The raw data: ``{"runs": {key: {"params": ..., "rounds": {tool: [round, ...]}}},
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
 
-def rounds_of(data: dict, key: str, tool: str) -> list[dict]:
-    return data["runs"].get(key, {}).get("rounds", {}).get(tool, [])
+def rounds_of(data: dict[str, Any], key: str, tool: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = data["runs"].get(key, {}).get("rounds", {}).get(tool, [])
+    return found
 
 
-def values(data: dict, key: str, tool: str, field: str) -> list[float]:
+def values(data: dict[str, Any], key: str, tool: str, field: str) -> list[float]:
     return [r[field] for r in rounds_of(data, key, tool) if isinstance(r.get(field), (int, float))]
 
 
-def floor_values(data: dict, name: str, field: str) -> list[float]:
+def floor_values(data: dict[str, Any], name: str, field: str) -> list[float]:
     return [r[field] for r in data["floor"].get(name, []) if field in r]
 
 
@@ -27,7 +29,7 @@ def median_or_none(found: list[float]) -> float | None:
     return statistics.median(found) if found else None
 
 
-def errors(data: dict, key: str, tool: str) -> str:
+def errors(data: dict[str, Any], key: str, tool: str) -> str:
     failed = [r["error"] for r in rounds_of(data, key, tool) if r.get("error") and len(r) == 1]
     return f"failed: {failed[0]}" if failed else ""
 

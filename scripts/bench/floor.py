@@ -12,12 +12,14 @@ import errno
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 V1_CONTROLLERS = ("memory", "pids", "freezer", "cpu", "cpuacct")
 
 
-def floor_fork(p: dict) -> dict:
+def floor_fork(p: dict[str, Any]) -> dict[str, Any]:
     n = p["n"]
     start = time.perf_counter()
     for _ in range(n):
@@ -91,7 +93,7 @@ def _fork_into(dirs: list[Path]) -> int:
     return os.waitpid(pid, 0)[1]
 
 
-def floor_cgroup_v1(p: dict) -> dict:
+def floor_cgroup_v1(p: dict[str, Any]) -> dict[str, Any]:
     """Per task: mkdir in each v1 hierarchy, a forked child writes 0 to each cgroup.procs and
     exits, rmdir. Only below this process's own cgroups, and every directory made is removed."""
     own = v1_own_dirs()
@@ -150,4 +152,7 @@ def floor_cgroup_v1(p: dict) -> dict:
     }
 
 
-FLOORS = {"fork": floor_fork, "cgroup_v1": floor_cgroup_v1}
+FLOORS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "fork": floor_fork,
+    "cgroup_v1": floor_cgroup_v1,
+}

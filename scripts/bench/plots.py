@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
+from typing import Any
 
 from . import MIB
 from .figures import floor_values, values
@@ -17,7 +18,7 @@ FLOOR_BARS = {  # floor name: (field, bar label)
 }
 
 
-def plots(data: dict, out: Path) -> str | None:
+def plots(data: dict[str, Any], out: Path) -> str | None:
     """The two PNGs; None when done, else why they were skipped."""
     try:
         import matplotlib
@@ -31,8 +32,8 @@ def plots(data: dict, out: Path) -> str | None:
     return None
 
 
-def _throughput(plt, data: dict, path: Path) -> None:
-    bars = []  # (name, tasks/s of every round, colour)
+def _throughput(plt: Any, data: dict[str, Any], path: Path) -> None:
+    bars: list[tuple[str, list[float], str]] = []  # (name, tasks/s of every round, colour)
     for tool in LABELS:
         rates = values(data, "throughput", tool, "tasks_per_s")
         if rates:
@@ -59,7 +60,7 @@ def _throughput(plt, data: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _memory(plt, data: dict, path: Path) -> None:
+def _memory(plt: Any, data: dict[str, Any], path: Path) -> None:
     strict = data["runs"].get("strict", {})
     fig, ax = plt.subplots(figsize=(9, 5))
     for tool, rounds in strict.get("rounds", {}).items():

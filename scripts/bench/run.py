@@ -3,12 +3,14 @@ interpreter (``child``), retried when another engineer's qemu VM overlapped it."
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 from . import GIB, MIB
 from .child import RESULT_MARK
@@ -19,7 +21,7 @@ SCALE_BUDGET_S = 120  # per tool and size in "cost as work grows"
 QEMU_BUDGET_S = 1200  # waiting for other engineers' VMs, in all
 
 
-def sizes(quick: bool) -> dict:
+def sizes(quick: bool) -> dict[str, Any]:
     if quick:
         return {
             "rounds": 1,
@@ -49,7 +51,7 @@ def sizes(quick: bool) -> dict:
     }
 
 
-def spawn_one(tool: str, case: str, params: dict, limit: float = 1800) -> dict:
+def spawn_one(tool: str, case: str, params: dict[str, Any], limit: float = 1800) -> dict[str, Any]:
     # Imported as the package ``bench`` (from cached .pyc), not run as a script: under
     # forkserver every task process would otherwise re-run and re-compile a script as
     # ``__mp_main__``, a cost that belongs to this benchmark, not to the tool.
@@ -64,7 +66,8 @@ def spawn_one(tool: str, case: str, params: dict, limit: float = 1800) -> dict:
         return {"error": f"no answer within {limit:.0f} s"}
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK) :])
+            result: dict[str, Any] = json.loads(line[len(RESULT_MARK) :])
+            return result
     tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
     return {"error": f"exit {done.returncode}: {' | '.join(tail)[:300]}"}
 
@@ -94,15 +97,15 @@ def wait_for_quiet_machine(note: list[str], budget_s: float = QEMU_BUDGET_S) -> 
 
 
 class Runner:
-    def __init__(self, args, notes: list[str]):
+    def __init__(self, args: argparse.Namespace, notes: list[str]) -> None:
         self.args = args
         self.notes = notes
         self.guard = not args.quick and not args.no_wait
         self.waited = 0.0
         self.redone = 0
         self.s = sizes(args.quick)
-        self.data: dict = {"runs": {}, "skipped": {}, "floor": {}}
-        self.tools = []
+        self.data: dict[str, Any] = {"runs": {}, "skipped": {}, "floor": {}}
+        self.tools: list[str] = []
         for tool in select(args.only):
             reason = unavailable(tool)
             if reason is None:
@@ -114,7 +117,7 @@ class Runner:
         if not self.args.quiet:
             print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
-    def spawn(self, tool: str, case: str, params: dict) -> dict:
+    def spawn(self, tool: str, case: str, params: dict[str, Any]) -> dict[str, Any]:
         """One measurement; in a full run, one that overlapped a qemu VM is measured again."""
         for _ in range(3):
             if self.guard and qemu_running():
@@ -125,7 +128,14 @@ class Runner:
             self.redone += 1
         return result
 
-    def measure(self, key: str, case: str, params: dict, rounds: int, tools=None) -> None:
+    def measure(
+        self,
+        key: str,
+        case: str,
+        params: dict[str, Any],
+        rounds: int,
+        tools: list[str] | None = None,
+    ) -> None:
         """``rounds`` rounds; within a round every tool once, so slow drift hits all alike."""
         tools = [t for t in (tools or self.tools) if (t, case) not in CANNOT]
         store = self.data["runs"].setdefault(key, {"params": params, "rounds": {}})
@@ -136,7 +146,7 @@ class Runner:
                 shown = {k: v for k, v in result.items() if k != "timeline"}
                 self.log(f"{key} {tool} round {round_number + 1}/{rounds}: {shown}")
 
-    def run(self) -> dict:
+    def run(self) -> dict[str, Any]:
         s = self.s
         rounds = self.args.rounds or s["rounds"]
         self.data["rounds"] = rounds
@@ -178,7 +188,7 @@ class Runner:
 
         def fits(tool: str) -> bool:
             rate = self.median("throughput", tool, "tasks_per_s")
-            return bool(rate) and n / rate <= SCALE_BUDGET_S
+            return rate is not None and rate > 0 and n / rate <= SCALE_BUDGET_S
 
         tools = [t for t in self.tools if t.startswith("sandboxrun-") or t == "glasswall"
                  or fits(t)]  # fmt: skip
@@ -190,6 +200,6 @@ class Runner:
             )
         return tools
 
-    def median(self, key, tool, field):
+    def median(self, key: str, tool: str, field: str) -> float | None:
         found = values(self.data, key, tool, field)
         return statistics.median(found) if found else None

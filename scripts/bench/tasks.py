@@ -45,7 +45,7 @@ def allocator(log_path: str, step: int, total: int) -> int:
     return allocated
 
 
-def toucher(mib: int, hold_seconds: float) -> dict:
+def toucher(mib: int, hold_seconds: float) -> dict[str, int]:
     """Touch ``mib`` MiB and report this process's own peak RSS (VmHWM), at once or later."""
     before = _vmhwm()
     data = b"x" * (mib * MIB)

@@ -40,15 +40,16 @@ IMPORTS = {"glasswall": ("glasswall.multiprocessing",), "pebble": ("pebble",),
            "ppe": ("concurrent.futures", "multiprocessing")}  # fmt: skip
 
 Calls = Iterable[tuple[Callable[..., Any], tuple[Any, ...]]]
-Run = Callable[..., list[dict]]
+Outcome = dict[str, Any]
+Run = Callable[..., list[Outcome]]
 
 
-def outcome(**fields: Any) -> dict:
+def outcome(**fields: Any) -> Outcome:
     fields.setdefault("t_got", time.monotonic())
     return fields
 
 
-def _managed(manager: Any, task_class: Any, calls: Calls) -> list[dict]:
+def _managed(manager: Any, task_class: Any, calls: Calls) -> list[Outcome]:
     """sandboxrun and GPM share the seed's API: queue_task, as_completed, TaskResult fields
     (GPM lacks some of them: None)."""
     outcomes = []
@@ -71,20 +72,28 @@ def _managed(manager: Any, task_class: Any, calls: Calls) -> list[dict]:
     return outcomes
 
 
-def run_sandboxrun(backend, calls, timeout=None, memory_gib=None, workers=2):
+def run_sandboxrun(
+    backend: str,
+    calls: Calls,
+    timeout: float | None = None,
+    memory_gib: float | None = None,
+    workers: int = 2,
+) -> list[Outcome]:
     from sandboxrun import ProcessManager, Task
 
     manager = ProcessManager(workers, timeout, memory_gib, backend=backend, start_method="fork")
     return _managed(manager, Task, calls)
 
 
-def run_glasswall(calls, timeout=None, memory_gib=None, workers=2):
+def run_glasswall(
+    calls: Calls, timeout: float | None = None, memory_gib: float | None = None, workers: int = 2
+) -> list[Outcome]:
     from glasswall.multiprocessing import GlasswallProcessManager, Task
 
     return _managed(GlasswallProcessManager(workers, timeout, memory_gib), Task, calls)
 
 
-def _futures_outcomes(futures) -> list[dict]:
+def _futures_outcomes(futures: list[Any]) -> list[Outcome]:
     import concurrent.futures
 
     outcomes = []
@@ -105,7 +114,9 @@ def _futures_outcomes(futures) -> list[dict]:
     return outcomes
 
 
-def run_pebble(calls, timeout=None, memory_gib=None, workers=2):
+def run_pebble(
+    calls: Calls, timeout: float | None = None, memory_gib: float | None = None, workers: int = 2
+) -> list[Outcome]:
     import warnings
 
     import pebble
@@ -118,12 +129,14 @@ def run_pebble(calls, timeout=None, memory_gib=None, workers=2):
     return outcomes
 
 
-def run_ppe(calls, timeout=None, memory_gib=None, workers=2):
+def run_ppe(
+    calls: Calls, timeout: float | None = None, memory_gib: float | None = None, workers: int = 2
+) -> list[Outcome]:
     import concurrent.futures
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver")
-    with concurrent.futures.ProcessPoolExecutor(
+    with concurrent.futures.ProcessPoolExecutor(  # type: ignore[call-overload]  # 3.11+
         max_workers=workers, max_tasks_per_child=1, mp_context=context
     ) as executor:
         futures = [executor.submit(func, *args) for func, args in calls]
@@ -161,7 +174,7 @@ def select(only: list[str] | None) -> list[str]:
     """Every tool, or those ``--only`` names (``sandboxrun`` means all its backends)."""
     tools = [f"sandboxrun-{b}" for b in SANDBOXRUN_BACKENDS] + list(PEERS)
     if only:
-        wanted = set()
+        wanted: set[str] = set()
         for name in only:
             wanted |= {t for t in tools if t == name or t.startswith(name + "-")}
         tools = [t for t in tools if t in wanted]
