@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -17,23 +18,25 @@ AVAILABLE = [name for name, entry in REPORT["backends"].items() if entry["availa
 KERNEL_BACKENDS = [name for name in AVAILABLE if name != "psutil"]
 
 
-def pytest_report_header(config):
+def pytest_report_header(config: pytest.Config) -> str:
     return f"sandboxrun: auto picks {REPORT['chosen']}; available: {', '.join(AVAILABLE)}"
 
 
 @pytest.fixture(params=AVAILABLE)
-def backend(request):
-    return request.param
+def backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
 
 
 @pytest.fixture(params=KERNEL_BACKENDS or [pytest.param("none", marks=pytest.mark.skip)])
-def kernel_backend(request):
-    return request.param
+def kernel_backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
 
 
 def gone(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 
@@ -58,7 +61,7 @@ def leftover_cgroups() -> list[str]:
     return found
 
 
-def wait_until(condition, seconds: float, interval: float = 0.01) -> bool:
+def wait_until(condition: Callable[[], object], seconds: float, interval: float = 0.01) -> bool:
     """Poll ``condition`` until it is true or ``seconds`` (times SCALE) have passed; its last
     value. For waits on a real condition instead of a fixed sleep before a negative assert."""
     deadline = time.monotonic() + seconds * SCALE
@@ -100,9 +103,7 @@ def cgroup_dirs(pid: int | str = "self") -> dict[str, Path]:
         if fstype == "cgroup2":
             names: frozenset[str] = frozenset()
         elif fstype == "cgroup":
-            names = frozenset(options.split(",")) & {
-                name for key in paths for name in key
-            }
+            names = frozenset(options.split(",")) & {name for key in paths for name in key}
         else:
             continue
         if names not in paths:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,27 +28,27 @@ SEED_FIELDS = [
 ]  # fmt: skip
 
 
-def test_task_result_starts_with_the_13_seed_fields():
+def test_task_result_starts_with_the_13_seed_fields() -> None:
     names = [field.name for field in dataclasses.fields(TaskResult)]
     assert names[:13] == SEED_FIELDS
 
 
-def test_glasswall_name_is_an_alias():
+def test_glasswall_name_is_an_alias() -> None:
     assert sandboxrun.GlasswallProcessManager is ProcessManager
 
 
-def test_task_validation():
+def test_task_validation() -> None:
     with pytest.raises(TypeError, match="callable"):
-        Task("not a function")
+        Task("not a function")  # type: ignore[arg-type]  # the point: refused at run time
     with pytest.raises(TypeError, match="args"):
-        Task(print, args="abc")
+        Task(print, args="abc")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="kwargs"):
-        Task(print, kwargs=[1])
+        Task(print, kwargs=[1])  # type: ignore[arg-type]
     task = Task(print)
     assert task.args == () and task.kwargs == {}
 
 
-def test_task_equality_hash_and_repr():
+def test_task_equality_hash_and_repr() -> None:
     a = Task(tasks.double, (1,), {"x": "y"})
     b = Task(tasks.double, [1], {"x": "y"})
     assert a == b and hash(a) == hash(b)
@@ -61,7 +62,7 @@ def test_task_equality_hash_and_repr():
     assert pickle.loads(pickle.dumps(a)) == a
 
 
-def test_task_result_repr_is_truncated_and_eq_follows_the_seed():
+def test_task_result_repr_is_truncated_and_eq_follows_the_seed() -> None:
     big = TaskResult(task=Task(tasks.identity), success=True, result=b"x" * 10_000)
     assert "..." in repr(big) and len(repr(big)) < 2000
     other = TaskResult(task=Task(tasks.identity), success=True, result=b"x" * 10_000, exit_code=5)
@@ -90,7 +91,7 @@ def test_task_result_repr_is_truncated_and_eq_follows_the_seed():
         ({"poll_interval_seconds": 0}, ValueError),
     ],
 )
-def test_bad_constructor_arguments(kwargs, error):
+def test_bad_constructor_arguments(kwargs: dict[str, Any], error: type[Exception]) -> None:
     with pytest.raises(error):
         ProcessManager(**kwargs)
 
@@ -99,8 +100,8 @@ def _quota(directory: Path, hierarchy: str) -> float | None:
     """The CPU quota set on one cgroup directory, in CPUs; None when there is none."""
     try:
         if hierarchy == "":
-            quota, period = (directory / "cpu.max").read_text().split()
-            return None if quota == "max" else int(quota) / int(period)
+            limit, period = (directory / "cpu.max").read_text().split()
+            return None if limit == "max" else int(limit) / int(period)
         quota = int((directory / "cpu.cfs_quota_us").read_text())
         return None if quota < 0 else quota / int((directory / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError):
@@ -131,7 +132,7 @@ def expected_cpus() -> int:
     return count
 
 
-def test_default_max_workers_is_the_usable_cpus():
+def test_default_max_workers_is_the_usable_cpus() -> None:
     assert ProcessManager().max_workers == expected_cpus()
 
 
@@ -143,7 +144,7 @@ def _default_workers_in_a_child(setup: str) -> int:
     return int(done.stdout)
 
 
-def test_default_max_workers_follows_the_affinity():
+def test_default_max_workers_follows_the_affinity() -> None:
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         pytest.skip("one usable CPU: a smaller affinity cannot be told apart")
@@ -151,7 +152,7 @@ def test_default_max_workers_follows_the_affinity():
 
 
 @pytest.mark.parametrize("quota", [0.5, 1.5])
-def test_default_max_workers_follows_a_cgroup_cpu_quota(quota):
+def test_default_max_workers_follows_a_cgroup_cpu_quota(quota: float) -> None:
     """A child interpreter moves itself into a cgroup v1 ``cpu`` cgroup with a CFS quota, made
     below this process's own ``cpu`` cgroup and removed afterwards."""
     cpus = len(os.sched_getaffinity(0))
@@ -184,17 +185,17 @@ def _rmdir(path: Path) -> bool:
     return True
 
 
-def test_queue_task_rejects_non_tasks_and_finished_managers():
+def test_queue_task_rejects_non_tasks_and_finished_managers() -> None:
     with ProcessManager(1, backend="psutil") as pm:
         with pytest.raises(TypeError):
-            pm.queue_task(tasks.double)
+            pm.queue_task(tasks.double)  # type: ignore[arg-type]
         pm.queue_task(Task(tasks.double, (2,)))
     assert [r.result for r in pm.task_results] == [4]
     with pytest.raises(RuntimeError, match="finished"):
         pm.queue_task(Task(tasks.double, (2,)))
 
 
-def test_unsendable_task_is_refused_at_queue_time_under_spawn():
+def test_unsendable_task_is_refused_at_queue_time_under_spawn() -> None:
     pm = ProcessManager(1, backend="psutil", start_method="spawn")
     with pytest.raises(TypeError, match="cannot be sent to a worker"):
         pm.queue_task(Task(lambda: 1))
@@ -202,7 +203,7 @@ def test_unsendable_task_is_refused_at_queue_time_under_spawn():
         pm.queue_task(Task(tasks.identity, (threading.Lock(),)))
 
 
-def test_lambda_is_fine_under_fork():
+def test_lambda_is_fine_under_fork() -> None:
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("no fork here")
     with ProcessManager(1, backend="psutil", start_method="fork") as pm:
@@ -210,7 +211,7 @@ def test_lambda_is_fine_under_fork():
     assert pm.task_results[0].result == 7
 
 
-def test_unavailable_backend_is_a_clear_error():
+def test_unavailable_backend_is_a_clear_error() -> None:
     report = sandboxrun.detect()
     missing = [name for name, entry in report["backends"].items() if not entry["available"]]
     if not missing:
@@ -220,7 +221,7 @@ def test_unavailable_backend_is_a_clear_error():
 
 
 @pytest.mark.parametrize("method", multiprocessing.get_all_start_methods())
-def test_start_methods(method, backend):
+def test_start_methods(method: str, backend: str) -> None:
     with ProcessManager(2, backend=backend, start_method=method, worker_timeout_seconds=60) as pm:
         pm.queue_task(Task(tasks.double, (5,)))
         pm.queue_task(Task(tasks.raise_value_error, ("m",)))
@@ -233,7 +234,7 @@ def test_start_methods(method, backend):
     assert len(by_func["big_result"].result) == 8 * 1024 * 1024
 
 
-def test_safe_when_the_caller_has_threads(backend):
+def test_safe_when_the_caller_has_threads(backend: str) -> None:
     stop = threading.Event()
     workers = [threading.Thread(target=stop.wait) for _ in range(4)]
     for worker in workers:

@@ -60,7 +60,7 @@ def _row(rows: list[list[str]], label: str) -> list[str]:
 @pytest.mark.timeout(90)
 @pytest.mark.skipif(SCALE > 1, reason="a benchmark under emulation measures the emulator")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bench.py measures Linux")
-def test_quick_bench_report(tmp_path, monkeypatch):
+def test_quick_bench_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     monkeypatch.syspath_prepend(str(SCRIPTS))
     before = _own_floor_cgroups()

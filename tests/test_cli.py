@@ -11,9 +11,10 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from sandboxrun.cli import app
 
@@ -27,28 +28,28 @@ CLI = [PY, "-m", "sandboxrun"]
 # --------------------------------------------------------------------- sandboxrun run
 
 
-def invoke(*args: str):
+def invoke(*args: str) -> Result:
     return runner.invoke(app, list(args))
 
 
-def test_run_exits_with_the_command_status():
+def test_run_exits_with_the_command_status() -> None:
     assert invoke("run", "--", "true").exit_code == 0
     assert invoke("run", "--", "sh", "-c", "exit 7").exit_code == 7
 
 
-def test_run_timeout_is_124():
+def test_run_timeout_is_124() -> None:
     result = invoke("run", "--timeout", f"{0.5 * SCALE}s", "--", "sleep", "30")
     assert result.exit_code == 124
 
 
-def test_run_out_of_memory_is_123(backend):
+def test_run_out_of_memory_is_123(backend: str) -> None:
     result = invoke(
         "run", "--backend", backend, "-m", "64M", "--", PY, "-c", "x = b'a' * (400 << 20)"
     )
     assert result.exit_code == 123
 
 
-def test_run_not_found_is_127_and_bad_values_are_2():
+def test_run_not_found_is_127_and_bad_values_are_2() -> None:
     assert invoke("run", "--", "no-such-program-xyz").exit_code == 127
     bad = invoke("run", "-m", "12Q", "--", "true")
     assert bad.exit_code == 2
@@ -57,7 +58,7 @@ def test_run_not_found_is_127_and_bad_values_are_2():
     assert invoke("run", "--backend", "nope", "--", "true").exit_code == 2
 
 
-def test_run_json_record():
+def test_run_json_record() -> None:
     result = invoke("run", "--json", "--", "sh", "-c", "echo out; echo err >&2; exit 3")
     assert result.exit_code == 3
     record = json.loads(result.stdout)
@@ -67,7 +68,7 @@ def test_run_json_record():
     assert set(record) >= {"max_memory_used_in_gib", "elapsed_time", "backend", "out_of_memory"}
 
 
-def test_run_as_a_real_process_streams_output():
+def test_run_as_a_real_process_streams_output() -> None:
     done = subprocess.run(
         [*CLI, "run", "--", "sh", "-c", "echo streamed; exit 5"], capture_output=True, timeout=60
     )
@@ -78,7 +79,7 @@ def test_run_as_a_real_process_streams_output():
     assert json.loads(timed.stdout)["verdict"] == "timed out"
 
 
-def test_doctor():
+def test_doctor() -> None:
     result = invoke("doctor", "--json")
     assert result.exit_code == 0
     report = json.loads(result.stdout)
@@ -108,7 +109,7 @@ pathlib.Path(dst).write_bytes(data.upper())
 
 
 @pytest.fixture
-def batch_dir(tmp_path):
+def batch_dir(tmp_path: Path) -> Path:
     (tmp_path / "in" / "sub").mkdir(parents=True)
     (tmp_path / "conv.py").write_text(CONVERTER)
     return tmp_path
@@ -121,12 +122,12 @@ def batch_args(base: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def journal(base: Path) -> list[dict]:
+def journal(base: Path) -> list[dict[str, Any]]:
     path = base / "out" / "sandboxrun-journal.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_batch_classifies_every_file(batch_dir):
+def test_batch_classifies_every_file(batch_dir: Path) -> None:
     files = {"a.txt": b"hello", "sub/b;rm -rf x.txt": b"world", "hang.txt": b"HANG",
              "bomb.txt": b"BOMB", "fail.txt": b"FAIL"}  # fmt: skip
     for name, data in files.items():
@@ -145,7 +146,7 @@ def test_batch_classifies_every_file(batch_dir):
     assert not leftover_cgroups()
 
 
-def test_batch_refuses_to_clobber_a_journal_and_resumes(batch_dir):
+def test_batch_refuses_to_clobber_a_journal_and_resumes(batch_dir: Path) -> None:
     for index in range(3):
         (batch_dir / "in" / f"{index}.txt").write_bytes(b"x")
     assert runner.invoke(app, batch_args(batch_dir)).exit_code == 0
@@ -158,7 +159,7 @@ def test_batch_refuses_to_clobber_a_journal_and_resumes(batch_dir):
     assert len(journal(batch_dir)) == 4
 
 
-def test_batch_bad_template_is_a_usage_error(batch_dir):
+def test_batch_bad_template_is_a_usage_error(batch_dir: Path) -> None:
     (batch_dir / "in" / "a.txt").write_bytes(b"x")
     result = runner.invoke(app, [*batch_args(batch_dir)[:-2], "--cmd", "tool {inptu}"])
     assert result.exit_code == 2 and "unknown placeholder" in result.output
@@ -182,7 +183,7 @@ def _converters(batch_dir: Path, pattern: str = "") -> list[int]:
     return [int(pid) for pid in found.stdout.split()]
 
 
-def test_batch_survives_sigkill_and_resume_redoes_nothing(batch_dir):
+def test_batch_survives_sigkill_and_resume_redoes_nothing(batch_dir: Path) -> None:
     for index in range(8):
         (batch_dir / "in" / f"{index}.txt").write_bytes(b"SLOW %f" % (0.3 * SCALE))
     args = batch_args(batch_dir, "-j", "1")
@@ -200,7 +201,7 @@ def test_batch_survives_sigkill_and_resume_redoes_nothing(batch_dir):
     assert files[: len(first)] == first
 
 
-def test_batch_ctrl_c_kills_tasks_and_keeps_the_journal(batch_dir):
+def test_batch_ctrl_c_kills_tasks_and_keeps_the_journal(batch_dir: Path) -> None:
     # Two quick files for the journal, then converters that never end by themselves and ignore
     # the Ctrl-C: one left behind stays, so the check below cannot pass by a lucky exit.
     for index in range(2):
