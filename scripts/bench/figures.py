@@ -67,3 +67,14 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return [*lines, ""]
+
+
+def section(
+    heading: str,
+    *text: str,
+    header: list[str],
+    rows: list[list[str]],
+    after: list[str] | None = None,
+) -> list[str]:
+    """A report section: its heading, what was measured and how, the table, what follows."""
+    return [heading, "", *text, "", *table(header, rows), *(after or [])]

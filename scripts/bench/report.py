@@ -15,7 +15,7 @@ from .figures import (
     median_or_none,
     ratio,
     rounds_of,
-    table,
+    section,
     tri,
     unit,
     values,
@@ -49,6 +49,15 @@ class Report:
 
     def rounds(self, key: str, tool: str) -> int:
         return len(rounds_of(self.d, key, tool))
+
+    def params(self, key: str) -> dict[str, Any]:
+        """The parameters a measurement ran with (empty when it did not run)."""
+        found: dict[str, Any] = self.d["runs"].get(key, {}).get("params", {})
+        return found
+
+    def _plot(self, image: str) -> list[str]:
+        """The Markdown of a plot and a blank line, or nothing when the plots were skipped."""
+        return [image, ""] if self.d.get("plots") else []
 
     def na(self, tool: str, case: str) -> str | None:
         if (tool, case) in CANNOT:
@@ -91,11 +100,11 @@ class Report:
         for tool, reason in self.d["skipped"].items():
             lines.append(f"- {self.label(tool)}: not measured ({reason})")
         lines.append("")
-        for section in (
+        for part in (
             self.targets, self.misses, self.throughput, self.cpu, self.strict, self.peak,
             self.timeout, self.bigresult, self.scale, self.floor,
         ):  # fmt: skip
-            lines += section()
+            lines += part()
         return "\n".join(lines).rstrip() + "\n"
 
     def _snapshot_line(self) -> str:
@@ -140,14 +149,13 @@ class Report:
              self._timeout_cell(gpm), "",
              verdict(None if not kill else (kill_max is not None and kill_max <= 20))],
         ]  # fmt: skip
-        return [
+        return section(
             "## Targets (sandboxrun vs GPM, same run)",
-            "",
             f"sandboxrun figures are for `{ours.split('-', 1)[1]}`, the backend `auto` picks here;"
             " medians unless stated.",
-            "",
-            *table(["target", "sandboxrun", "GPM", "ratio", "verdict"], rows),
-        ]
+            header=["target", "sandboxrun", "GPM", "ratio", "verdict"],
+            rows=rows,
+        )
 
     def misses(self) -> list[str]:
         """For each missed target: by how much, and what limits it (from this run's figures)."""
@@ -242,7 +250,7 @@ class Report:
         return f"{fmt(max(r['last_ms'] for r in rounds))} ms (max)"
 
     def throughput(self) -> list[str]:
-        n = self.d["runs"].get("throughput", {}).get("params", {}).get("n")
+        n = self.params("throughput").get("n")
         rows = []
         gpm = self.med("throughput", "glasswall", "tasks_per_s")
         for tool in self.tools:
@@ -263,20 +271,21 @@ class Report:
         if cg:
             rows.append(["floor: fork + cgroup v1 mkdir/enter/rmdir, one at a time",
                          tri([1000 / x for x in cg]), "", "", "", str(len(cg)), "serial"])
-        return [
+        return section(
             "## 1. Throughput: trivial tasks, a fresh process each",
-            "",
             f"{n} tasks returning their argument, `max_workers=2`; wall time from constructing the"
             " manager to the last result (pool start-up and shut-down included). *CPU per task*:"
             " `getrusage` of the manager process (all its threads) and of its reaped children"
             " (for GPM: watchers and tasks), divided by the number of tasks; the machine has 2"
             " cores for all of it.",
-            "",
-            *table(["tool", "tasks/s", "vs GPM", "manager CPU ms/task", "children CPU ms/task",
-                     "rounds", "note"], rows),
-            *(["![throughput](bench-throughput.png)", ""] if self.d.get("plots") else []),
-            *self.profile(),
-        ]
+            header=["tool", "tasks/s", "vs GPM", "manager CPU ms/task", "children CPU ms/task",
+                    "rounds", "note"],
+            rows=rows,
+            after=[
+                *self._plot("![throughput](bench-throughput.png)"),
+                *self.profile(),
+            ],
+        )
 
     def profile(self) -> list[str]:
         runs = self.d["runs"].get("profile", {})
@@ -290,22 +299,21 @@ class Report:
             for label, ms in result["buckets_ms"].items()
         ]
         rows.append(["**wall time per task (profiled)**", fmt(wall, 3), "100 %"])
-        return [
+        return section(
             f"### Where the manager's time goes ({self.label(tool)})",
-            "",
             f"One more throughput run of {result['n']} tasks under cProfile, in a fresh"
             " interpreter; the manager's wall time per task split by where its single thread"
             " was. cProfile slows the Python-level parts (roughly 1.5-2×), not the system calls,"
             " so the profiled wall time is longer than the unprofiled one above.",
-            "",
-            *table(["where", "ms per task", "share"], rows),
-        ]
+            header=["where", "ms per task", "share"],
+            rows=rows,
+        )
 
     def _floor(self, name: str, field: str) -> list[float]:
         return floor_values(self.d, name, field)
 
     def cpu(self) -> list[str]:
-        params = self.d["runs"].get("cpu", {}).get("params", {})
+        params = self.params("cpu")
         gpm = self.med("cpu", "glasswall", "parent_cpu_s")
         rows = []
         for tool in self.tools:
@@ -318,22 +326,21 @@ class Report:
                 ratio(median_or_none(parent), gpm, inverse=True),
                 str(self.rounds("cpu", tool)),
             ])  # fmt: skip
-        return [
+        return section(
             f"## 2. Parent CPU while two tasks sleep {params.get('sleep')} s",
-            "",
             "CPU seconds (user + sys, `getrusage(RUSAGE_SELF)`, all threads) of the measuring"
             " process, which is the manager, over the whole run. *Helpers*: `RUSAGE_CHILDREN`"
             " minus the tasks' own CPU (each task returns its `RUSAGE_SELF` from inside the"
             " function): GPM's watcher processes; for sandboxrun and pebble only the workers'"
             " own start-up and exit around the function. *GPM ÷ tool*: how many times less CPU"
             " the manager process burns than GPM's.",
-            "",
-            *table(["tool", "manager CPU s", "helpers CPU s", "tasks CPU s", "GPM ÷ tool",
-                     "rounds"], rows),
-        ]
+            header=["tool", "manager CPU s", "helpers CPU s", "tasks CPU s", "GPM ÷ tool",
+                    "rounds"],
+            rows=rows,
+        )
 
     def strict(self) -> list[str]:
-        params = self.d["runs"].get("strict", {}).get("params", {})
+        params = self.params("strict")
         rows = []
         for tool in self.tools:
             na = self.na(tool, "strict")
@@ -353,9 +360,8 @@ class Report:
                 f"{len(rounds)}" + (f", {completed} ran to the end" if completed else ""),
             ])  # fmt: skip
         limit = params.get("limit", 0) / MIB
-        return [
+        return section(
             f"## 3. Memory-limit strictness: a fast allocator under a {limit:.0f} MiB limit",
-            "",
             f"The task appends `b\"x\" * {params.get('step', 0) // MIB} MiB` to a list as fast as"
             f" it can, up to {params.get('total', 0) / GIB:.0f} GiB, and after every step appends"
             " `ms-since-start allocated-bytes VmHWM` to a file of its own, so the peak it really"
@@ -364,12 +370,11 @@ class Report:
             " peak VmHWM minus the limit (VmHWM counts pages shared with the parent since fork"
             " — the interpreter — which the kernel charges to the parent, not to the task)."
             " *OOM reported*: the tool's `out_of_memory`.",
-            "",
-            *table(["tool", "peak allocated MiB", "peak VmHWM MiB", "overshoot MiB",
-                     "last step at ms", "OOM reported", "reported peak MiB", "rounds"],
-                    rows),
-            *(["![memory over time](bench-memory-limit.png)", ""] if self.d.get("plots") else []),
-        ]
+            header=["tool", "peak allocated MiB", "peak VmHWM MiB", "overshoot MiB",
+                    "last step at ms", "OOM reported", "reported peak MiB", "rounds"],
+            rows=rows,
+            after=self._plot("![memory over time](bench-memory-limit.png)"),
+        )
 
     def peak(self) -> list[str]:
         keys = [k for k in self.d["runs"] if k.startswith("peak-")]
@@ -390,20 +395,19 @@ class Report:
                     tri(self.v(key, tool, "error_mib"), 1),
                     str(self.rounds(key, tool)),
                 ])  # fmt: skip
-        return [
+        return section(
             "## 4. Peak-memory accuracy",
-            "",
             "A task touches N MiB (`b\"x\" * N MiB`) and returns at once (< 10 ms after touching)"
             " or after holding it; *truth* is the task's own VmHWM, returned in its result;"
             " *reported* is `max_memory_used_in_gib` (× 1024). A 4 GiB limit is set for every"
             " tool, since GPM fills the field only under a limit. Error = reported − truth.",
-            "",
-            *table(["tool", "touched", "returns", "truth MiB", "reported MiB", "error MiB",
-                     "rounds"], rows),
-        ]
+            header=["tool", "touched", "returns", "truth MiB", "reported MiB", "error MiB",
+                    "rounds"],
+            rows=rows,
+        )
 
     def timeout(self) -> list[str]:
-        params = self.d["runs"].get("timeout", {}).get("params", {})
+        params = self.params("timeout")
         cap = params.get("cap", 0)
         rows = []
         for tool in self.tools:
@@ -429,9 +433,8 @@ class Report:
                 "/".join(reported) + (f"; tool hung in {stuck} rounds" if stuck else ""),
                 tri(self.v("timeout", tool, "entry_lag_ms"), 1), str(len(rounds)),
             ])  # fmt: skip
-        return [
+        return section(
             f"## 5. Timeout enforcement: the whole tree, timeout {params.get('timeout')} s",
-            "",
             "The task ignores SIGTERM, starts `sleep 300` in its own session"
             " (`subprocess.Popen(..., start_new_session=True)`) and hangs. The tool runs in a"
             " forked child of the measuring process, which polls both pids every millisecond"
@@ -444,11 +447,10 @@ class Report:
             f" `Process.start()` returns). Waiting is capped at {cap:g} s, then the benchmark"
             " kills the two pids itself.",
             *self._entry_note(),
-            "",
-            *table(["tool", "task gone ms", "grandchild gone ms", "last gone ms",
-                     "timed_out reported", "task entered ms after clock start", "rounds"],
-                    rows),
-        ]
+            header=["tool", "task gone ms", "grandchild gone ms", "last gone ms",
+                    "timed_out reported", "task entered ms after clock start", "rounds"],
+            rows=rows,
+        )
 
     def _entry_note(self) -> list[str]:
         lag = self.med("timeout", "sandboxrun-cgroup_v1", "entry_lag_ms")
@@ -468,7 +470,7 @@ class Report:
         ]
 
     def bigresult(self) -> list[str]:
-        params = self.d["runs"].get("bigresult", {}).get("params", {})
+        params = self.params("bigresult")
         gpm_t = self.med("bigresult", "glasswall", "delivery_s")
         rows = []
         for tool in self.tools:
@@ -482,18 +484,17 @@ class Report:
                 str(self.rounds("bigresult", tool)), errors(self.d, "bigresult", tool),
             ])  # fmt: skip
         size = params.get("size", 0) / MIB
-        return [
+        return section(
             f"## 6. A {size:.0f} MiB bytes result",
-            "",
             f"The task builds `b\"x\" * {size:.0f} MiB` and returns `(time.monotonic(), data)`."
             " *Delivery*: from that timestamp until the result is in the caller's hands"
             " (pickling, transfer, unpickling, bookkeeping). *Parent peak*: `ru_maxrss` of the"
             " measuring process at the end (*base*: before the tool started); *largest child*:"
             " `ru_maxrss` of `RUSAGE_CHILDREN` (GPM's watcher holds its own copies).",
-            "",
-            *table(["tool", "delivery s", "GPM ÷ tool", "parent peak MiB", "parent base MiB",
-                     "largest child MiB", "rounds", "note"], rows),
-        ]
+            header=["tool", "delivery s", "GPM ÷ tool", "parent peak MiB", "parent base MiB",
+                    "largest child MiB", "rounds", "note"],
+            rows=rows,
+        )
 
     def scale(self) -> list[str]:
         keys = [k for k in self.d["runs"] if k.startswith("scale-")]
@@ -513,17 +514,15 @@ class Report:
                     ratio(median_or_none(per), gpm, inverse=True),
                     tri(self.v(key, tool, "maxrss_mib"), 0), str(self.rounds(key, tool)),
                 ])  # fmt: skip
-        return [
+        return section(
             "## 7. Cost as work grows",
-            "",
             "N trivial tasks, 2 workers: wall time ÷ N (*per-task overhead*), and the manager"
             " process's peak memory (`ru_maxrss`). Each tool gets as many rounds (up to"
             f" {self.d.get('rounds')}) as fit"
             f" in about {SCALE_BUDGET_S} s at its measured throughput.",
-            "",
-            *table(["tool", "tasks", "ms per task", "GPM ÷ tool", "parent peak MiB", "rounds"],
-                    rows),
-        ]
+            header=["tool", "tasks", "ms per task", "GPM ÷ tool", "parent peak MiB", "rounds"],
+            rows=rows,
+        )
 
     def floor(self) -> list[str]:
         fork = self._floor("fork", "per_task_ms")
@@ -551,13 +550,12 @@ class Report:
         if fork:
             rows[0][3] = tri([1000 / x for x in fork], 0)
         n = cg[0].get("n") if cg else None
-        return [
+        return section(
             "## Physical floor on this kernel",
-            "",
             "Measured in the same run, in fresh interpreters, one operation at a time (no"
             f" manager, no Python in the child): {n} cgroup rounds per measurement. The cgroup"
             " directories are made only below this process's own cgroups (as `/proc/self/cgroup`"
             " says) and all removed again.",
-            "",
-            *table(["operation per task", "ms (median)", "p90 ms", "tasks/s if serial"], rows),
-        ]
+            header=["operation per task", "ms (median)", "p90 ms", "tasks/s if serial"],
+            rows=rows,
+        )
