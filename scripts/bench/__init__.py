@@ -20,7 +20,8 @@ The package, one concern per module, data flowing down the list::
     tasks      the task functions (module level, picklable, stdlib only, cheap to import)
     floor      the physical floor: bare fork, cgroup v1 mkdir/enter/rmdir (no sandboxrun)
     figures    reading rounds out of the raw data and typesetting numbers and tables
-    report     docs/benchmarks.md from the raw data
+    report     docs/benchmarks.md: the header, the targets and their verdicts
+    sections   the measured sections of the report (1-7, the floor) and their data accessors
     plots      the two PNGs (matplotlib, optional)
 
 Keep this file and ``tasks`` light (stdlib only): under ``forkserver`` every task process of
