@@ -10,7 +10,7 @@ Every measurement of every tool runs in a fresh interpreter: the orchestrator st
 pebble) and matplotlib are optional: a tool that is not installed is reported as n/a, and the
 plots are skipped.
 
-The package, one concern per module, data flowing down the list::
+The package, one concern per module (the entry point first, the leaves last)::
 
     cli        argument parsing, the sandboxrun snapshot, writing the report (the entry point)
     run        the orchestrator: sizes, rounds, one fresh interpreter per measurement
