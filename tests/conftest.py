@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 import pytest
@@ -16,23 +18,25 @@ AVAILABLE = [name for name, entry in REPORT["backends"].items() if entry["availa
 KERNEL_BACKENDS = [name for name in AVAILABLE if name != "psutil"]
 
 
-def pytest_report_header(config):
+def pytest_report_header(config: pytest.Config) -> str:
     return f"sandboxrun: auto picks {REPORT['chosen']}; available: {', '.join(AVAILABLE)}"
 
 
 @pytest.fixture(params=AVAILABLE)
-def backend(request):
-    return request.param
+def backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
 
 
 @pytest.fixture(params=KERNEL_BACKENDS or [pytest.param("none", marks=pytest.mark.skip)])
-def kernel_backend(request):
-    return request.param
+def kernel_backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
 
 
 def gone(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 
@@ -54,4 +58,58 @@ def leftover_cgroups() -> list[str]:
                 found.append(os.path.join(root, name))
         if root.count(os.sep) > 8:
             dirs.clear()
+    return found
+
+
+def wait_until(condition: Callable[[], object], seconds: float, interval: float = 0.01) -> bool:
+    """Poll ``condition`` until it is true or ``seconds`` (times SCALE) have passed; its last
+    value. For waits on a real condition instead of a fixed sleep before a negative assert."""
+    deadline = time.monotonic() + seconds * SCALE
+    while not condition():
+        if time.monotonic() > deadline:
+            return bool(condition())
+        time.sleep(interval)
+    return True
+
+
+def new_descendants(before: set[int]) -> list[int]:
+    """Live (not zombie) descendants of this process whose pid is not in ``before``."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        if child.pid not in before and not gone(child.pid):
+            found.append(child.pid)
+    return found
+
+
+def descendants() -> set[int]:
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def cgroup_dirs(pid: int | str = "self") -> dict[str, Path]:
+    """{hierarchy: directory} of a process's cgroups, found through /proc/self/mountinfo.
+
+    The hierarchy is the controller list of a cgroup v1 mount (``"memory"``, ``"cpu,cpuacct"``,
+    ``"name=systemd"``) or ``""`` for cgroup2; a cgroup outside a mount's root is left out.
+    """
+    paths: dict[frozenset[str], str] = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        paths[frozenset(controllers.split(",")) - {""}] = path
+    found: dict[str, Path] = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fstype, _, options = right.split()[:3]
+        root, point = left.split()[3:5]
+        if fstype == "cgroup2":
+            names: frozenset[str] = frozenset()
+        elif fstype == "cgroup":
+            names = frozenset(options.split(",")) & {name for key in paths for name in key}
+        else:
+            continue
+        if names not in paths:
+            continue
+        relative = os.path.relpath(paths[names], root)
+        if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+            continue
+        found.setdefault(",".join(sorted(names)), Path(point) / relative)
     return found

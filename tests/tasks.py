@@ -10,37 +10,48 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 MIB = 1024 * 1024
+T = TypeVar("T")
 
 
-def double(x):
+def write_pid(path: str, pid: int | None = None) -> None:
+    """Write a pid file atomically (a temporary file renamed over it): whoever sees the file
+    can read the whole pid, never an empty or half-written one."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    pathlib.Path(temporary).write_text(str(os.getpid() if pid is None else pid))
+    os.replace(temporary, path)
+
+
+def double(x: Any) -> Any:
     return x * 2
 
 
-def identity(x):
+def identity(x: T) -> T:
     return x
 
 
-def pid_and_value(x):
+def pid_and_value(x: T) -> tuple[int, T]:
     return os.getpid(), x
 
 
-def convert_file(input_file, output_file):
+def convert_file(input_file: str, output_file: str) -> None:
     data = pathlib.Path(input_file).read_bytes()
     pathlib.Path(output_file).write_bytes(data.upper())
 
 
-def file_to_memory(input_file):
+def file_to_memory(input_file: str) -> bytes:
     return pathlib.Path(input_file).read_bytes().upper()
 
 
-def sleep_then(seconds, value=None):
+def sleep_then(seconds: float, value: T | None = None) -> T | None:
     time.sleep(seconds)
     return value
 
 
-def record_interval(directory, seconds):
+def record_interval(directory: str, seconds: float) -> None:
     start = time.monotonic()
     time.sleep(seconds)
     end = time.monotonic()
@@ -48,66 +59,75 @@ def record_interval(directory, seconds):
     path.write_text(f"{start} {end}")
 
 
-def touch_after(path, seconds):
+def wait_for_file(pid_file: str, release_file: str, seconds: float) -> bool:
+    """Write our pid, then wait (at most ``seconds``) until ``release_file`` exists."""
+    write_pid(pid_file)
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(release_file) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return os.path.exists(release_file)
+
+
+def touch_after(path: str, seconds: float) -> None:
     time.sleep(seconds)
     pathlib.Path(path).write_text("ran")
 
 
-def raise_value_error(message):
+def raise_value_error(message: str) -> NoReturn:
     raise ValueError(message)
 
 
 class NeedsTwoArgs(Exception):
-    def __init__(self, a, b):
+    def __init__(self, a: str, b: str) -> None:
         super().__init__(f"{a}/{b}")
 
 
-def raise_unpicklable_exception():
+def raise_unpicklable_exception() -> NoReturn:
     raise NeedsTwoArgs("left", "right")
 
 
-def return_lambda():
+def return_lambda() -> Callable[[], int]:
     return lambda: 1
 
 
-def exit_hard(code):
+def exit_hard(code: int) -> NoReturn:
     os._exit(code)
 
 
-def sys_exit(code):
+def sys_exit(code: int) -> NoReturn:
     sys.exit(code)
 
 
-def kill_self():
+def kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(10)
 
 
-def segfault():
+def segfault() -> None:
     ctypes.string_at(0)
 
 
-def ignore_sigterm_and_sleep(pid_file, seconds):
+def ignore_sigterm_and_sleep(pid_file: str, seconds: float) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    pathlib.Path(pid_file).write_text(str(os.getpid()))
+    write_pid(pid_file)
     time.sleep(seconds)
 
 
-def spawn_grandchild(pid_file, then_sleep=0.0):
+def spawn_grandchild(pid_file: str, then_sleep: float = 0.0) -> int:
     """Start `sleep 300` in its own session (process-group kills miss it), then return or hang."""
     child = subprocess.Popen(["sleep", "300"], start_new_session=True)
-    pathlib.Path(pid_file).write_text(str(child.pid))
+    write_pid(pid_file, child.pid)
     time.sleep(then_sleep)
     return child.pid
 
 
-def fork_grandchild_and_exit(pid_file):
+def fork_grandchild_and_exit(pid_file: str) -> int:
     """Double fork: the grandchild is orphaned at once, before any poll could see it."""
     pid = os.fork()
     if pid == 0:
         if os.fork() == 0:
             os.setsid()
-            pathlib.Path(pid_file).write_text(str(os.getpid()))
+            write_pid(pid_file)
             time.sleep(300)
         os._exit(0)
     os.waitpid(pid, 0)
@@ -117,11 +137,11 @@ def fork_grandchild_and_exit(pid_file):
     return os.getpid()
 
 
-def big_result(size):
+def big_result(size: int) -> bytes:
     return b"x" * size
 
 
-def flood_stdout(megabytes):
+def flood_stdout(megabytes: int) -> str:
     chunk = "y" * (MIB - 1) + "\n"
     for _ in range(megabytes):
         sys.stdout.write(chunk)
@@ -129,7 +149,7 @@ def flood_stdout(megabytes):
     return "done"
 
 
-def allocate(step_mib, steps, pause=0.0):
+def allocate(step_mib: int, steps: int, pause: float = 0.0) -> int:
     """Touch memory step by step (bytes objects are written, so really resident)."""
     held = []
     for _ in range(steps):
@@ -139,14 +159,14 @@ def allocate(step_mib, steps, pause=0.0):
     return len(held)
 
 
-def touch_and_return(mib):
+def touch_and_return(mib: int) -> int:
     data = bytearray(mib * MIB)
     for offset in range(0, len(data), 4096):
         data[offset] = 1
     return len(data)
 
 
-def fork_bomb(seconds):
+def fork_bomb(seconds: float) -> int:
     deadline = time.monotonic() + seconds
     forked = 0
     while time.monotonic() < deadline:
@@ -160,22 +180,22 @@ def fork_bomb(seconds):
     return forked
 
 
-def burn_cpu(seconds):
+def burn_cpu(seconds: float) -> str:
     end = time.process_time() + seconds
     while time.process_time() < end:
         pass
     return "burned"
 
 
-def check_threads_safe(n):
+def check_threads_safe(n: int) -> int:
     return sum(range(n))
 
 
-def run_command(argv):
+def run_command(argv: list[str]) -> int:
     return subprocess.run(argv, check=False).returncode
 
 
-def fork_or_fail(count):
+def fork_or_fail(count: int) -> int:
     """Start `count` sleepers; a refused fork raises (BlockingIOError), as real tools do."""
     children = [subprocess.Popen(["sleep", "5"]) for _ in range(count)]
     for child in children:
@@ -183,13 +203,13 @@ def fork_or_fail(count):
     return len(children)
 
 
-def killed_while_sending_result(size):
+def killed_while_sending_result(size: int) -> bytes:
     """Return a big result, and SIGKILL ourselves while the worker is writing it to the pipe."""
     import threading
 
     main = threading.get_native_id()
 
-    def killer():
+    def killer() -> None:
         # /proc/<tid>/syscall names the syscall a thread is blocked in (write: 1 on x86-64),
         # which the main thread only enters to send the result frame.
         status = pathlib.Path(f"/proc/self/task/{main}/syscall")

@@ -9,7 +9,11 @@ import os
 import pathlib
 import platform
 import signal
+import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -26,12 +30,21 @@ from sandboxrun import (
 )
 
 from . import tasks
-from .conftest import SCALE, gone, leftover_cgroups, wait_gone
+from .conftest import (
+    SCALE,
+    cgroup_dirs,
+    descendants,
+    gone,
+    leftover_cgroups,
+    new_descendants,
+    wait_gone,
+    wait_until,
+)
 
 MIB = 1024 * 1024
 
 
-def run_one(backend, func, *args, **limits) -> TaskResult:
+def run_one(backend: str, func: Callable[..., Any], *args: Any, **limits: Any) -> TaskResult:
     with ProcessManager(1, backend=backend, **limits) as manager:
         manager.queue_task(Task(func, args))
     assert len(manager.task_results) == 1
@@ -46,7 +59,40 @@ def run_one(backend, func, *args, **limits) -> TaskResult:
     return result
 
 
-def test_normal_return(backend):
+def test_leftover_check_sees_a_running_tasks_cgroups(kernel_backend: str, tmp_path: Path) -> None:
+    """leftover_cgroups(), which the other tests trust to find what a backend left behind, does
+    find the cgroups of a running task: read from /proc/PID/cgroup, not from their names."""
+    pid_file, release = tmp_path / "pid", tmp_path / "release"
+    seen: dict[str, list[Path]] = {}
+
+    def inspect() -> None:
+        try:
+            if wait_until(pid_file.exists, 30):
+                pid = int(pid_file.read_text())
+                own = cgroup_dirs()
+                seen["task"] = [d for h, d in cgroup_dirs(pid).items() if d != own.get(h)]
+                seen["leftovers"] = [pathlib.Path(p) for p in leftover_cgroups()]
+        finally:
+            release.write_text("go")
+
+    inspector = threading.Thread(target=inspect)
+    inspector.start()
+    with ProcessManager(1, backend=kernel_backend, worker_timeout_seconds=60 * SCALE) as pm:
+        pm.queue_task(Task(tasks.wait_for_file, (str(pid_file), str(release), 30 * SCALE)))
+    inspector.join()
+    assert pm.task_results[0].success, pm.task_results[0].exception
+    task_dirs, leftovers = seen["task"], seen["leftovers"]
+    assert task_dirs, "the task ran in no cgroup of its own"
+    for directory in task_dirs:
+        assert any(p == directory or p in directory.parents for p in leftovers), (
+            directory,
+            leftovers,
+        )
+        assert not directory.exists()
+    assert not leftover_cgroups()
+
+
+def test_normal_return(backend: str) -> None:
     result = run_one(backend, tasks.double, 21)
     assert (result.success, result.result, result.exception, result.exit_code) == (
         True,
@@ -59,7 +105,7 @@ def test_normal_return(backend):
     assert result.timeout_seconds is None and result.memory_limit_in_gib is None
 
 
-def test_file_to_file_and_file_to_memory(backend, tmp_path):
+def test_file_to_file_and_file_to_memory(backend: str, tmp_path: Path) -> None:
     inputs = []
     for index in range(4):
         path = tmp_path / f"in-{index}.txt"
@@ -87,7 +133,7 @@ def test_file_to_file_and_file_to_memory(backend, tmp_path):
     )
 
 
-def test_as_completed_streams_results(backend):
+def test_as_completed_streams_results(backend: str) -> None:
     with ProcessManager(2, backend=backend) as pm:
         pm.queue_task(Task(tasks.sleep_then, (3 * SCALE, "slow")))
         pm.queue_task(Task(tasks.sleep_then, (0, "fast")))
@@ -100,7 +146,7 @@ def test_as_completed_streams_results(backend):
     assert pm.task_results == []  # as the seed documents
 
 
-def test_leaving_as_completed_early_loses_nothing(backend):
+def test_leaving_as_completed_early_loses_nothing(backend: str) -> None:
     with ProcessManager(2, backend=backend) as pm:
         for index in range(6):
             pm.queue_task(Task(tasks.identity, (index,)))
@@ -109,7 +155,7 @@ def test_leaving_as_completed_early_loses_nothing(backend):
     assert sorted([first.result, *(r.result for r in pm.task_results)]) == list(range(6))
 
 
-def test_300_tiny_tasks_each_reported_once(backend):
+def test_300_tiny_tasks_each_reported_once(backend: str) -> None:
     with ProcessManager(2, backend=backend) as pm:
         for index in range(300):
             pm.queue_task(Task(tasks.pid_and_value, (index,)))
@@ -120,7 +166,7 @@ def test_300_tiny_tasks_each_reported_once(backend):
     assert len(pids) >= 290  # a fresh process per task (pids may recycle, rarely)
 
 
-def test_max_workers_never_exceeded(backend, tmp_path):
+def test_max_workers_never_exceeded(backend: str, tmp_path: Path) -> None:
     with ProcessManager(3, backend=backend) as pm:
         for _ in range(12):
             pm.queue_task(Task(tasks.record_interval, (str(tmp_path), 0.15 * SCALE)))
@@ -136,7 +182,7 @@ def test_max_workers_never_exceeded(backend, tmp_path):
     assert peak == 3
 
 
-def test_exception_in_task(backend):
+def test_exception_in_task(backend: str) -> None:
     result = run_one(backend, tasks.raise_value_error, "broken input")
     assert not result.success and result.exit_code == 0
     assert type(result.exception) is ValueError and str(result.exception) == "broken input"
@@ -144,14 +190,14 @@ def test_exception_in_task(backend):
     assert "raise_value_error" in str(result.exception.__cause__)
 
 
-def test_unpicklable_result(backend):
+def test_unpicklable_result(backend: str) -> None:
     result = run_one(backend, tasks.return_lambda)
     assert not result.success and result.result is None
     assert isinstance(result.exception, ResultNotPicklable)
     assert "function" in result.exception.type_name
 
 
-def test_exception_that_cannot_be_pickled(backend):
+def test_exception_that_cannot_be_pickled(backend: str) -> None:
     result = run_one(backend, tasks.raise_unpicklable_exception)
     assert not result.success
     assert isinstance(result.exception, ExceptionNotPicklable)
@@ -160,7 +206,7 @@ def test_exception_that_cannot_be_pickled(backend):
     assert "raise_unpicklable_exception" in result.exception.traceback_text
 
 
-def test_os_exit(backend):
+def test_os_exit(backend: str) -> None:
     result = run_one(backend, tasks.exit_hard, 3)
     assert (result.success, result.exit_code, result.timed_out, result.out_of_memory) == (
         False,
@@ -172,13 +218,13 @@ def test_os_exit(backend):
     assert "code 3" in str(result.exception)
 
 
-def test_sys_exit(backend):
+def test_sys_exit(backend: str) -> None:
     result = run_one(backend, tasks.sys_exit, 4)
     assert (result.success, result.exit_code) == (False, 4)
     assert isinstance(result.exception, SystemExit) and result.exception.code == 4
 
 
-def test_self_sigkill_is_not_out_of_memory(backend):
+def test_self_sigkill_is_not_out_of_memory(backend: str) -> None:
     result = run_one(backend, tasks.kill_self, memory_limit_in_gib=1)
     assert (result.success, result.exit_code, result.out_of_memory, result.timed_out) == (
         False,
@@ -189,13 +235,13 @@ def test_self_sigkill_is_not_out_of_memory(backend):
     assert isinstance(result.exception, WorkerDied) and "SIGKILL" in str(result.exception)
 
 
-def test_segfault(backend):
+def test_segfault(backend: str) -> None:
     result = run_one(backend, tasks.segfault)
     assert (result.success, result.exit_code) == (False, -signal.SIGSEGV)
     assert isinstance(result.exception, WorkerDied) and "SIGSEGV" in str(result.exception)
 
 
-def test_sleep_past_timeout(backend):
+def test_sleep_past_timeout(backend: str) -> None:
     started = time.monotonic()
     result = run_one(backend, tasks.sleep_then, 60, worker_timeout_seconds=0.5 * SCALE)
     assert time.monotonic() - started < 30 * SCALE
@@ -209,7 +255,7 @@ def test_sleep_past_timeout(backend):
     assert result.elapsed_time >= 0.5 * SCALE
 
 
-def test_ignoring_sigterm_past_timeout(backend, tmp_path):
+def test_ignoring_sigterm_past_timeout(backend: str, tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     result = run_one(
         backend,
@@ -222,14 +268,14 @@ def test_ignoring_sigterm_past_timeout(backend, tmp_path):
     assert gone(int(pid_file.read_text()))
 
 
-def test_grandchild_left_running_is_killed(backend, tmp_path):
+def test_grandchild_left_running_is_killed(backend: str, tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     result = run_one(backend, tasks.spawn_grandchild, str(pid_file))
     assert result.success
     assert wait_gone(result.result)
 
 
-def test_grandchild_of_a_timed_out_task_is_killed(backend, tmp_path):
+def test_grandchild_of_a_timed_out_task_is_killed(backend: str, tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     result = run_one(
         backend, tasks.spawn_grandchild, str(pid_file), 60, worker_timeout_seconds=1 * SCALE
@@ -238,35 +284,35 @@ def test_grandchild_of_a_timed_out_task_is_killed(backend, tmp_path):
     assert wait_gone(int(pid_file.read_text()))
 
 
-def test_double_forked_orphan_is_killed(backend, tmp_path):
+def test_double_forked_orphan_is_killed(backend: str, tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     result = run_one(backend, tasks.fork_grandchild_and_exit, str(pid_file))
     assert result.success
     assert wait_gone(int(pid_file.read_text()))
 
 
-def test_256_mib_result_arrives_intact(backend):
+def test_256_mib_result_arrives_intact(backend: str) -> None:
     size = 256 * MIB
     result = run_one(backend, tasks.big_result, size)
     assert result.success
     assert len(result.result) == size and result.result.count(b"x") == size
 
 
-def test_stdout_flood(backend, capfd):
+def test_stdout_flood(backend: str, capfd: pytest.CaptureFixture[str]) -> None:
     result = run_one(backend, tasks.flood_stdout, 32)
     assert result.success and result.result == "done"
     out, _ = capfd.readouterr()
     assert len(out) >= 32 * MIB
 
 
-def test_memory_over_the_limit(backend):
+def test_memory_over_the_limit(backend: str) -> None:
     result = run_one(backend, tasks.allocate, 16, 64, 0.02, memory_limit_in_gib=0.25)
     assert (result.success, result.out_of_memory, result.timed_out) == (False, True, False)
     assert isinstance(result.exception, MemoryError)
     assert result.max_memory_used_in_gib >= 0.2
 
 
-def test_cpu_time_limit(backend):
+def test_cpu_time_limit(backend: str) -> None:
     result = run_one(backend, tasks.burn_cpu, 30, cpu_time_limit_seconds=1)
     assert (result.success, result.cpu_time_limit_exceeded, result.timed_out) == (
         False,
@@ -277,7 +323,7 @@ def test_cpu_time_limit(backend):
     assert result.exit_code in (-signal.SIGXCPU, -signal.SIGKILL)
 
 
-def test_fork_bomb_is_contained(backend):
+def test_fork_bomb_is_contained(backend: str) -> None:
     result = run_one(
         backend, tasks.fork_bomb, 3 * SCALE, max_processes=30, worker_timeout_seconds=20 * SCALE
     )
@@ -285,24 +331,28 @@ def test_fork_bomb_is_contained(backend):
         assert result.process_limit_exceeded and not result.success  # polled: killed when seen
     else:
         assert result.success  # the kernel refused the forks; the task went on
+        # ...and refused them at the limit: every child sleeps past the loop's end, so all it
+        # forked were alive at once, next to the task itself (without a limit: thousands).
+        assert 0 < result.result < 30, result.result
     after = run_one(backend, tasks.double, 1)
     assert after.success and after.result == 2
 
 
-def test_exception_in_with_body_kills_and_drops(backend, tmp_path):
+def test_exception_in_with_body_kills_and_drops(backend: str, tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     pid_file = tmp_path / "pid"
+    before = descendants()
     with pytest.raises(KeyError), ProcessManager(2, backend=backend) as pm:
         pm.queue_task(Task(tasks.identity, (1,)))
         pm.queue_task(Task(tasks.ignore_sigterm_and_sleep, (str(pid_file), 60)))
         pm.queue_task(Task(tasks.touch_after, (str(marker), 0)))
         for _ in pm.as_completed():  # the first result: the SIGTERM-ignorer is running
-            deadline = time.monotonic() + 10 * SCALE
-            while not pid_file.exists() and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(pid_file.exists, 10)
             raise KeyError("boom")
     assert pid_file.exists() and wait_gone(int(pid_file.read_text()))
-    time.sleep(0.2)
+    # Every process the manager started must end; once none is left, nothing can still write
+    # the marker, so its absence is final (not just "not yet").
+    assert wait_until(lambda: not new_descendants(before), 10), new_descendants(before)
     assert not marker.exists()  # the queued task was dropped, not run
     assert pm.task_results == []
     with pytest.raises(RuntimeError):
@@ -310,7 +360,7 @@ def test_exception_in_with_body_kills_and_drops(backend, tmp_path):
     assert not leftover_cgroups()
 
 
-def test_parent_is_idle_while_tasks_sleep(backend):
+def test_parent_is_idle_while_tasks_sleep(backend: str) -> None:
     me = psutil.Process()
     before = sum(me.cpu_times()[:2])
     with ProcessManager(2, backend=backend, poll_interval_seconds=0.1) as pm:
@@ -325,7 +375,7 @@ def test_parent_is_idle_while_tasks_sleep(backend):
 @pytest.mark.skipif(
     platform.machine() not in ("x86_64", "aarch64"), reason="needs the write syscall number"
 )
-def test_worker_killed_mid_write_is_a_failed_result(backend):
+def test_worker_killed_mid_write_is_a_failed_result(backend: str) -> None:
     result = run_one(backend, tasks.killed_while_sending_result, 256 * MIB)
     assert (result.success, result.result, result.exit_code) == (False, None, -9)
     assert isinstance(result.exception, WorkerDied)
