@@ -1,45 +1,115 @@
 """``Task`` and ``TaskResult``: the data that enters and leaves a ``ProcessManager``.
 
-Both keep the contract of the Glasswall process manager (field names, meanings, GiB = 1024**3,
-equality and hash of a task by function, args and kwargs, truncated reprs).
+Both keep the contract of the Glasswall process manager, character for character where users can
+see it: field names and meanings, GiB = 1024**3, equality and hash of a task by function, args
+and kwargs, a plain ``Task`` object (attributes can be set, ``vars(task)`` works, any iterable
+``args``), Glasswall content-management policies passed as their XML text, the same truncated
+reprs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 _REPR_LIMIT = 100
+_ELLIPSIS = "..."
+# Glasswall's policy classes live in this package: policy.Policy and its subclasses
+# editor.Editor, rebuild.Rebuild, archive_manager.ArchiveManager, word_search.WordSearch.
+_POLICY_PACKAGE = "glasswall.content_management.policies"
 
 
 def _short(value: Any) -> str:
+    """``repr`` cut like Glasswall's ``Task``: the first 100 characters, then ``...``."""
     text = repr(value)
-    return text if len(text) <= _REPR_LIMIT else text[: _REPR_LIMIT - 3] + "..."
+    return text if len(text) <= _REPR_LIMIT else text[:_REPR_LIMIT] + _ELLIPSIS
+
+
+def _field(name: str, value: Any) -> str:
+    """``name=repr`` cut like Glasswall's ``TaskResult``.
+
+    Glasswall cuts the whole ``name=repr`` at 100 characters but adds ``...`` only when the repr
+    alone is over 100, so a repr just under 100 loses its tail without the marker. Reprs are
+    compared in logs and tests, so the quirk is kept on purpose.
+    """
+    text = repr(value)
+    return f"{name}={text}"[:_REPR_LIMIT] + (_ELLIPSIS if len(text) > _REPR_LIMIT else "")
+
+
+def _is_glasswall_policy(value: Any) -> bool:
+    # Recognised by the defining module of any class in its MRO, not by isinstance: importing
+    # glasswall here would pull the engine wrapper (and lxml) into every sandboxrun user. The MRO
+    # also catches a user's own subclass of a Glasswall policy, as isinstance does upstream.
+    for cls in type(value).__mro__:
+        module = getattr(cls, "__module__", None)
+        if isinstance(module, str) and (
+            module == _POLICY_PACKAGE or module.startswith(_POLICY_PACKAGE + ".")
+        ):
+            return True
+    return False
+
+
+def _plain(value: Any) -> Any:
+    # A Glasswall policy holds modules in its attributes and defines __getattr__: it pickles but
+    # recurses without end when a spawn/forkserver worker unpickles it. Its engine-facing form is
+    # its XML text, which every Glasswall engine call accepts in place of the object.
+    return value.text if _is_glasswall_policy(value) else value
+
+
+def _arguments(args: Iterable[Any] | None) -> tuple[Any, ...]:
+    if not args:  # None, (), [] - and, as upstream, any other empty/falsy value
+        return ()
+    if isinstance(args, (str, bytes, bytearray)):
+        # Iterable, but as args it is always a slip for args=(text,): refuse rather than call
+        # func with one character per argument (Glasswall would).
+        raise TypeError(
+            f"Task args must be an iterable of arguments, got a {type(args).__name__}: "
+            f"write args=({args!r:.60},) to pass it as one argument"
+        )
+    try:
+        items = iter(args)
+    except TypeError:
+        raise TypeError(
+            f"Task args must be an iterable (tuple, list, generator...), got {type(args).__name__}"
+        ) from None
+    return tuple(_plain(arg) for arg in items)
+
+
+def _keyword_arguments(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    if not kwargs:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"Task kwargs must be a dict (or mapping), got {type(kwargs).__name__}")
+    if not all(isinstance(key, str) for key in kwargs):
+        raise TypeError("Task kwargs keys must be strings (they become keyword arguments)")
+    return {key: _plain(value) for key, value in kwargs.items()}
 
 
 class Task:
-    """A function and its arguments, to be run in a fresh process under the manager's limits."""
+    """A function and its arguments, to be run in a fresh process under the manager's limits.
 
-    __slots__ = ("args", "func", "kwargs")
+    A plain object, as in Glasswall: extra attributes may be set on it and travel with it to the
+    worker; ``args`` is stored as a tuple, ``kwargs`` as a new dict, Glasswall policy objects in
+    either as their ``.text``. Unlike Glasswall, a ``func`` that is not callable (or ``args`` given
+    as one string) raises ``TypeError`` here, not later inside the worker.
+    """
+
+    func: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
 
     def __init__(
         self,
         func: Callable[..., Any],
-        args: tuple[Any, ...] | list[Any] | None = None,
-        kwargs: dict[str, Any] | None = None,
+        args: Iterable[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if not callable(func):
             raise TypeError(f"Task func must be callable, got {type(func).__name__}: {func!r:.80}")
-        if args is not None and not isinstance(args, (tuple, list)):
-            raise TypeError(f"Task args must be a tuple or list, got {type(args).__name__}")
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise TypeError(f"Task kwargs must be a dict, got {type(kwargs).__name__}")
-        if kwargs and not all(isinstance(key, str) for key in kwargs):
-            raise TypeError("Task kwargs keys must be strings")
         self.func = func
-        self.args: tuple[Any, ...] = tuple(args) if args else ()
-        self.kwargs: dict[str, Any] = dict(kwargs) if kwargs else {}
+        self.args = _arguments(args)
+        self.kwargs = _keyword_arguments(kwargs)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Task):
@@ -53,17 +123,12 @@ class Task:
             return hash((self.func, len(self.args), tuple(sorted(self.kwargs))))
 
     def __repr__(self) -> str:
-        name = getattr(self.func, "__qualname__", None) or getattr(self.func, "__name__", None)
-        name = name or repr(self.func)
+        # Glasswall prints func.__name__; a callable without one (functools.partial, an
+        # instance with __call__) gets its repr here instead of an AttributeError.
+        name = getattr(self.func, "__name__", None) or repr(self.func)
         args = ", ".join(_short(arg) for arg in self.args)
         kwargs = ", ".join(f"{key}={_short(value)}" for key, value in self.kwargs.items())
-        return f"Task(func={name}, args=({args}), kwargs=({kwargs}))"
-
-    def __getstate__(self) -> tuple[Any, ...]:
-        return (self.func, self.args, self.kwargs)
-
-    def __setstate__(self, state: tuple[Any, ...]) -> None:
-        self.func, self.args, self.kwargs = state
+        return f"{type(self).__name__}(func={name}, args=({args}), kwargs=({kwargs}))"
 
 
 @dataclasses.dataclass(eq=False)
@@ -71,9 +136,11 @@ class TaskResult:
     """The outcome of one task. The first 13 fields are the Glasswall manager's, same meanings.
 
     Beyond the seed: ``exit_code`` is never ``None`` once the process ended (negative = killed by
-    that signal), ``exception`` is never ``None`` when ``success`` is False, and
-    ``max_memory_used_in_gib`` is filled whether or not a limit was set (``None`` only when
-    nothing measured it: the sandbox's counters could not be read and no result frame came).
+    that signal), ``exception`` is never ``None`` when ``success`` is False, and every field is
+    always present (Glasswall leaves out ``timed_out`` and ``max_memory_used_in_gib``/
+    ``out_of_memory`` when that limit is unset), ``max_memory_used_in_gib`` filled with or without
+    a limit (``None`` only when nothing measured it: the sandbox's counters could not be read and
+    no result frame came).
     """
 
     task: Task
@@ -106,7 +173,6 @@ class TaskResult:
 
     def __repr__(self) -> str:
         fields = ", ".join(
-            f"{field.name}={_short(getattr(self, field.name))}"
-            for field in dataclasses.fields(self)
+            _field(field.name, getattr(self, field.name)) for field in dataclasses.fields(self)
         )
-        return f"TaskResult({fields})"
+        return f"{type(self).__name__}({fields})"
