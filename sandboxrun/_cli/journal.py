@@ -1,0 +1,232 @@
+"""The batch journal: one MAC'd JSON line per finished file, the only thing ``--resume`` trusts.
+
+    batch start ── key file (0600, outside OUT) ──> per-batch secret key, in the manager only
+    each result ──> record + "input" identity ──> HMAC-SHA256(key, canonical JSON) ──> "mac"
+                    └─ one os.write() of one line on an O_APPEND fd (a kill tears at most it)
+    --resume ──> every line: JSON? "mac" valid? input unchanged (size, mtime_ns, blake2b)?
+                 └─ any "no": that file runs again, with a warning saying why
+
+Why a MAC: the converter is hostile and, until tasks are isolated, runs with the manager's uid;
+it can append lines to the journal (it even knows where it is: next to ``{output}``). Without the
+key, which never enters a task's environment or output folder, it cannot make a line that
+``--resume`` accepts, so a forged ``ok`` only makes that file run again. What it still can do
+while it shares our uid: read the key file (its path is documented) -- isolation closes that.
+
+Why the input identity: a record says "this content was converted". Size and ``mtime_ns`` are
+taken when the task is queued and the content hash when it finishes; if the file changes in
+between or afterwards, the identity no longer matches and the file runs again. Cost: one extra
+sequential read of each input (when it finishes, and once more per ``--resume``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import stat
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("sandboxrun.cli")
+
+STATE_DIR_ENV = "SANDBOXRUN_STATE_DIR"
+_CHUNK = 1 << 20
+
+
+# ------------------------------------------------------------------ the key
+
+
+def default_key_path(journal: Path) -> Path:
+    """Where a journal's key lives: a private state folder, never next to the outputs."""
+    base = os.environ.get(STATE_DIR_ENV) or os.environ.get("XDG_STATE_HOME")
+    root = Path(base) if base else Path.home() / ".local" / "state"
+    if not os.environ.get(STATE_DIR_ENV):
+        root = root / "sandboxrun"
+    name = hashlib.blake2b(str(journal.resolve()).encode(), digest_size=16).hexdigest()
+    return root / "journal-keys" / f"{name}.key"
+
+
+def new_key(path: Path) -> bytes:
+    """A fresh secret for a new journal, written 0600 (replacing any older key atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = secrets.token_bytes(32)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, key.hex().encode())
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    return key
+
+
+def load_key(path: Path) -> bytes | None:
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError) as error:
+        log.warning(
+            "journal key %s unusable (%s): no record of the old journal can be trusted,"
+            " every file runs again", path, error,
+        )  # fmt: skip
+        return None
+
+
+def _mac(key: bytes, entry: dict[str, Any]) -> str:
+    canonical = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hmac.new(key, canonical.encode(), hashlib.sha256).hexdigest()
+
+
+# ------------------------------------------------------------------ input identity
+
+
+def _open_regular(path: Path, follow_symlinks: bool) -> int:
+    # O_NONBLOCK: if a FIFO was swapped in, open() must not wait for a writer; fstat refuses it.
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is no longer a regular file")
+    return fd
+
+
+def stat_identity(path: Path, follow_symlinks: bool) -> dict[str, int]:
+    info = os.stat(path, follow_symlinks=follow_symlinks)
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+
+
+def queued_stat(path: Path, follow_symlinks: bool) -> dict[str, int]:
+    """``stat_identity`` at queue time; empty (the record will not be trusted) if it fails."""
+    try:
+        return stat_identity(path, follow_symlinks)
+    except OSError as error:
+        log.warning("cannot stat %s (%s): its record will not be trusted by --resume", path, error)
+        return {}
+
+
+def content_hash(path: Path, follow_symlinks: bool) -> str:
+    fd = _open_regular(path, follow_symlinks)
+    digest = hashlib.blake2b(digest_size=32)
+    try:
+        while chunk := os.read(fd, _CHUNK):
+            digest.update(chunk)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def identity(path: Path, queued: dict[str, int], follow_symlinks: bool) -> dict[str, Any] | None:
+    """The record's ``input``: the stat taken at queue time plus the content hash now."""
+    if not queued:
+        return None
+    try:
+        return {**queued, "blake2b": content_hash(path, follow_symlinks)}
+    except OSError as error:
+        log.warning("cannot hash %s (%s): its record will not be trusted by --resume", path, error)
+        return None
+
+
+def stale_reason(record: dict[str, Any], path: Path, follow_symlinks: bool) -> str | None:
+    """Why ``record`` no longer describes ``path`` (None: it still does)."""
+    recorded = record.get("input")
+    if not isinstance(recorded, dict):
+        return "its record has no input identity"
+    try:
+        now = stat_identity(path, follow_symlinks)
+        if any(recorded.get(key) != value for key, value in now.items()):
+            return "changed since its record (size or mtime)"
+        if recorded.get("blake2b") != content_hash(path, follow_symlinks):
+            return "changed since its record (content)"
+    except OSError as error:
+        return f"cannot be checked ({error})"
+    return None
+
+
+# ------------------------------------------------------------------ reading
+
+
+@dataclasses.dataclass
+class JournalContents:
+    records: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # last wins
+    rejected: int = 0  # lines ignored: torn, not JSON, no or bad MAC
+
+
+def read_journal(path: Path, key: bytes | None) -> JournalContents:
+    """Every record whose MAC checks; each other line is logged and ignored."""
+    contents = JournalContents()
+    if not path.exists():
+        return contents
+    with path.open("rb") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            entry, problem = _verified(line, key)
+            if entry is None:
+                contents.rejected += 1
+                log.warning("journal %s line %d ignored: %s", path, number, problem)
+            else:
+                contents.records[entry["file"]] = entry
+    return contents
+
+
+def _verified(line: bytes, key: bytes | None) -> tuple[dict[str, Any] | None, str]:
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None, "not JSON (a torn or foreign line)"
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+        return None, "not a record"
+    mac = entry.pop("mac", None)
+    if key is None or not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(key, entry)):
+        return None, f"bad or missing MAC for {entry['file']!r} (forged, or another journal's)"
+    return entry, ""
+
+
+# ------------------------------------------------------------------ writing
+
+
+class Journal:
+    """The manager's append-only writer: one sealed line per ``write()``."""
+
+    def __init__(self, path: Path, key: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._path, self._key = path, key
+        # O_CLOEXEC: no command the batch starts inherits it. O_NOFOLLOW: a symlink swapped in
+        # for the journal does not turn our appends into writes to its target.
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        self._fd = os.open(path, flags, 0o600)
+        self._size = 0
+        self._resync("a torn last line (a crash mid-append)")
+
+    def _resync(self, what: str) -> None:
+        """Start our next line on a fresh line, whatever was appended since our last write."""
+        size = os.fstat(self._fd).st_size
+        if size != self._size and self._size:
+            log.warning(
+                "journal %s: %d bytes appended by someone else; --resume ignores any line"
+                " without our MAC", self._path, size - self._size,
+            )  # fmt: skip
+        if size and os.pread(self._fd, 1, size - 1) != b"\n":
+            log.warning("journal %s ends in %s: starting a new line", self._path, what)
+            os.write(self._fd, b"\n")
+        self._size = os.fstat(self._fd).st_size
+
+    def write(self, entry: dict[str, Any]) -> None:
+        if os.fstat(self._fd).st_size != self._size:
+            self._resync("a partial foreign line")
+        data = json.loads(json.dumps(entry, default=str))  # exactly what a reader will see
+        data["mac"] = _mac(self._key, data)
+        line = (json.dumps(data) + "\n").encode()
+        # One write() per line: a kill can tear at most the line being written.
+        written = os.write(self._fd, line)
+        if written != len(line):
+            log.warning("journal %s: short write (%d of %d bytes)", self._path, written, len(line))
+        self._size = os.fstat(self._fd).st_size
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
