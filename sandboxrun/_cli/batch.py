@@ -148,17 +148,16 @@ def _run(
     try:
         with bar, manager:
             bar_task = bar.add_task("batch", total=len(files), rate=0.0, failures=0)
-            queued: dict[int, tuple[Path, dict[str, int]]] = {}
+            queued: dict[int, tuple[Path, dict[str, int] | None]] = {}
             for relative, task in tasks_for(files, batch.template, batch.input_dir, batch.out_dir):
                 source = batch.input_dir / relative
-                queued[id(task)] = relative, journaling.queued_stat(source, batch.follow_symlinks)
+                identity = journaling.queued_identity(source, batch.follow_symlinks)
+                queued[id(task)] = relative, identity
                 manager.queue_task(task)
             for result in manager.as_completed():
-                relative, stat = queued[id(result.task)]
+                relative, identity = queued[id(result.task)]
                 entry = record(relative, result)
-                entry["input"] = journaling.identity(
-                    batch.input_dir / relative, stat, batch.follow_symlinks
-                )
+                entry["input"] = identity
                 writer.write(entry)
                 finished += 1
                 failures += entry["verdict"] != "ok"

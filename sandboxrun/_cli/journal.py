@@ -1,21 +1,27 @@
 """The batch journal: one MAC'd JSON line per finished file, the only thing ``--resume`` trusts.
 
     batch start ── key file (0600, outside OUT) ──> per-batch secret key, in the manager only
-    each result ──> record + "input" identity ──> HMAC-SHA256(key, canonical JSON) ──> "mac"
+    each result ──> record + "input" (stat at queue time) ──> HMAC-SHA256(key, JSON) ──> "mac"
                     └─ one os.write() of one line on an O_APPEND fd (a kill tears at most it)
-    --resume ──> every line: JSON? "mac" valid? input unchanged (size, mtime_ns, blake2b)?
+    --resume ──> every line: JSON? "mac" valid? input unchanged (size, mtime, ctime, inode)?
                  └─ any "no": that file runs again, with a warning saying why
 
 Why a MAC: the converter is hostile and, until tasks are isolated, runs with the manager's uid;
 it can append lines to the journal (it even knows where it is: next to ``{output}``). Without the
 key, which never enters a task's environment or output folder, it cannot make a line that
-``--resume`` accepts, so a forged ``ok`` only makes that file run again. What it still can do
-while it shares our uid: read the key file (its path is documented) -- isolation closes that.
+``--resume`` accepts, so a forged ``ok`` only makes that file run again; a replayed genuine line
+names the input as it was, so it is stale unless that file is untouched. What it still can do
+while it shares our uid: find, read or replace the key file (its path follows from the
+journal's) -- running tasks under another uid or without the state folder closes that.
 
-Why the input identity: a record says "this content was converted". Size and ``mtime_ns`` are
-taken when the task is queued and the content hash when it finishes; if the file changes in
-between or afterwards, the identity no longer matches and the file runs again. Cost: one extra
-sequential read of each input (when it finishes, and once more per ``--resume``).
+Why the input identity: a record says "this file, as it was when queued, was converted". The
+identity is the stat taken at queue time: size, ``mtime_ns``, inode and ``ctime_ns``. The kernel
+sets ctime on every write, truncate, rename or ``utime()`` and nothing short of changing the
+system clock sets it back, so it catches what a content hash would (same size, mtime put back)
+for the price of one ``stat()`` -- a hash would reread every input in the manager's single
+thread, stalling every other task's timeout for as long as a big file takes to read. A change
+at any time after queueing (a converter rewriting its own input included) makes the file run
+again on ``--resume``; so does a copy or restore of the input folder (new inodes).
 """
 
 from __future__ import annotations
@@ -27,14 +33,13 @@ import json
 import logging
 import os
 import secrets
-import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 log = logging.getLogger("sandboxrun.cli")
 
 STATE_DIR_ENV = "SANDBOXRUN_STATE_DIR"
-_CHUNK = 1 << 20
 
 
 # ------------------------------------------------------------------ the key
@@ -83,49 +88,22 @@ def _mac(key: bytes, entry: dict[str, Any]) -> str:
 # ------------------------------------------------------------------ input identity
 
 
-def _open_regular(path: Path, follow_symlinks: bool) -> int:
-    # O_NONBLOCK: if a FIFO was swapped in, open() must not wait for a writer; fstat refuses it.
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
-    fd = os.open(path, flags)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(f"{path} is no longer a regular file")
-    return fd
-
-
 def stat_identity(path: Path, follow_symlinks: bool) -> dict[str, int]:
     info = os.stat(path, follow_symlinks=follow_symlinks)
-    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+    return {
+        "size": info.st_size,
+        "mtime_ns": info.st_mtime_ns,
+        "ctime_ns": info.st_ctime_ns,  # set by the kernel on every change; utime() cannot
+        "ino": info.st_ino,
+    }
 
 
-def queued_stat(path: Path, follow_symlinks: bool) -> dict[str, int]:
-    """``stat_identity`` at queue time; empty (the record will not be trusted) if it fails."""
+def queued_identity(path: Path, follow_symlinks: bool) -> dict[str, int] | None:
+    """The input's identity when its task is queued; None (never trusted) if it cannot be read."""
     try:
         return stat_identity(path, follow_symlinks)
     except OSError as error:
         log.warning("cannot stat %s (%s): its record will not be trusted by --resume", path, error)
-        return {}
-
-
-def content_hash(path: Path, follow_symlinks: bool) -> str:
-    fd = _open_regular(path, follow_symlinks)
-    digest = hashlib.blake2b(digest_size=32)
-    try:
-        while chunk := os.read(fd, _CHUNK):
-            digest.update(chunk)
-    finally:
-        os.close(fd)
-    return digest.hexdigest()
-
-
-def identity(path: Path, queued: dict[str, int], follow_symlinks: bool) -> dict[str, Any] | None:
-    """The record's ``input``: the stat taken at queue time plus the content hash now."""
-    if not queued:
-        return None
-    try:
-        return {**queued, "blake2b": content_hash(path, follow_symlinks)}
-    except OSError as error:
-        log.warning("cannot hash %s (%s): its record will not be trusted by --resume", path, error)
         return None
 
 
@@ -136,13 +114,10 @@ def stale_reason(record: dict[str, Any], path: Path, follow_symlinks: bool) -> s
         return "its record has no input identity"
     try:
         now = stat_identity(path, follow_symlinks)
-        if any(recorded.get(key) != value for key, value in now.items()):
-            return "changed since its record (size or mtime)"
-        if recorded.get("blake2b") != content_hash(path, follow_symlinks):
-            return "changed since its record (content)"
     except OSError as error:
-        return f"cannot be checked ({error})"
-    return None
+        return f"cannot be checked ({error.strerror})"
+    changed = [key for key, value in now.items() if recorded.get(key) != value]
+    return f"changed since its record ({', '.join(changed)})" if changed else None
 
 
 # ------------------------------------------------------------------ reading
@@ -154,28 +129,46 @@ class JournalContents:
     rejected: int = 0  # lines ignored: torn, not JSON, no or bad MAC
 
 
+MAX_LINE_BYTES = 1 << 20  # ours are a few KiB (argv, 2000 chars of stderr); longer is foreign
+_SHOWN_WARNINGS = 20
+
+
 def read_journal(path: Path, key: bytes | None) -> JournalContents:
-    """Every record whose MAC checks; each other line is logged and ignored."""
+    """Every record whose MAC checks; every other line is ignored (the first few logged)."""
     contents = JournalContents()
     if not path.exists():
         return contents
-    with path.open("rb") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            entry, problem = _verified(line, key)
-            if entry is None:
-                contents.rejected += 1
-                log.warning("journal %s line %d ignored: %s", path, number, problem)
-            else:
+    with path.open("rb") as journal:
+        for number, line in enumerate(_lines(journal), 1):
+            entry, problem = _verified(line, key) if line is not None else (None, "too long")
+            if entry is not None:
                 contents.records[entry["file"]] = entry
+            elif problem:
+                contents.rejected += 1
+                if contents.rejected <= _SHOWN_WARNINGS:
+                    log.warning("journal %s line %d ignored: %s", path, number, problem)
+    if contents.rejected > _SHOWN_WARNINGS:
+        log.warning("journal %s: %d lines ignored in all", path, contents.rejected)
     return contents
 
 
+def _lines(journal: BinaryIO) -> Iterator[bytes | None]:
+    """Each line, or None for one over MAX_LINE_BYTES (skipped without holding it in memory)."""
+    while line := journal.readline(MAX_LINE_BYTES + 1):
+        if len(line) <= MAX_LINE_BYTES:
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):
+            line = journal.readline(MAX_LINE_BYTES)
+        yield None
+
+
 def _verified(line: bytes, key: bytes | None) -> tuple[dict[str, Any] | None, str]:
+    if not line.strip():
+        return None, ""
     try:
         entry = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None, "not JSON (a torn or foreign line)"
     if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
         return None, "not a record"

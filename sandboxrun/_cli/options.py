@@ -38,7 +38,7 @@ def _duration(option: str, text: str | None) -> float | None:
     seconds = parse_duration(text)
     if seconds > MAX_SECONDS:
         raise ValueError(
-            f"{option} {text} is too long: the maximum is {MAX_SECONDS:.0f}s (24 days)"
+            f"{option} {text} is too long: the maximum is {int(MAX_SECONDS)}s (24 days)"
         )
     return seconds
 
