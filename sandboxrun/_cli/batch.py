@@ -55,7 +55,7 @@ def run_batch(batch: Batch, manager: ProcessManager, console: Any) -> bool:
     """Run every file not yet done; True when every file of the whole journal is ``ok``."""
     inputs = list_inputs(batch.input_dir, follow_symlinks=batch.follow_symlinks)
     _report_skipped(inputs, console)
-    key = _key(batch, console)
+    key = _key(batch)
     done = _trusted(batch, key, inputs, console) if batch.resume else set()
     files = [relative for relative in inputs.files if str(relative) not in done]
     console.print(
@@ -69,18 +69,18 @@ def run_batch(batch: Batch, manager: ProcessManager, console: Any) -> bool:
     finally:
         writer.close()
     # The summary covers the whole batch, earlier runs of a resumed one included.
-    everything = list(journaling.read_journal(batch.journal_path, key).records.values())
+    contents = journaling.read_journal(batch.journal_path, key, warn=False)  # warned above
+    everything = list(contents.records.values())
     summary(everything, time.monotonic() - started, console)
     return all(entry["verdict"] == "ok" for entry in everything)
 
 
-def _key(batch: Batch, console: Any) -> bytes:
+def _key(batch: Batch) -> bytes:
     """The journal's key: the existing one to resume, else a fresh one for a new journal."""
     if batch.resume and batch.journal_path.exists():
-        key = journaling.load_key(batch.key_path)
+        key = journaling.load_key(batch.key_path)  # None: it warned that every file reruns
         if key is not None:
             return key
-        console.print(f"no usable key at {batch.key_path}: every file runs again")
     return journaling.new_key(batch.key_path)
 
 
@@ -101,14 +101,14 @@ def _trusted(batch: Batch, key: bytes, inputs: Inputs, console: Any) -> set[str]
         if reason is None:
             trusted.add(str(relative))
         else:
-            journaling.log.warning("%s %s: it runs again", relative, reason)
+            journaling.log.info("%s %s: it runs again", relative, reason)
             console.print(f"{relative}: {reason}: it runs again")
     return trusted
 
 
 def _report_skipped(inputs: Inputs, console: Any) -> None:
     for skipped in inputs.skipped[:_SHOWN_SKIPS]:
-        journaling.log.warning("skipped %s: %s", skipped.relative, skipped.reason)
+        journaling.log.info("skipped %s: %s", skipped.relative, skipped.reason)
         console.print(f"skipped {skipped.relative}: {skipped.reason}")
     if len(inputs.skipped) > _SHOWN_SKIPS:
         console.print(f"... and {len(inputs.skipped) - _SHOWN_SKIPS} more skipped entries")

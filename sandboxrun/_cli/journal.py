@@ -133,7 +133,7 @@ MAX_LINE_BYTES = 1 << 20  # ours are a few KiB (argv, 2000 chars of stderr); lon
 _SHOWN_WARNINGS = 20
 
 
-def read_journal(path: Path, key: bytes | None) -> JournalContents:
+def read_journal(path: Path, key: bytes | None, *, warn: bool = True) -> JournalContents:
     """Every record whose MAC checks; every other line is ignored (the first few logged)."""
     contents = JournalContents()
     if not path.exists():
@@ -145,9 +145,9 @@ def read_journal(path: Path, key: bytes | None) -> JournalContents:
                 contents.records[entry["file"]] = entry
             elif problem:
                 contents.rejected += 1
-                if contents.rejected <= _SHOWN_WARNINGS:
+                if warn and contents.rejected <= _SHOWN_WARNINGS:
                     log.warning("journal %s line %d ignored: %s", path, number, problem)
-    if contents.rejected > _SHOWN_WARNINGS:
+    if warn and contents.rejected > _SHOWN_WARNINGS:
         log.warning("journal %s: %d lines ignored in all", path, contents.rejected)
     return contents
 
