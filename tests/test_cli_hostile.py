@@ -43,16 +43,19 @@ if data.startswith(b"FORGE"):
 pathlib.Path(dst).write_bytes(data.upper())
 """
 
-# Writes its own argv and the targets of its open fds, as JSON, to {output}.
+# Writes its argv and the targets of its own and its parent's (the worker's) fds to {output}.
 ARGV_DUMPER = """
 import json, os, sys
-fds = {}
-for fd in os.listdir("/proc/self/fd"):
-    try:
-        fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        pass
-open(sys.argv[-1], "w").write(json.dumps({"argv": sys.argv[1:], "fds": fds}))
+def fds(pid):
+    found = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            pass
+    return found
+dump = {"argv": sys.argv[1:], "fds": fds("self"), "parent_fds": fds(os.getppid())}
+open(sys.argv[-1], "w").write(json.dumps(dump))
 """
 
 
@@ -88,13 +91,11 @@ def journal_lines(base: Path) -> list[dict]:
     return entries
 
 
-def _wait_for_lines(path: Path, count: int, seconds: float) -> None:
+def _until(condition, seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if path.exists() and len(path.read_text().splitlines()) >= count:
-            return
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
-    raise AssertionError(f"journal never reached {count} lines")
 
 
 # --------------------------------------------------------------------- the journal
@@ -108,7 +109,8 @@ def test_forged_ok_records_are_ignored_and_those_files_redone(base):
     process = subprocess.Popen([*CLI, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     path = base / "out" / "sandboxrun-journal.jsonl"
     try:
-        _wait_for_lines(path, 2, 60 * SCALE)  # the two forged lines, while a.txt hangs
+        # The two forged lines, while a.txt hangs.
+        _until(lambda: path.exists() and path.read_text().count("\n") >= 2, 60 * SCALE, "forgery")
     finally:
         process.kill()  # the batch dies mid-run, as in the report; its workers die with it
         process.wait(timeout=30)
@@ -192,12 +194,13 @@ def test_each_record_carries_its_input_identity_and_a_mac(base):
     assert len(entry["mac"]) == 64 and int(entry["mac"], 16) >= 0
 
 
-def test_the_journal_fd_does_not_reach_the_command(base):
+def test_the_journal_fd_reaches_neither_the_command_nor_its_worker(base):
     (base / "in" / "a.txt").write_bytes(b"x")
     assert runner.invoke(app, batch_args(base, script="dump.py")).exit_code == 0
-    seen = json.loads((base / "out" / "a.txt").read_text())["fds"]
-    assert seen, "the dumper saw no fds at all"
-    assert not any("sandboxrun-journal" in target for target in seen.values()), seen
+    dump = json.loads((base / "out" / "a.txt").read_text())
+    for seen in (dump["fds"], dump["parent_fds"]):  # the command's and its worker's
+        assert seen, "the dumper saw no fds at all"
+        assert not any("sandboxrun-journal" in target for target in seen.values()), seen
 
 
 # --------------------------------------------------------------------- input names and entries

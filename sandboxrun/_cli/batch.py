@@ -63,11 +63,7 @@ def run_batch(batch: Batch, manager: ProcessManager, console: Any) -> bool:
         f" journal {batch.journal_path}"
     )
     started = time.monotonic()
-    writer = journaling.Journal(batch.journal_path, key)
-    try:
-        _run(batch, manager, files, writer, console)
-    finally:
-        writer.close()
+    _run(batch, manager, files, journaling.Journal(batch.journal_path, key), console)
     # The summary covers the whole batch, earlier runs of a resumed one included.
     contents = journaling.read_journal(batch.journal_path, key, warn=False)  # warned above
     everything = list(contents.records.values())

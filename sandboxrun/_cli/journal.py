@@ -182,44 +182,57 @@ def _verified(line: bytes, key: bytes | None) -> tuple[dict[str, Any] | None, st
 
 
 class Journal:
-    """The manager's append-only writer: one sealed line per ``write()``."""
+    """The manager's append-only writer: one sealed line per ``write()``.
+
+    The file is opened for each record and closed right after: the manager forks its workers
+    while results come in, and a fork copies every open descriptor (``O_CLOEXEC`` only acts at
+    exec), so a journal held open would sit in every worker, one ``/proc/$PPID/fd`` away from
+    its converter. An open and a close per finished file cost microseconds.
+    """
 
     def __init__(self, path: Path, key: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._path, self._key = path, key
-        # O_CLOEXEC: no command the batch starts inherits it. O_NOFOLLOW: a symlink swapped in
-        # for the journal does not turn our appends into writes to its target.
-        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        self._fd = os.open(path, flags, 0o600)
         self._size = 0
-        self._resync("a torn last line (a crash mid-append)")
+        fd = self._open()
+        try:
+            self._resync(fd, "a torn last line (a crash mid-append)")
+        finally:
+            os.close(fd)
 
-    def _resync(self, what: str) -> None:
+    def _open(self) -> int:
+        # O_NOFOLLOW: a symlink swapped in for the journal does not turn our appends into
+        # writes to its target. O_CLOEXEC: no command started meanwhile inherits it.
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        return os.open(self._path, flags, 0o600)
+
+    def _resync(self, fd: int, what: str) -> None:
         """Start our next line on a fresh line, whatever was appended since our last write."""
-        size = os.fstat(self._fd).st_size
+        size = os.fstat(fd).st_size
         if size != self._size and self._size:
             log.warning(
                 "journal %s: %d bytes appended by someone else; --resume ignores any line"
                 " without our MAC", self._path, size - self._size,
             )  # fmt: skip
-        if size and os.pread(self._fd, 1, size - 1) != b"\n":
+        if size and os.pread(fd, 1, size - 1) != b"\n":
             log.warning("journal %s ends in %s: starting a new line", self._path, what)
-            os.write(self._fd, b"\n")
-        self._size = os.fstat(self._fd).st_size
+            os.write(fd, b"\n")
+        self._size = os.fstat(fd).st_size
 
     def write(self, entry: dict[str, Any]) -> None:
-        if os.fstat(self._fd).st_size != self._size:
-            self._resync("a partial foreign line")
         data = json.loads(json.dumps(entry, default=str))  # exactly what a reader will see
         data["mac"] = _mac(self._key, data)
         line = (json.dumps(data) + "\n").encode()
-        # One write() per line: a kill can tear at most the line being written.
-        written = os.write(self._fd, line)
-        if written != len(line):
-            log.warning("journal %s: short write (%d of %d bytes)", self._path, written, len(line))
-        self._size = os.fstat(self._fd).st_size
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        fd = self._open()
+        try:
+            if os.fstat(fd).st_size != self._size:
+                self._resync(fd, "a partial foreign line")
+            # One write() per line: a kill can tear at most the line being written.
+            written = os.write(fd, line)
+            if written != len(line):
+                log.warning(
+                    "journal %s: short write (%d of %d bytes)", self._path, written, len(line)
+                )
+            self._size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
