@@ -19,7 +19,7 @@ import typer
 
 from ._backends import NAMES
 from ._cli import journal as journaling
-from ._cli.batch import Batch, Interrupted, run_batch
+from ._cli.batch import Batch, Interrupted, JournalUnusable, run_batch
 from ._cli.options import fail_usage, make_manager, parse_output_limit, set_verbosity
 from ._cli.records import record
 from ._cli.template import parse_template
@@ -146,7 +146,8 @@ def batch(
         typer.Option(help="The journal's secret key (default: in ~/.local/state/sandboxrun)."),
     ] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Skip files the journal records as done.")
+        bool,
+        typer.Option("--resume", help="Skip files with a genuine record for the input as it is."),
     ] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start a new journal over an old one.")
@@ -191,6 +192,8 @@ def batch(
             " tasks were killed. Continue with --resume."
         )
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except JournalUnusable as error:
+        raise fail_usage(str(error)) from None
     raise typer.Exit(0 if every_file_ok else 1)
 
 

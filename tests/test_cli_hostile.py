@@ -152,6 +152,18 @@ def test_without_its_key_no_record_is_trusted(base, tmp_path):
     assert (base / "out" / "a.txt").read_bytes() == b"X"
 
 
+def test_a_journal_replaced_by_a_symlink_is_not_written_through(base, tmp_path):
+    (base / "in" / "a.txt").write_bytes(b"x")
+    target = tmp_path / "precious"
+    target.write_text("keep me\n")
+    (base / "out").mkdir()
+    (base / "out" / "sandboxrun-journal.jsonl").symlink_to(target)
+    result = runner.invoke(app, batch_args(base, "--resume"))
+    assert result.exit_code == 2, result.output
+    assert "cannot use the journal" in result.output
+    assert target.read_text() == "keep me\n"
+
+
 def test_huge_and_deeply_nested_foreign_lines_are_skipped(base):
     (base / "in" / "a.txt").write_bytes(b"x")
     assert runner.invoke(app, batch_args(base)).exit_code == 0

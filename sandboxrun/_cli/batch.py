@@ -26,7 +26,7 @@ from .inputs import Inputs, list_inputs
 from .records import record, summary
 from .template import command_for
 
-_SHOWN_SKIPS = 20
+_SHOWN = 20
 
 
 @dataclasses.dataclass
@@ -43,6 +43,10 @@ class Batch:
     progress: bool
 
 
+class JournalUnusable(Exception):
+    """The journal or its key cannot be opened (e.g. a symlink where the journal should be)."""
+
+
 class Interrupted(Exception):
     """Ctrl-C: the journal is kept; ``finished`` files are in it."""
 
@@ -55,7 +59,11 @@ def run_batch(batch: Batch, manager: ProcessManager, console: Any) -> bool:
     """Run every file not yet done; True when every file of the whole journal is ``ok``."""
     inputs = list_inputs(batch.input_dir, follow_symlinks=batch.follow_symlinks)
     _report_skipped(inputs, console)
-    key = _key(batch)
+    try:
+        key = _key(batch)
+        writer = journaling.Journal(batch.journal_path, key)
+    except OSError as error:
+        raise JournalUnusable(f"cannot use the journal {batch.journal_path}: {error}") from None
     done = _trusted(batch, key, inputs, console) if batch.resume else set()
     files = [relative for relative in inputs.files if str(relative) not in done]
     console.print(
@@ -63,7 +71,7 @@ def run_batch(batch: Batch, manager: ProcessManager, console: Any) -> bool:
         f" journal {batch.journal_path}"
     )
     started = time.monotonic()
-    _run(batch, manager, files, journaling.Journal(batch.journal_path, key), console)
+    _run(batch, manager, files, writer, console)
     # The summary covers the whole batch, earlier runs of a resumed one included.
     contents = journaling.read_journal(batch.journal_path, key, warn=False)  # warned above
     everything = list(contents.records.values())
@@ -88,7 +96,7 @@ def _trusted(batch: Batch, key: bytes, inputs: Inputs, console: Any) -> set[str]
             f"{contents.rejected} journal lines ignored (torn, forged or from another key):"
             " their files run again"
         )
-    trusted = set()
+    trusted, stale = set(), 0
     for relative in inputs.files:
         entry = contents.records.get(str(relative))
         if entry is None:
@@ -96,18 +104,22 @@ def _trusted(batch: Batch, key: bytes, inputs: Inputs, console: Any) -> set[str]
         reason = journaling.stale_reason(entry, batch.input_dir / relative, batch.follow_symlinks)
         if reason is None:
             trusted.add(str(relative))
-        else:
-            journaling.log.info("%s %s: it runs again", relative, reason)
+            continue
+        stale += 1
+        journaling.log.info("%s %s: it runs again", relative, reason)
+        if stale <= _SHOWN:
             console.print(f"{relative}: {reason}: it runs again")
+    if stale > _SHOWN:
+        console.print(f"... {stale} files in all changed since their record: they run again")
     return trusted
 
 
 def _report_skipped(inputs: Inputs, console: Any) -> None:
-    for skipped in inputs.skipped[:_SHOWN_SKIPS]:
+    for skipped in inputs.skipped[:_SHOWN]:
         journaling.log.info("skipped %s: %s", skipped.relative, skipped.reason)
         console.print(f"skipped {skipped.relative}: {skipped.reason}")
-    if len(inputs.skipped) > _SHOWN_SKIPS:
-        console.print(f"... and {len(inputs.skipped) - _SHOWN_SKIPS} more skipped entries")
+    if len(inputs.skipped) > _SHOWN:
+        console.print(f"... {len(inputs.skipped)} entries skipped in all")
 
 
 def tasks_for(

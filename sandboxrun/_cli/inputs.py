@@ -29,23 +29,31 @@ class Inputs:
 
 def list_inputs(input_dir: Path, *, follow_symlinks: bool = False) -> Inputs:
     found = Inputs()
-    _walk(input_dir, Path(), follow_symlinks, found)
-    return found
-
-
-def _walk(root: Path, relative: Path, follow_symlinks: bool, found: Inputs) -> None:
-    with os.scandir(root / relative) as scan:
-        entries = sorted(scan, key=lambda entry: entry.name)
-    for entry in entries:
-        path = relative / entry.name
-        if entry.is_dir(follow_symlinks=False):
-            _walk(root, path, follow_symlinks, found)
+    # Depth-first with an explicit stack, in sorted order: a folder nested ten thousand deep
+    # (the attacker chooses the tree) must not hit Python's recursion limit.
+    stack = [Path()]
+    while stack:
+        relative = stack.pop()
+        try:
+            with os.scandir(input_dir / relative) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as error:
+            found.skipped.append(Skipped(relative, f"folder not readable ({error.strerror})"))
             continue
-        reason = _reason_to_skip(entry, follow_symlinks)
-        if reason is None:
-            found.files.append(path)
-        else:
-            found.skipped.append(Skipped(path, reason))
+        folders = []
+        for entry in entries:
+            path = relative / entry.name
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(path)
+                continue
+            reason = _reason_to_skip(entry, follow_symlinks)
+            if reason is None:
+                found.files.append(path)
+            else:
+                found.skipped.append(Skipped(path, reason))
+        stack.extend(reversed(folders))
+    found.files.sort()
+    return found
 
 
 def _reason_to_skip(entry: os.DirEntry[str], follow_symlinks: bool) -> str | None:
