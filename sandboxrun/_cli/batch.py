@@ -3,7 +3,7 @@
     input folder ──> inputs.list_inputs ──> regular files (skipped ones reported)
                      journal.read_journal + stale_reason ──> the ones --resume may skip
     the rest ──> template.command_for ──> CommandTask ──> ProcessManager
-    as_completed ──> records.record + journal identity ──> Journal.write (flushed, MAC'd)
+    as_completed ──> records.record + queue-time identity ──> Journal.write (one line, MAC'd)
     the whole journal, verified ──> records.summary ──> exit 0 (all ok) / 1
 
 The journal is the batch's memory: one line per finished file, written the moment its result
