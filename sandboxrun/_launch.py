@@ -84,26 +84,39 @@ class ForkedProcess:
         self.exitcode: int | None = None
 
     def start(self) -> None:
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into the manager's code
-            code = protocol.EXIT_MANAGER_GONE
-            try:
-                # What multiprocessing's fork bootstrap does for objects registered with it
-                # (e.g. a multiprocessing.Lock the task inherited).
-                multiprocessing.util._run_after_forkers()  # type: ignore[attr-defined]
-                assert self._target is not None and self._spec is not None
-                self._target(self._spec)
-                code = 0
-            except SystemExit as stop:
-                code = stop.code if isinstance(stop.code, int) else 1
-            except BaseException:
-                import traceback
+        # SIGINT is blocked across fork(): os.fork() runs at-fork hooks in the parent (logging's
+        # lock release, once logging is imported), and a KeyboardInterrupt raised inside one is
+        # printed and *ignored* -- a Ctrl-C landing there was lost and the batch ran on. Blocked,
+        # it stays pending and is raised once the mask is restored, after self.pid is known.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._child(mask)
+            self.pid = pid
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
-                traceback.print_exc()
-            finally:
-                sys.stderr.flush()
-                os._exit(code)
-        self.pid = pid
+    def _child(self, mask: set[signal.Signals]) -> None:
+        """Never returns into the manager's code."""
+        code = protocol.EXIT_MANAGER_GONE
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            # What multiprocessing's fork bootstrap does for objects registered with it
+            # (e.g. a multiprocessing.Lock the task inherited).
+            multiprocessing.util._run_after_forkers()  # type: ignore[attr-defined]
+            assert self._target is not None and self._spec is not None
+            self._target(self._spec)
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
 
     def _reap(self, flags: int) -> None:
         if self.exitcode is not None or self.pid is None:

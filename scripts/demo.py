@@ -26,6 +26,8 @@ EXPECTED = {
     "forkbomb.doc": "timed out",
     "crash.xls": "failed",
 }
+SYMLINK = "hostname.txt"
+FILES = 13  # 8 reports, 4 hostile files, --help.txt; the symlink is not one of them
 
 
 def samples(directory: pathlib.Path) -> None:
@@ -40,8 +42,11 @@ def samples(directory: pathlib.Path) -> None:
         "forkbomb.doc": b"FORK\n",
         "crash.xls": b"CRASH\n",
     }
+    files["--help.txt"] = b"a name that a naive runner would hand over as an option\n"
     for name, content in files.items():
         (directory / name).write_bytes(content)
+    # A symlink out of the input folder: sandboxrun batch skips it (no --follow-symlinks).
+    (directory / SYMLINK).symlink_to("/etc/hostname")
 
 
 def convert(input_file: pathlib.Path, output_file: pathlib.Path) -> None:
@@ -69,11 +74,15 @@ def convert(input_file: pathlib.Path, output_file: pathlib.Path) -> None:
 def check(journal: pathlib.Path) -> int:
     verdicts = {}
     for line in journal.read_text().splitlines():
-        entry = json.loads(line)
-        verdicts[entry["file"]] = entry["verdict"]
+        if line.strip():
+            entry = json.loads(line)
+            verdicts[entry["file"]] = entry["verdict"]
     wrong = {name: got for name, got in verdicts.items() if got != EXPECTED.get(name, "ok")}
-    if len(verdicts) != 12 or wrong:
+    leaked = (journal.parent / f"{SYMLINK}.z").exists() or SYMLINK in verdicts
+    if len(verdicts) != FILES or wrong or leaked:
         print(f"demo: unexpected verdicts {wrong} ({len(verdicts)} files)", file=sys.stderr)
+        if leaked:
+            print(f"demo: the symlink {SYMLINK} was followed", file=sys.stderr)
         return 1
     print("demo: every ordinary file converted; every hostile one contained as expected")
     return 0

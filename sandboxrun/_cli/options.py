@@ -1,0 +1,102 @@
+"""Command-line limits -> a ProcessManager, and ``--verbose``; every bad value is one usage line.
+
+The library validates its arguments (and, with the limits work, names each maximum); the CLI
+adds the bounds the kernel and Python can represent, so ``--timeout 800h`` or
+``--max-processes 99999999`` is exit 2 with the maximum in the message, never a traceback
+or a late failure inside the batch. Whatever raises ``ValueError``, ``TypeError`` or
+``OverflowError`` while the manager is built is reported the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from .._errors import SandboxrunError
+from .._limits import GIB, parse_duration, parse_size
+from .._manager import ProcessManager
+from .verdicts import EXIT_USAGE
+
+# What the kernel and Python can hold (the library's own maxima supersede these once it has them).
+MAX_SECONDS = (2**31 - 1) / 1000  # poll/timer arguments are C ints of milliseconds: ~24.8 days
+MAX_MEMORY_BYTES = 2**62  # memory.max / memory.limit_in_bytes are signed 64-bit, page-rounded
+MAX_PROCESSES = 4 * 1024 * 1024  # PID_MAX_LIMIT: pids.max cannot usefully go higher
+
+_HANDLER_MARK = "_sandboxrun_cli_handler"
+
+
+def fail_usage(message: str) -> typer.Exit:
+    typer.echo(f"sandboxrun: {message}", err=True)
+    return typer.Exit(EXIT_USAGE)
+
+
+def _duration(option: str, text: str | None) -> float | None:
+    if text is None:
+        return None
+    seconds = parse_duration(text)
+    if seconds > MAX_SECONDS:
+        raise ValueError(
+            f"{option} {text} is too long: the maximum is {int(MAX_SECONDS)}s (24 days)"
+        )
+    return seconds
+
+
+def _memory(text: str | None) -> float | None:
+    if text is None:
+        return None
+    size = parse_size(text)
+    if size > MAX_MEMORY_BYTES:
+        raise ValueError(f"--memory {text} is too large: the maximum is {MAX_MEMORY_BYTES // GIB}G")
+    return size / GIB
+
+
+def _processes(count: int | None) -> int | None:
+    if count is not None and count > MAX_PROCESSES:
+        raise ValueError(f"--max-processes {count} is too large: the maximum is {MAX_PROCESSES}")
+    return count
+
+
+def make_manager(
+    workers: int | None,
+    memory: str | None,
+    timeout: str | None,
+    cpu_time: str | None,
+    max_processes: int | None,
+    backend: str,
+) -> ProcessManager:
+    """One parser for sizes and durations (the library's); a bad value is a one-line error."""
+    try:
+        return ProcessManager(
+            max_workers=workers,
+            worker_timeout_seconds=_duration("--timeout", timeout),
+            memory_limit_in_gib=_memory(memory),
+            cpu_time_limit_seconds=_duration("--cpu-time", cpu_time),
+            max_processes=_processes(max_processes),
+            backend=backend,
+        )
+    except (ValueError, TypeError, OverflowError, SandboxrunError) as error:
+        raise fail_usage(str(error)) from None
+
+
+def parse_output_limit(text: str) -> int:
+    try:
+        return parse_size(text)
+    except (ValueError, OverflowError) as error:
+        raise fail_usage(str(error)) from None
+
+
+def set_verbosity(count: int) -> None:
+    """``-v``: INFO, ``-vv``: DEBUG, from ``logging.getLogger("sandboxrun")`` to stderr."""
+    logger = logging.getLogger("sandboxrun")
+    for handler in [h for h in logger.handlers if getattr(h, _HANDLER_MARK, False)]:
+        logger.removeHandler(handler)  # one handler, even when the app runs twice in a process
+    if count <= 0:
+        logger.setLevel(logging.NOTSET)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    setattr(handler, _HANDLER_MARK, True)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if count == 1 else logging.DEBUG)
