@@ -97,7 +97,7 @@ class ForkedProcess:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
-    def _child(self, mask: set[signal.Signals]) -> None:
+    def _child(self, mask: set[int | signal.Signals]) -> None:
         """Never returns into the manager's code."""
         code = protocol.EXIT_MANAGER_GONE
         try:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import cast
 
 import typer
 
 from .._errors import SandboxrunError
 from .._limits import GIB, parse_duration, parse_size
-from .._manager import ProcessManager
+from .._manager import BackendName, ProcessManager
 from .verdicts import EXIT_USAGE
 
 # What the kernel and Python can hold (the library's own maxima supersede these once it has them).
@@ -74,7 +75,7 @@ def make_manager(
             memory_limit_in_gib=_memory(memory),
             cpu_time_limit_seconds=_duration("--cpu-time", cpu_time),
             max_processes=_processes(max_processes),
-            backend=backend,
+            backend=cast(BackendName, backend),  # checked by ProcessManager itself
         )
     except (ValueError, TypeError, OverflowError, SandboxrunError) as error:
         raise fail_usage(str(error)) from None
