@@ -347,3 +347,12 @@ def test_options_are_filtered_by_the_signature():
     options = {"alpha": 3, "beta": "x", "gamma": 9, "poll_interval_seconds": 0.1}
     assert accepted_options(_Options, options) == {"alpha": 3, "beta": "x"}
     assert _Options(**accepted_options(_Options, options)).values == (3, "x", 6)
+
+
+def test_detect_reports_what_the_instance_knows(monkeypatch):
+    from sandboxrun._backends import detect
+    from sandboxrun._backends.psutil_monitor import PsutilBackend
+
+    degraded = property(lambda self: frozenset({"peak_memory"}))
+    monkeypatch.setattr(PsutilBackend, "kernel_enforced", degraded)
+    assert detect()["backends"]["psutil"]["kernel_enforced"] == ["peak_memory"]

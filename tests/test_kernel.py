@@ -94,9 +94,8 @@ def test_cgroup_layout_is_inside_our_own_cgroup(kernel_backend):
     manager.backend.open()
     try:
         own = pathlib.Path("/proc/self/cgroup").read_text()
-        runner_dirs = [str(p) for p in getattr(manager.backend, "runner", {}).values()] or [
-            str(getattr(manager.backend, "runner_path", ""))
-        ]
+        runner_dirs = [str(p) for p in manager.backend.runner_dirs]
+        assert runner_dirs
         for path in runner_dirs:
             assert f"sandboxrun-{os.getpid()}-" in path
             relative = path.split("/sys/fs/cgroup/", 1)[1].split("/", 1)[-1]
