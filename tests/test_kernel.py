@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
+import re
 import signal
 import threading
 import time
@@ -153,3 +155,21 @@ def test_fork_bomb_that_gives_up_is_a_process_limit_failure(kernel_backend):
     result = run(kernel_backend, tasks.fork_or_fail, 20, max_processes=5)
     assert not result.success and result.process_limit_exceeded
     assert not result.out_of_memory and not result.timed_out
+
+
+def test_cgroupfs_writes_and_the_kill_are_logged(kernel_backend, caplog):
+    # The verbose trace (like isolate's or BenchExec's): each limit written, then the kill.
+    with caplog.at_level(logging.DEBUG, logger="sandboxrun"):
+        result = run(
+            kernel_backend,
+            tasks.sleep_then,
+            60,
+            memory_limit_in_gib=0.25,
+            max_processes=20,
+            worker_timeout_seconds=1 * SCALE,
+        )
+    assert result.timed_out
+    text = caplog.text
+    assert re.search(r"write \S+/pids\.max <- 20", text), text
+    assert re.search(rf"write \S+/memory\.(max|limit_in_bytes) <- {GIB // 4}", text), text
+    assert re.search(r"write \S+/cgroup\.kill <- 1|SIGKILL \[\d+", text), text

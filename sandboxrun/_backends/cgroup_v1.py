@@ -154,7 +154,8 @@ class CgroupV1Sandbox(Sandbox):
     def _freeze(freezer: Path) -> bool:
         try:
             cgroupfs.write(freezer / "freezer.state", "FROZEN")
-        except OSError:
+        except OSError as error:  # then forks may race the kill: kill() loops instead
+            log.debug("cannot freeze %s (%s): killing unfrozen", freezer, error)
             return False
         deadline = time.monotonic() + _FREEZE_WAIT_SECONDS
         for attempt in itertools.count():

@@ -91,9 +91,13 @@ class PsutilSandbox(Sandbox):
             with contextlib.suppress(psutil.Error):
                 process.kill()
         for process in self.known.values():
-            with contextlib.suppress(psutil.Error):
+            try:
                 if process.is_running() and process is not self.root:
                     process.wait(timeout=1)
+            except psutil.TimeoutExpired:
+                log.warning("pid %s outlived SIGKILL by 1s (D state?): it may linger", process.pid)
+            except psutil.Error:
+                pass  # gone, or not ours to wait for: nothing left to do
 
     def collect(self) -> Usage:
         self.kill()
