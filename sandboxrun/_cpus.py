@@ -1,65 +1,74 @@
-"""How many CPUs this process may really use: affinity, then any cgroup CPU quota."""
+"""How many CPUs this process may really use: affinity, then any cgroup CPU quota.
+
+The quota is the smallest on the path from this process's cgroup up to its hierarchy's mount:
+cgroup v2 ``cpu.max`` (``"<quota> <period>"`` or ``"max <period>"``), cgroup v1
+``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (quota ``-1``: none).
+"""
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+from ._backends import cgroupfs
 
 
 def _quota_v2(path: Path) -> float | None:
     try:
-        quota, period = (path / "cpu.max").read_text().split()
-    except (OSError, ValueError):
+        quota, period = cgroupfs.read(path / "cpu.max").split()
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
         return None
-    return None if quota == "max" else int(quota) / int(period)
 
 
 def _quota_v1(path: Path) -> float | None:
-    try:
-        quota = int((path / "cpu.cfs_quota_us").read_text())
-        period = int((path / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
+    quota = cgroupfs.read_int(path / "cpu.cfs_quota_us")
+    period = cgroupfs.read_int(path / "cpu.cfs_period_us")
+    if quota is None or not period or quota <= 0:
         return None
-    return None if quota <= 0 else quota / period
+    return quota / period
 
 
-def _cgroup_quota() -> float | None:
-    """The smallest CPU quota on the path from this process's cgroup up to the root."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
+def _hierarchies() -> list[tuple[Path, Path, Callable[[Path], float | None]]]:
+    """(mount point, own cgroup directory, quota reader) of each hierarchy with a CPU quota."""
+    own = cgroupfs.own_cgroups()
+    found: list[tuple[Path, Path, Callable[[Path], float | None]]] = []
+    for mount in cgroupfs.mounts():
+        if mount.fstype == "cgroup2" and "" in own:
+            found.append((mount.point, mount.point / own[""].lstrip("/"), _quota_v2))
+        elif mount.fstype == "cgroup" and "cpu" in mount.options:
+            key = next((k for k in own if "cpu" in k.split(",")), None)
+            if key is not None:
+                found.append((mount.point, mount.point / own[key].lstrip("/"), _quota_v1))
+    return found
+
+
+def cgroup_quota() -> float | None:
+    """The smallest CPU quota (in CPUs) on the path from this process's cgroups up."""
     quotas: list[float] = []
-    for line in lines:
-        _, controllers, relative = line.split(":", 2)
-        if controllers == "":
-            base, reader = Path("/sys/fs/cgroup"), _quota_v2
-            if not (base / "cgroup.controllers").exists():
-                base = Path("/sys/fs/cgroup/unified")
-        elif "cpu" in controllers.split(","):
-            base, reader = Path("/sys/fs/cgroup/cpu"), _quota_v1
-            if not base.exists():
-                base = Path("/sys/fs/cgroup") / controllers
-        else:
-            continue
-        path = base / relative.lstrip("/")
+    for mount, path, reader in _hierarchies():
         while True:
             quota = reader(path)
             if quota is not None:
                 quotas.append(quota)
-            if path == base or path.parent == path:
+            if path == mount or mount not in path.parents:
                 break
             path = path.parent
     return min(quotas) if quotas else None
 
 
-def available_cpus() -> int:
+def affinity_count() -> int:
     try:
-        count = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        count = os.cpu_count() or 1
-    quota = _cgroup_quota()
+        return os.cpu_count() or 1
+
+
+def available_cpus() -> int:
+    count = affinity_count()
+    quota = cgroup_quota()
     if quota is not None:
         count = min(count, max(1, math.ceil(quota)))
     return max(1, count)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import platform
@@ -11,6 +10,7 @@ from typing import Any
 
 from ._backends import detect
 from ._backends.cgroupfs import mounts, own_cgroups
+from ._backends.hosts import cgroup_host
 
 LIMITS = {
     "memory": "memory limit",
@@ -60,24 +60,23 @@ def _fixes(report: dict[str, Any], systemd: bool, v2_controllers: list[str]) -> 
     return fixes
 
 
+_LAYOUTS = {
+    "unified": "unified (cgroup v2)",
+    "hybrid": "hybrid (v1 controllers + cgroup2)",
+    "legacy": "legacy (cgroup v1)",
+    "none": "none",
+}
+
+
 def doctor_report() -> dict[str, Any]:
     report = detect()
     cgroup_mounts = [
         {"type": kind, "mount": str(point), "options": sorted(options)}
         for kind, point, options in mounts()
     ]
-    v2 = next((m for m in cgroup_mounts if m["type"] == "cgroup2"), None)
-    v2_controllers: list[str] = []
-    if v2 is not None:
-        with contextlib.suppress(OSError):
-            v2_controllers = (Path(v2["mount"]) / "cgroup.controllers").read_text().split()
-    layout = "none"
-    if v2 is not None and not any(m["type"] == "cgroup" for m in cgroup_mounts):
-        layout = "unified (cgroup v2)"
-    elif v2 is not None:
-        layout = "hybrid (v1 controllers + cgroup2)"
-    elif cgroup_mounts:
-        layout = "legacy (cgroup v1)"
+    host = cgroup_host()
+    v2_controllers = sorted(host.v2_controllers)
+    layout = _LAYOUTS[host.layout]
     systemd = _pid1() == "systemd"
     chosen = report["backends"][report["chosen"]]
     enforced = set(chosen.get("kernel_enforced", []))

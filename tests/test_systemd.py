@@ -11,9 +11,11 @@ import sys
 import pytest
 
 from sandboxrun import BACKEND_NAMES, BackendUnavailable, ProcessManager, Task
-from sandboxrun._backends import create_backend, detect
+from sandboxrun._backends import cgroupfs, create_backend, detect, hosts
 from sandboxrun._backends import systemd as sd
 from sandboxrun._backends.systemd import SystemdBackend
+from sandboxrun._backends.systemd import backend as sdb
+from sandboxrun._backends.systemd import bus as sdbus
 from sandboxrun._limits import Limits
 
 from . import tasks
@@ -54,18 +56,37 @@ def test_unavailable_reason_is_precise():
         create_backend("systemd")
 
 
-def test_reason_names_each_missing_piece(monkeypatch):
+HYBRID_MOUNTINFO = (
+    "35 25 0:30 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+    "36 25 0:31 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory\n"
+    "37 25 0:32 / /sys/fs/cgroup/pids rw,nosuid - cgroup cgroup rw,pids\n"
+)
+
+
+def test_reason_names_each_missing_piece(monkeypatch, tmp_path):
+    # Fake files through the modules' path constants: nothing process-wide is patched.
+    absent = tmp_path / "no-systemd"
+    monkeypatch.setattr(hosts, "SYSTEMD_RUN_DIR", absent)
     monkeypatch.setattr(SystemdBackend, "_probes", {})
-    monkeypatch.setattr(sd.os.path, "isdir", lambda path: False)
-    assert SystemdBackend.unavailable_reason() == "systemd is not PID 1 (no /run/systemd/system)"
+    assert SystemdBackend.unavailable_reason() == f"systemd is not PID 1 (no {absent})"
+
+    monkeypatch.setattr(hosts, "SYSTEMD_RUN_DIR", tmp_path)
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("")
+    monkeypatch.setattr(cgroupfs, "CGROUP_MOUNTS", mountinfo)
+    monkeypatch.setattr(SystemdBackend, "_probes", {})
+    assert SystemdBackend.unavailable_reason() == (
+        "not cgroup v2: no cgroup2 filesystem is mounted"
+    )
+
+    mountinfo.write_text(HYBRID_MOUNTINFO)  # an empty cgroup2 beside v1 memory and pids
+    monkeypatch.setattr(SystemdBackend, "_probes", {})
+    reason = SystemdBackend.unavailable_reason()
+    assert reason.startswith("not pure cgroup v2: cgroup2 at /sys/fs/cgroup/unified has no ")
+    assert reason.endswith("(hybrid host: cgroup v1 holds them)"), reason
 
     monkeypatch.setattr(SystemdBackend, "_probes", {})
-    monkeypatch.setattr(sd.os.path, "isdir", lambda path: path == "/run/systemd/system")
-    monkeypatch.setattr(sd.cgroupfs, "mounts", lambda: [])
-    assert SystemdBackend.unavailable_reason().startswith("not cgroup v2")
-
-    monkeypatch.setattr(SystemdBackend, "_probes", {})
-    monkeypatch.setattr(sd, "_host_reason", lambda: None)
+    monkeypatch.setattr(sdb, "host_reason", lambda: None)
     monkeypatch.setitem(sys.modules, "pystemd", None)  # import pystemd -> ImportError
     monkeypatch.setitem(sys.modules, "pystemd.dbuslib", None)
     reason = SystemdBackend.unavailable_reason()
@@ -73,26 +94,26 @@ def test_reason_names_each_missing_piece(monkeypatch):
 
 
 def test_user_bus_lookup(monkeypatch, tmp_path):
-    monkeypatch.setattr(sd.os, "geteuid", lambda: 4321)
+    monkeypatch.setattr(sdbus.os, "geteuid", lambda: 4321)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     monkeypatch.delenv("DBUS_SESSION_BUS_ADDRESS", raising=False)
-    reason = sd._target()
+    reason = sdbus.target()
     assert isinstance(reason, str) and reason.startswith("no bus for this user (uid 4321)")
     assert "user@4321.service" in reason
 
     (tmp_path / "systemd").mkdir()
     (tmp_path / "systemd" / "private").touch()
-    target = sd._target()
-    assert isinstance(target, sd._Target) and target.user and target.peer_to_peer
+    target = sdbus.target()
+    assert isinstance(target, sdbus.Target) and target.user and target.peer_to_peer
     assert target.address == f"unix:path={tmp_path}/systemd/private".encode()
 
     (tmp_path / "bus").touch()  # a user bus wins over the private socket
-    target = sd._target()
-    assert isinstance(target, sd._Target) and target.user and not target.peer_to_peer
+    target = sdbus.target()
+    assert isinstance(target, sdbus.Target) and target.user and not target.peer_to_peer
 
     monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", "unix:path=/somewhere")
-    target = sd._target()
-    assert isinstance(target, sd._Target) and target.user and target.address is None
+    target = sdbus.target()
+    assert isinstance(target, sdbus.Target) and target.user and target.address is None
 
 
 def test_task_scope_properties():
@@ -119,8 +140,11 @@ def test_task_scope_properties():
 
 def test_constructor_checks_its_arguments(monkeypatch):
     monkeypatch.setattr(SystemdBackend, "unavailable_reason", classmethod(lambda cls: None))
-    monkeypatch.setattr(sd, "_target", lambda: sd._Target(False, None, False, "test"))
-    monkeypatch.setattr(sd, "_v2_mount", lambda: pathlib.Path("/sys/fs/cgroup"))
+    monkeypatch.setattr(sdb, "target", lambda: sdbus.Target(False, None, False, "test"))
+    pure = hosts.CgroupHost(
+        pathlib.Path("/sys/fs/cgroup"), frozenset({"memory", "pids"}), frozenset(), False
+    )
+    monkeypatch.setattr(hosts, "cgroup_host", lambda: pure)
     monkeypatch.delenv(sd.SLICE_ENV, raising=False)
     monkeypatch.delenv(sd.MODE_ENV, raising=False)
     backend = SystemdBackend()
@@ -196,13 +220,13 @@ def test_runner_scope_is_made_delegated_and_gone_afterwards():
     backend = SystemdBackend(scope_mode="runner")
     backend.open()
     try:
-        assert backend._scope is not None
-        unit = backend._scope.unit
+        unit = backend.unit
+        assert unit is not None and backend.scope_path is not None
         assert unit.startswith(f"sandboxrun-{os.getpid()}-") and unit.endswith(".scope")
         assert f"/{backend.slice}/" in own_cgroup() and f"/{unit}/" in own_cgroup()
         assert systemctl("show", "-p", "Delegate", "--value", unit) == "yes"
         if os.geteuid() == 0:  # the system manager marks it (a user manager may not)
-            assert os.getxattr(backend._scope.path, "trusted.delegate") == b"1"
+            assert os.getxattr(backend.scope_path, "trusted.delegate") == b"1"
         assert unit in systemctl("list-units", "--plain", "--no-legend", unit)
         assert backend.runner_path is not None and backend.runner_path.parent.name == unit
     finally:

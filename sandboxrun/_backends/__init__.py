@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import platform
 from typing import Any
 
@@ -11,10 +12,10 @@ from .base import Backend
 
 # Strongest first. "auto" takes the first whose unavailable_reason() is None.
 _REGISTRY: dict[str, str] = {
-    "cgroup_v2": "sandboxrun._backends.cgroup_v2:CgroupV2Backend",
-    "systemd": "sandboxrun._backends.systemd:SystemdBackend",
+    "cgroup_v2": "sandboxrun._backends.cgroup_v2.backend:CgroupV2Backend",
+    "systemd": "sandboxrun._backends.systemd.backend:SystemdBackend",
     "cgroup_v1": "sandboxrun._backends.cgroup_v1:CgroupV1Backend",
-    "psutil": "sandboxrun._backends.polling:PollingBackend",
+    "psutil": "sandboxrun._backends.psutil_monitor:PsutilBackend",
 }
 NAMES = ("auto", *_REGISTRY)
 
@@ -44,12 +45,23 @@ def create_backend(name: str = "auto", **options: Any) -> Backend:
     return _instantiate(name, options)
 
 
+def accepted_options(cls: type[Backend], options: dict[str, Any]) -> dict[str, Any]:
+    """The ``options`` that ``cls``'s constructor takes by keyword (the rest are another
+    backend's, e.g. ``poll_interval_seconds`` is only the psutil backend's)."""
+    parameters = inspect.signature(cls).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return dict(options)
+    keywords = {
+        p.name
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    return {key: value for key, value in options.items() if key in keywords}
+
+
 def _instantiate(name: str, options: dict[str, Any]) -> Backend:
     cls = backend_class(name)
-    accepted = {
-        key: value for key, value in options.items() if key in cls.__init__.__code__.co_varnames
-    }
-    return cls(**accepted)
+    return cls(**accepted_options(cls, options))
 
 
 def detect() -> dict[str, Any]:
@@ -58,11 +70,11 @@ def detect() -> dict[str, Any]:
     chosen = next(name for name, reason in reasons.items() if reason is None)
     backends: dict[str, Any] = {}
     for name, reason in reasons.items():
-        cls = backend_class(name)
         entry: dict[str, Any] = {"available": reason is None, "reason": reason}
         if reason is None:
-            entry["kernel_enforced"] = sorted(cls.kernel_enforced)
-            entry["details"] = cls().details()
+            instance = backend_class(name)()  # not opened: what it probed without writing
+            entry["kernel_enforced"] = sorted(instance.kernel_enforced)
+            entry["details"] = instance.details()
         backends[name] = entry
     return {
         "chosen": chosen,

@@ -97,14 +97,20 @@ class Backend(abc.ABC):
     """An enforcement mechanism, set up once per manager."""
 
     name: ClassVar[str]
-    #: Which limits and measurements the kernel itself enforces or keeps (the rest are polled).
-    kernel_enforced: ClassVar[frozenset[str]] = frozenset()
+    #: Which limits and measurements the kernel can enforce or keep with this mechanism, at best.
+    enforceable: ClassVar[frozenset[str]] = frozenset()
     worker_options: ClassVar[WorkerOptions] = WorkerOptions()
 
     @classmethod
     @abc.abstractmethod
     def unavailable_reason(cls) -> str | None:
         """``None`` when this backend can work here, else a sentence saying why it cannot."""
+
+    @property
+    def kernel_enforced(self) -> frozenset[str]:
+        """What the kernel enforces or keeps here (the rest is polled). An instance may know less
+        than ``enforceable`` from what it probed (e.g. no ``memory.peak`` before 5.19)."""
+        return self.enforceable
 
     def details(self) -> dict[str, object]:
         """Facts for the detection report (paths, versions, features found)."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -35,7 +34,11 @@ from .._limits import Limits
 from . import cgroupfs
 from .base import Backend, Sandbox, Usage
 
+log = cgroupfs.log
 _CONTROLLERS = ("memory", "pids", "freezer", "cpu", "cpuacct")
+KERNEL_ENFORCED = frozenset(
+    {"memory", "processes", "tree_kill", "peak_memory", "oom_detection", "cpu_time"}
+)
 _FREEZE_WAIT_SECONDS = 2.0
 _EMPTY_WAIT_SECONDS = 5.0
 
@@ -61,8 +64,10 @@ def _probe(directory: Path) -> str | None:
         probe.mkdir()
     except OSError as error:
         return f"cannot create a cgroup in {directory}: {error.strerror}"
-    with contextlib.suppress(OSError):
+    try:
         probe.rmdir()
+    except OSError as error:
+        log.warning("cannot remove the probe cgroup %s (%s): it stays", probe, error)
     return None
 
 
@@ -78,6 +83,7 @@ class CgroupV1Sandbox(Sandbox):
         try:
             for path in self.paths:
                 path.mkdir()
+                log.debug("mkdir %s", path)
                 created.append(path)
             memory = dirs["memory"]
             if limits.memory_bytes is not None:
@@ -102,7 +108,13 @@ class CgroupV1Sandbox(Sandbox):
         control = os.open(memory / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
         try:
             cgroupfs.write(memory / "cgroup.event_control", f"{event_fd} {control}")
-        except OSError:
+        except OSError as error:
+            log.warning(
+                "no OOM eventfd for %s (%s): an OOM kills one victim, not the whole task "
+                "(oom_kill in memory.oom_control still marks it out of memory)",
+                memory,
+                error,
+            )
             os.close(event_fd)
             return None
         finally:
@@ -133,9 +145,7 @@ class CgroupV1Sandbox(Sandbox):
                 victims = cgroupfs.pids(members)
                 if not victims:
                     break
-                for pid in victims:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+                cgroupfs.kill_pids(victims, members)
         finally:
             if frozen and freezer is not None:
                 cgroupfs.write(freezer / "freezer.state", "THAWED")
@@ -144,7 +154,8 @@ class CgroupV1Sandbox(Sandbox):
     def _freeze(freezer: Path) -> bool:
         try:
             cgroupfs.write(freezer / "freezer.state", "FROZEN")
-        except OSError:
+        except OSError as error:  # then forks may race the kill: kill() loops instead
+            log.debug("cannot freeze %s (%s): killing unfrozen", freezer, error)
             return False
         deadline = time.monotonic() + _FREEZE_WAIT_SECONDS
         for attempt in itertools.count():
@@ -192,7 +203,7 @@ class CgroupV1Sandbox(Sandbox):
 
     def _close_event_fd(self) -> None:
         if self.event_fd is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # already closed: nothing is left to release
                 os.close(self.event_fd)
             self.event_fd = None
 
@@ -207,9 +218,7 @@ class CgroupV1Sandbox(Sandbox):
 
 class CgroupV1Backend(Backend):
     name = "cgroup_v1"
-    kernel_enforced = frozenset(
-        {"memory", "processes", "tree_kill", "peak_memory", "oom_detection", "cpu_time"}
-    )
+    enforceable = KERNEL_ENFORCED
 
     _reason_cache: str | bool | None = False
 
@@ -217,6 +226,17 @@ class CgroupV1Backend(Backend):
         self.own = _hierarchies()
         self.runner: dict[str, Path] = {}
         self._counter = itertools.count(1)
+
+    @property
+    def kernel_enforced(self) -> frozenset[str]:
+        """Without a pids hierarchy no process limit, without cpuacct no CPU time."""
+        missing = {"processes": "pids", "cpu_time": "cpuacct"}
+        return frozenset(k for k in KERNEL_ENFORCED if missing.get(k, "memory") in self.own)
+
+    @property
+    def runner_dirs(self) -> list[Path]:
+        """Every cgroup directory this backend made and removes at close (one per hierarchy)."""
+        return list(dict.fromkeys(self.runner.values()))
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -249,6 +269,7 @@ class CgroupV1Backend(Backend):
                 if runner not in self.runner.values():
                     cgroupfs.reap_stale(own)
                     runner.mkdir()
+                    log.debug("mkdir %s (runner)", runner)
                 self.runner[controller] = runner
         except BaseException:
             self.close()
@@ -256,8 +277,10 @@ class CgroupV1Backend(Backend):
 
     def close(self) -> None:
         for runner in dict.fromkeys(self.runner.values()):
-            with contextlib.suppress(OSError):
+            try:
                 cgroupfs.remove_tree(runner)
+            except OSError as error:
+                log.warning("could not remove %s (%s): a later runner reaps it", runner, error)
         self.runner.clear()
 
     def sandbox(self, limits: Limits) -> Sandbox:

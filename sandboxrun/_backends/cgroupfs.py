@@ -1,17 +1,39 @@
-"""Small, verbatim access to cgroupfs files, shared by the cgroup v1 and v2 backends."""
+"""Small, verbatim access to cgroupfs files, shared by the cgroup v1, v2 and systemd backends.
+
+Every write and every kill is logged at debug level on ``sandboxrun.cgroup`` (the path and the
+value, like isolate's and BenchExec's verbose traces); every error that is swallowed because the
+run survives it is a warning there, with what it means.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import re
 import signal
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
+
+log = logging.getLogger("sandboxrun.cgroup")
 
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 CGROUP_MOUNTS = Path("/proc/self/mountinfo")
+PROC = Path("/proc")
 RUNNER_PREFIX = "sandboxrun-"
+
+_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+class Mount(NamedTuple):
+    """One cgroup or cgroup2 line of mountinfo."""
+
+    fstype: str  # "cgroup" (v1) or "cgroup2"
+    point: Path
+    options: set[str]  # super options: the v1 controllers bound there, e.g. {"rw", "memory"}
 
 
 def own_cgroups() -> dict[str, str]:
@@ -25,16 +47,22 @@ def own_cgroups() -> dict[str, str]:
     return result
 
 
-def mounts() -> list[tuple[str, Path, set[str]]]:
-    """(fstype, mount point, super options) of every cgroup/cgroup2 mount, from mountinfo."""
-    found: list[tuple[str, Path, set[str]]] = []
+def _unescape(field: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as octal escapes (\040 \011 \012 \134).
+    return _ESCAPE.sub(lambda match: chr(int(match.group(1), 8)), field)
+
+
+def mounts() -> list[Mount]:
+    """Every cgroup/cgroup2 mount, from mountinfo (fields before `` - ``, then type, source,
+    super options)."""
+    found: list[Mount] = []
     with contextlib.suppress(OSError):
         for line in CGROUP_MOUNTS.read_text().splitlines():
             left, _, right = line.partition(" - ")
             fields, tail = left.split(), right.split()
-            if len(tail) >= 3 and tail[0] in ("cgroup", "cgroup2"):
-                point = Path(fields[4].replace("\\040", " "))
-                found.append((tail[0], point, set(tail[2].split(","))))
+            if len(fields) >= 5 and len(tail) >= 3 and tail[0] in ("cgroup", "cgroup2"):
+                point = Path(_unescape(fields[4]))
+                found.append(Mount(tail[0], point, set(tail[2].split(","))))
     return found
 
 
@@ -78,6 +106,7 @@ def read_keyed(path: Path) -> dict[str, int]:
 
 def write(path: Path, value: str | int) -> None:
     # One write() call per value: cgroupfs parses each write on its own.
+    log.debug("write %s <- %s", path, value)  # lazy: no formatting unless debug is on
     fd = os.open(path, os.O_WRONLY)
     try:
         os.write(fd, str(value).encode())
@@ -92,11 +121,21 @@ def pids(path: Path) -> list[int]:
         return []
 
 
+def kill_pids(victims: Iterable[int], where: Path) -> None:
+    """SIGKILL each pid (listed in ``where``'s cgroup.procs); the ones already gone are fine."""
+    victims = list(victims)
+    log.debug("SIGKILL %s in %s", victims, where)
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def remove(path: Path, attempts: int = 200) -> None:
     """rmdir, retrying while the kernel still counts dying processes (EBUSY right after a kill)."""
     for attempt in range(attempts):
         try:
             os.rmdir(path)
+            log.debug("rmdir %s", path)
             return
         except FileNotFoundError:
             return
@@ -115,15 +154,26 @@ def remove_tree(path: Path) -> None:
     remove(path)
 
 
+def runner_owner(name: str) -> int | None:
+    """The pid in a ``sandboxrun-<pid>-<rand>`` name (a runner cgroup or a systemd unit)."""
+    if not name.startswith(RUNNER_PREFIX):
+        return None
+    owner = name[len(RUNNER_PREFIX) :].split("-", 1)[0]
+    return int(owner) if owner.isdigit() else None
+
+
+def is_stale(name: str) -> bool:
+    """A ``sandboxrun-<pid>-…`` name whose process is gone (a runner that died)."""
+    owner = runner_owner(name)
+    return owner is not None and not (PROC / str(owner)).exists()
+
+
 def stale_runner_dirs(parent: Path) -> list[Path]:
     """``sandboxrun-<pid>-*`` cgroups left by runners that died (their pid is gone)."""
     stale = []
     with contextlib.suppress(OSError):
         for entry in parent.iterdir():
-            if not (entry.is_dir() and entry.name.startswith(RUNNER_PREFIX)):
-                continue
-            owner = entry.name[len(RUNNER_PREFIX) :].split("-", 1)[0]
-            if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            if entry.is_dir() and is_stale(entry.name):
                 stale.append(entry)
     return stale
 
@@ -148,18 +198,37 @@ def reap_stale(parent: Path) -> None:
     their wall-clock limit again.
     """
     for stale in stale_runner_dirs(parent):
+        log.info("reaping %s: its runner (pid %s) is gone", stale, runner_owner(stale.name))
         for _ in range(100):
             dirs = _walk(stale)
             for directory in dirs:
                 if (directory / "freezer.state").exists():  # a frozen process ignores SIGKILL
-                    with contextlib.suppress(OSError):
+                    try:
                         write(directory / "freezer.state", "THAWED")
-            victims = [pid for directory in dirs for pid in pids(directory)]
+                    except OSError as error:
+                        log.warning("cannot thaw %s (%s): its tasks may survive", directory, error)
+            victims = [(pid, directory) for directory in dirs for pid in pids(directory)]
             if not victims:
                 break
-            for pid in victims:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+            for pid, directory in victims:
+                with contextlib.suppress(PermissionError):
+                    kill_pids([pid], directory)
             time.sleep(0.01)
-        with contextlib.suppress(OSError):
+        try:
             remove_tree(stale)
+        except OSError as error:
+            log.warning(
+                "cannot remove the stale runner cgroup %s (%s): it stays until a later runner "
+                "retries",
+                stale,
+                error,
+            )
+
+
+def v2_cgroup_of(pid: int | str, mount: Path) -> Path | None:
+    """The cgroup v2 directory of process ``pid`` (``"self"`` for this one) under ``mount``."""
+    with contextlib.suppress(OSError):
+        for line in (PROC / str(pid) / "cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return mount / line[3:].strip().lstrip("/")
+    return None

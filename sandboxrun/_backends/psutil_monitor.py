@@ -10,6 +10,7 @@ so a fork bomb cannot outrun it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import sys
 
@@ -19,6 +20,7 @@ from .._limits import Limits
 from .base import Backend, Sandbox, Usage, WorkerOptions
 
 _KILL_ROUNDS = 20
+log = logging.getLogger("sandboxrun.psutil")
 
 
 def _tree(root: psutil.Process) -> list[psutil.Process]:
@@ -28,7 +30,7 @@ def _tree(root: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-class PolledSandbox(Sandbox):
+class PsutilSandbox(Sandbox):
     def __init__(self, limits: Limits, interval: float) -> None:
         self.limits = limits
         self.poll_interval_seconds = interval
@@ -83,13 +85,19 @@ class PolledSandbox(Sandbox):
                 break
             if not alive:
                 return
-        for process in self._alive():
+        victims = self._alive()
+        log.debug("SIGKILL %s (tree of %s)", [p.pid for p in victims], self.root)
+        for process in victims:
             with contextlib.suppress(psutil.Error):
                 process.kill()
         for process in self.known.values():
-            with contextlib.suppress(psutil.Error):
+            try:
                 if process.is_running() and process is not self.root:
                     process.wait(timeout=1)
+            except psutil.TimeoutExpired:
+                log.warning("pid %s outlived SIGKILL by 1s (D state?): it may linger", process.pid)
+            except psutil.Error:
+                pass  # gone, or not ours to wait for: nothing left to do
 
     def collect(self) -> Usage:
         self.kill()
@@ -101,9 +109,9 @@ class PolledSandbox(Sandbox):
         self.root = None
 
 
-class PollingBackend(Backend):
+class PsutilBackend(Backend):
     name = "psutil"
-    kernel_enforced = frozenset()
+    enforceable = frozenset()
     worker_options = WorkerOptions(subreaper=True, kill_descendants_on_exit=True)
 
     def __init__(self, poll_interval_seconds: float = 0.05) -> None:
@@ -117,4 +125,4 @@ class PollingBackend(Backend):
         return {"poll_interval_seconds": self.poll_interval_seconds, "psutil": psutil.__version__}
 
     def sandbox(self, limits: Limits) -> Sandbox:
-        return PolledSandbox(limits, self.poll_interval_seconds)
+        return PsutilSandbox(limits, self.poll_interval_seconds)

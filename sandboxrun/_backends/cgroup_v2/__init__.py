@@ -1,0 +1,7 @@
+"""The cgroup v2 backend (``backend.py``) and the parts the systemd backend shares: where to
+live (``place.py``), the runner cgroup (``runner.py``), a task's cgroup and its counters
+(``counters.py``)."""
+
+from .backend import CgroupV2Backend, CgroupV2Sandbox, RunnerSession
+
+__all__ = ["CgroupV2Backend", "CgroupV2Sandbox", "RunnerSession"]

@@ -1,0 +1,140 @@
+"""One task's cgroup v2 directories and the one reader of their kernel counters.
+
+Both the cgroup v2 sandbox (``members`` = ``counters`` = ``task-<n>``) and the systemd task
+scope (``members`` = ``<scope>/task``, ``counters`` = ``<scope>``) are a ``TaskCgroup``::
+
+    kill()    -> cgroup.kill (5.14+) or freeze / SIGKILL / thaw    on members
+    collect() -> wait for populated 0, then read                   on counters:
+                 memory.peak (5.19+; else the sampled memory.current), memory.events oom_kill
+                 and oom_group_kill, pids.events max, cpu.stat usage_usec
+    remove_members() -> rmdir members (kill again when it is still populated)
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+
+from .. import cgroupfs
+from ..base import Usage
+from .place import Place
+from .runner import EMPTY_TIMEOUT, kill_all, wait_empty
+
+log = cgroupfs.log
+PROBED_FILES = ("memory.peak", "cgroup.kill", "memory.oom.group", "memory.swap.max")
+PEAK_SAMPLE_SECONDS = 0.05
+KERNEL_ENFORCED = frozenset({"memory", "processes", "tree_kill", "peak_memory", "oom_detection"})
+
+
+def kernel_at_least(major: int, minor: int, release: str | None = None) -> bool:
+    try:
+        text = (release or platform.release()).split("-")[0]
+        found = tuple(int(part) for part in text.split(".")[:2])
+    except ValueError:
+        return False
+    return found >= (major, minor)
+
+
+def probe_files(place: Place, below: Path | None) -> dict[str, bool]:
+    """Which optional kernel files a task cgroup will have (``below``: its parent, if made)."""
+    for probe in (below, place.root):
+        # A non-root cgroup shows memory.* files iff its parent enables memory for it.
+        if probe is not None and probe != place.mount and (probe / "memory.max").is_file():
+            return {name: (probe / name).is_file() for name in PROBED_FILES}
+    # Nothing to look at before open(): go by the version each file appeared in.
+    return {
+        "memory.peak": kernel_at_least(5, 19),
+        "cgroup.kill": kernel_at_least(5, 14),
+        "memory.oom.group": kernel_at_least(4, 19),
+        "memory.swap.max": (place.root / "memory.swap.max").is_file() or kernel_at_least(4, 18),
+    }
+
+
+def enforced(files: Mapping[str, bool]) -> frozenset[str]:
+    """What the kernel keeps with these files: no memory.peak means a sampled peak."""
+    return KERNEL_ENFORCED if files["memory.peak"] else KERNEL_ENFORCED - {"peak_memory"}
+
+
+def peak_source(files: Mapping[str, bool]) -> str:
+    if files["memory.peak"]:
+        return "memory.peak"
+    return f"memory.current every {PEAK_SAMPLE_SECONDS}s (degraded: no memory.peak)"
+
+
+def read_usage(counters: Path, sampled_peak: int | None) -> Usage:
+    """The final counters of a fresh (per-task) cgroup: plain counts, no deltas.
+
+    ``sampled_peak``: ``None`` to read ``memory.peak``, else the peak sampled from
+    ``memory.current`` (kernels before 5.19). A file that cannot be read gives ``None``, not 0.
+    """
+    peak = cgroupfs.read_int(counters / "memory.peak") if sampled_peak is None else sampled_peak
+    events = cgroupfs.read_keyed(counters / "memory.events")
+    cpu = cgroupfs.read_keyed(counters / "cpu.stat").get("usage_usec")
+    if peak is None or not events:
+        log.warning(
+            "cannot read the counters of %s (peak %s, memory.events %s): the result lacks them",
+            counters,
+            peak,
+            events or "unreadable",
+        )
+    return Usage(
+        peak_memory_bytes=peak,
+        # oom_kill may count 2 for one OOM under memory.oom.group (the victim, then the group).
+        oom_killed=events.get("oom_kill", 0) > 0 or events.get("oom_group_kill", 0) > 0,
+        memory_limit_hit=events.get("max", 0) > 0 or events.get("oom", 0) > 0,
+        process_limit_hit=cgroupfs.read_keyed(counters / "pids.events").get("max", 0) > 0,
+        cpu_time_seconds=None if cpu is None else cpu / 1e6,
+    )
+
+
+class TaskCgroup:
+    """Kill, collect and remove one task's processes; read its counters (see the module doc)."""
+
+    def __init__(self, members: Path, counters: Path, files: Mapping[str, bool]) -> None:
+        self.members = members
+        self.counters = counters
+        self.files = files
+        self.peak_sampled = 0
+
+    @property
+    def samples_peak(self) -> bool:
+        """No memory.peak: the owner must call ``sample()`` every PEAK_SAMPLE_SECONDS."""
+        return not self.files["memory.peak"]
+
+    def sample(self) -> None:
+        current = cgroupfs.read_int(self.counters / "memory.current")
+        self.peak_sampled = max(self.peak_sampled, current or 0)
+
+    def kill(self) -> None:
+        kill_all(self.members, self.files["cgroup.kill"])
+
+    def collect(self) -> Usage:
+        if cgroupfs.pids(self.members):
+            self.kill()
+        if not wait_empty(self.members, EMPTY_TIMEOUT):
+            log.warning(
+                "%s still holds processes %ss after the kill: the counters may still grow",
+                self.members,
+                EMPTY_TIMEOUT,
+            )
+        if self.samples_peak:
+            self.sample()
+        return read_usage(self.counters, self.peak_sampled if self.samples_peak else None)
+
+    def remove_members(self) -> bool:
+        """rmdir ``members``; ``False`` when it stays (a process stuck in D state)."""
+        try:
+            cgroupfs.remove(self.members)
+            return True
+        except OSError as error:
+            first = error
+        kill_all(self.members, self.files["cgroup.kill"])
+        if wait_empty(self.members, EMPTY_TIMEOUT):
+            try:
+                cgroupfs.remove(self.members)
+                return True
+            except OSError as error:
+                first = error
+        log.warning("cannot remove %s (%s): close() retries it", self.members, first)
+        return False
