@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from .._limits import Limits
+from .._reasons import KillReason
 from . import cgroupfs
 from .base import Backend, Sandbox, Usage
 
@@ -125,7 +126,7 @@ class CgroupV1Sandbox(Sandbox):
     def enter_files(self) -> tuple[str, ...]:
         return tuple(str(path / "cgroup.procs") for path in self.paths)
 
-    def on_event(self) -> str | None:
+    def on_event(self) -> KillReason | None:
         if self.event_fd is None:
             return None
         with contextlib.suppress(BlockingIOError):
@@ -133,7 +134,7 @@ class CgroupV1Sandbox(Sandbox):
         # The event fires when the cgroup hit its limit and reclaim failed (it also fires on
         # rmdir, but the manager stops listening before remove()). The kernel kills one victim;
         # killing the rest makes the task die as a whole, like memory.oom.group=1 on v2.
-        return "memory"
+        return KillReason.MEMORY
 
     def kill(self) -> None:
         freezer = self.dirs.get("freezer")

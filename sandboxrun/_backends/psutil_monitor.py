@@ -17,6 +17,7 @@ import sys
 import psutil
 
 from .._limits import Limits
+from .._reasons import KillReason
 from .base import Backend, Sandbox, Usage, WorkerOptions
 
 _KILL_ROUNDS = 20
@@ -55,12 +56,12 @@ class PsutilSandbox(Sandbox):
         self.peak_memory_bytes = max(self.peak_memory_bytes, rss)
         return rss, len(processes)
 
-    def poll(self) -> str | None:
+    def poll(self) -> KillReason | None:
         rss, count = self._sample()
         if self.limits.memory_bytes is not None and rss > self.limits.memory_bytes:
-            return "memory"
+            return KillReason.MEMORY
         if self.limits.max_processes is not None and count > self.limits.max_processes:
-            return "processes"
+            return KillReason.PROCESSES
         return None
 
     def _alive(self) -> list[psutil.Process]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..._errors import BackendUnavailable
 from ..._limits import Limits
+from ..._reasons import KillReason
 from .. import cgroupfs, hosts
 from ..base import Backend, Sandbox, Usage
 from .counters import (
@@ -62,7 +63,7 @@ class CgroupV2Sandbox(Sandbox):
         # The worker writes 0 here itself before any task code: no round trip with the manager.
         return (str(self.path / "cgroup.procs"),)
 
-    def poll(self) -> str | None:
+    def poll(self) -> KillReason | None:
         self.cgroup.sample()
         return None  # the kernel enforces memory.max; this only tracks the peak
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..._errors import SandboxrunError
 from ..._limits import Limits
+from ..._reasons import KillReason
 from .. import cgroupfs
 from ..base import Sandbox, Usage
 from ..cgroup_v2.counters import PEAK_SAMPLE_SECONDS, TaskCgroup, enforced, probe_files
@@ -249,7 +250,7 @@ class SystemdScopeSandbox(Sandbox):
         if self.parent_attach:
             self.scopes.attach(self.unit, pid)
 
-    def poll(self) -> str | None:
+    def poll(self) -> KillReason | None:
         self.cgroup.sample()
         return None
 
