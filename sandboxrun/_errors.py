@@ -78,3 +78,51 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.tb
+
+
+class ResultDecodeError(SandboxrunError):
+    """The manager could not decode the body of a task's result frame (garbage, truncated,
+    refused by the result-type rules). Raised only by ``sandboxrun._result_types``."""
+
+
+class ResultTypeRefused(ResultDecodeError):
+    """The task's result or exception needs a type the manager does not accept from a worker.
+
+    ``type_name`` is ``module.qualname`` of the refused global. A worker is untrusted: letting
+    its pickle name any callable would let it run code in the manager.
+    """
+
+    def __init__(self, type_name: str, reason: str = "") -> None:
+        self.type_name = type_name
+        self.reason = reason
+        why = f" ({reason})" if reason else ""
+        super().__init__(
+            f"the task's result refers to {type_name}, which the manager does not accept from"
+            f" a worker{why}; allow the class with ProcessManager(...,"
+            f" allowed_result_types=[{type_name.rpartition('.')[2] or type_name}, ...]), or"
+            " pass trusted_results=True if you trust every task (full pickle: a task can then"
+            " run code in the manager)"
+        )
+
+    def __reduce__(self) -> tuple[type[ResultTypeRefused], tuple[str, str]]:
+        return (type(self), (self.type_name, self.reason))  # keep both fields when re-pickled
+
+
+class ProtocolError(SandboxrunError):
+    """A worker sent a result frame that breaks the wire format (the message says which field)."""
+
+
+class ResultTooLarge(SandboxrunError):
+    """A worker announced a result larger than ``max_result_bytes``; nothing was read."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"the task's result is {size} bytes, more than max_result_bytes={limit}; it was"
+            " not read (raise the limit with ProcessManager(..., max_result_bytes=N) if such"
+            " results are expected)"
+        )
+
+    def __reduce__(self) -> tuple[type[ResultTooLarge], tuple[int, int]]:
+        return (type(self), (self.size, self.limit))
