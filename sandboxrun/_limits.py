@@ -69,32 +69,33 @@ def _show(number: float) -> str:
     return str(int(number)) if float(number).is_integer() else f"{number:.6g}"
 
 
-def _in_range(name: str, value: float, maximum: float, what: str, *, zero_is_none: bool) -> None:
+def _limit(
+    name: str, value: object, maximum: float, what: str, *, zero_is_none: bool
+) -> float | None:
+    """``value`` as a float in 0..maximum (TypeError/ValueError naming ``name`` and ``what``
+    sets the maximum); None stays None, and so does 0 when ``zero_is_none``."""
+    if value is None:
+        return None
+    number = _number(name, value)
     none = " (0 or None means no limit)" if zero_is_none else " (None means no limit)"
-    if value < 0 or (value == 0 and not zero_is_none):
+    if number < 0 or (number == 0 and not zero_is_none):
         raise ValueError(f"{name} must be positive, got {value!r}{none}")
-    if value > maximum:
+    if number > maximum:
         raise ValueError(f"{name}={value!r} is over the maximum {_show(maximum)} ({what}){none}")
+    return number or None
 
 
 def validate_wall_time(value: float | None) -> float | None:
     """``worker_timeout_seconds`` -> seconds or None; 0 means no limit (as in Glasswall)."""
-    if value is None:
-        return None
-    seconds = _number("worker_timeout_seconds", value)
     what = "the event loop waits in C-int milliseconds"
-    _in_range("worker_timeout_seconds", seconds, MAX_WALL_TIME_SECONDS, what, zero_is_none=True)
-    return seconds or None
+    return _limit("worker_timeout_seconds", value, MAX_WALL_TIME_SECONDS, what, zero_is_none=True)
 
 
 def validate_memory(value: float | None) -> int | None:
     """``memory_limit_in_gib`` -> bytes or None; 0 means no limit (as in Glasswall)."""
-    if value is None:
-        return None
-    gib = _number("memory_limit_in_gib", value)
     what = "the kernel's largest memory limit, 2**63 bytes"
-    _in_range("memory_limit_in_gib", gib, MAX_MEMORY_BYTES / GIB, what, zero_is_none=True)
-    if gib == 0:
+    gib = _limit("memory_limit_in_gib", value, MAX_MEMORY_BYTES / GIB, what, zero_is_none=True)
+    if gib is None:
         return None
     memory = min(math.ceil(gib * GIB), MAX_MEMORY_BYTES)
     if memory < PAGE:
@@ -104,12 +105,8 @@ def validate_memory(value: float | None) -> int | None:
 
 def validate_cpu_time(value: float | None) -> float | None:
     """``cpu_time_limit_seconds`` -> seconds or None (0 is refused: sandboxrun's own option)."""
-    if value is None:
-        return None
-    seconds = _number("cpu_time_limit_seconds", value)
     what = "RLIMIT_CPU seconds, counted in u64 nanoseconds by the kernel"
-    _in_range("cpu_time_limit_seconds", seconds, MAX_CPU_TIME_SECONDS, what, zero_is_none=False)
-    return seconds
+    return _limit("cpu_time_limit_seconds", value, MAX_CPU_TIME_SECONDS, what, zero_is_none=False)
 
 
 def _integer(name: str, value: object, *, integral_float: bool) -> int:
@@ -127,7 +124,7 @@ def validate_max_processes(value: int | None) -> int | None:
         return None
     count = _integer("max_processes", value, integral_float=False)
     what = "the kernel's PID_MAX_LIMIT, the most pids.max accepts"
-    _in_range("max_processes", count, MAX_PROCESSES, what, zero_is_none=False)
+    _limit("max_processes", count, MAX_PROCESSES, what, zero_is_none=False)
     return count
 
 

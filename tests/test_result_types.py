@@ -12,7 +12,6 @@ import importlib.util
 import mmap
 import os
 import pickle
-import random
 import struct
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from sandboxrun._errors import (
     SandboxrunError,
 )
 from sandboxrun._result_types import ResultTypes, loads
+
+from .hostile_bytes import variants
 
 
 @dataclasses.dataclass
@@ -343,16 +344,8 @@ def test_every_truncation_of_a_real_result_is_a_decode_error():
 
 
 def test_random_and_mutated_streams_raise_nothing_but_decode_errors(marker):
-    rng = random.Random(1234)
     seed = pickle.dumps([MyResult("a"), ValueError("v"), {1: {2}, "k": 1j}, b"x" * 50], protocol=5)
-    for i in range(3000):
-        if i % 2:
-            data = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 64)))
-        else:
-            mutated = bytearray(seed)
-            for _ in range(rng.randrange(1, 4)):
-                mutated[rng.randrange(len(mutated))] = rng.getrandbits(8)
-            data = bytes(mutated)
+    for data in variants(seed, 3000, seed=1234):
         with contextlib.suppress(ResultDecodeError):
             loads(data, allowed=[MyResult])
     assert MyResult("a") == MyResult("a")
