@@ -206,7 +206,8 @@ def parse_duration(text: str | int | float, *, maximum: float = MAX_WALL_TIME_SE
     if not seconds > 0 or math.isinf(seconds):
         raise ValueError(f"a duration must be positive and finite: {text!r}")
     if seconds > maximum:
-        raise ValueError(f"a duration must be at most {_show(maximum)} seconds: {text!r}")
+        days = f" (about {maximum / 86400:.0f} days)" if maximum >= 86400 else ""
+        raise ValueError(f"a duration must be at most {_show(maximum)} seconds{days}: {text!r}")
     return seconds
 
 
