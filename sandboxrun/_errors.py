@@ -16,6 +16,7 @@ class WorkerDied(SandboxrunError):
 
     def __init__(self, exit_code: int, detail: str = "") -> None:
         self.exit_code = exit_code
+        self.detail = detail
         if exit_code < 0:
             import signal
 
@@ -28,6 +29,11 @@ class WorkerDied(SandboxrunError):
             what = f"exited with code {exit_code}"
         message = f"the task's process {what} without delivering a result"
         super().__init__(f"{message}: {detail}" if detail else message)
+
+    def __reduce__(self) -> tuple[type[WorkerDied], tuple[int, str]]:
+        # args holds the message, not the constructor's arguments: without this a pickled
+        # WorkerDied (e.g. in a TaskResult sent on) failed to unpickle
+        return (type(self), (self.exit_code, self.detail))
 
 
 class RemoteError(SandboxrunError):

@@ -28,6 +28,7 @@ from sandboxrun._errors import (
     ResultNotPicklable,
     ResultTypeRefused,
     SandboxrunError,
+    WorkerDied,
 )
 from sandboxrun._result_types import ResultTypes, loads
 
@@ -121,6 +122,7 @@ def test_sandboxrun_errors_and_command_results_pass_by_default():
     result = CommandResult(["conv", "in"], 3, stdout=b"out", stderr=b"boom")
     for error in [
         RemoteError("m", "pkg.T", "text", "tb"),
+        WorkerDied(-9, "cut off"),
         ResultNotPicklable("m", "pkg.T", "text", "tb"),
         CommandFailed(result),
         ProcessLimitExceeded("too many"),
