@@ -98,20 +98,26 @@ class ResultTypeRefused(ResultDecodeError):
     its pickle name any callable would let it run code in the manager.
     """
 
-    def __init__(self, type_name: str, reason: str = "") -> None:
+    def __init__(self, type_name: str, reason: str = "", allowable: bool = True) -> None:
         self.type_name = type_name
         self.reason = reason
+        self.allowable = allowable
         why = f" ({reason})" if reason else ""
+        short = type_name.rpartition(".")[2] or type_name
+        if allowable:
+            allow = (
+                f"allow the class with ProcessManager(..., allowed_result_types=[{short}, ...]),"
+                " or pass trusted_results=True if you trust every task"
+            )
+        else:
+            allow = "only trusted_results=True lets it through, for tasks you trust"
         super().__init__(
             f"the task's result refers to {type_name}, which the manager does not accept from"
-            f" a worker{why}; allow the class with ProcessManager(...,"
-            f" allowed_result_types=[{type_name.rpartition('.')[2] or type_name}, ...]), or"
-            " pass trusted_results=True if you trust every task (full pickle: a task can then"
-            " run code in the manager)"
+            f" a worker{why}; {allow} (full pickle: a task can then run code in the manager)"
         )
 
-    def __reduce__(self) -> tuple[type[ResultTypeRefused], tuple[str, str]]:
-        return (type(self), (self.type_name, self.reason))  # keep both fields when re-pickled
+    def __reduce__(self) -> tuple[type[ResultTypeRefused], tuple[str, str, bool]]:
+        return (type(self), (self.type_name, self.reason, self.allowable))  # keep every field
 
 
 class ProtocolError(SandboxrunError):

@@ -63,8 +63,8 @@ def _name_of(cls: type) -> tuple[str, str]:
     return cls.__module__, cls.__qualname__
 
 
-def _imported_exception(module: str, name: str) -> type | None:
-    """The BaseException subclass ``module.name`` if that module is already imported.
+def _imported(module: str, name: str) -> object:
+    """The object ``module.name`` if that module is already imported, else None.
 
     Plain dict look-ups only: ``getattr`` could run a module ``__getattr__`` (lazy imports) or a
     metaclass ``__getattribute__``; ``object.__getattribute__`` also keeps a lazy module
@@ -79,9 +79,11 @@ def _imported_exception(module: str, name: str) -> type | None:
             return None
         found = namespace.get(part)
         namespace = _TYPE_DICT.__get__(found) if isinstance(found, type) else None
-    if isinstance(found, type) and issubclass(found, BaseException):
-        return found
-    return None
+    return found
+
+
+def _is_exception_class(found: object) -> bool:
+    return isinstance(found, type) and issubclass(found, BaseException)
 
 
 _IMMUTABLE_TYPE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE
@@ -167,22 +169,28 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if not isinstance(module, str) or not isinstance(name, str):
-            raise ResultTypeRefused(f"{module!r}.{name!r}", "not a name")
+            raise ResultTypeRefused(f"{module!r}.{name!r}", "not a name", False)
         found = self._allowed.get((module, name))
-        if found is None:  # `is None`, not `or`: a metaclass __bool__ would be a call
-            found = _imported_exception(module, name)
-        if found is None:
-            raise ResultTypeRefused(f"{module}.{name}", _why_refused(module, name))
-        return found
+        if found is not None:  # `is not None`, not truth: a metaclass __bool__ would be a call
+            return found
+        imported = _imported(module, name)
+        if _is_exception_class(imported):
+            return imported
+        raise ResultTypeRefused(f"{module}.{name}", *_why_refused(module, imported))
 
     def persistent_load(self, pid: Any) -> Any:
-        raise ResultTypeRefused("persistent_load", "persistent ids are never accepted")
+        raise ResultTypeRefused("persistent_load", "persistent ids are never accepted", False)
 
 
-def _why_refused(module: str, name: str) -> str:
+def _why_refused(module: str, found: object) -> tuple[str, bool]:
+    """(reason, whether allowed_result_types could allow it)."""
     if module not in sys.modules:
-        return f"module {module!r} is not imported in the manager, and a result never imports"
-    return "not a builtin value type, an exception class, or an allowed type"
+        return f"module {module!r} is not imported in the manager, and a result never imports", True
+    if found is None:
+        return "no such class in that module", False
+    if not isinstance(found, type):
+        return f"a {type(found).__name__}, not a class: only classes can be allowed", False
+    return "not a builtin value type, an exception class, or an allowed type", True
 
 
 def _has_ext_opcode(data: memoryview) -> bool:
@@ -225,7 +233,9 @@ class ResultTypes:
                 if self.trusted:
                     return pickle.loads(flat)
                 if copyreg._extension_cache and _has_ext_opcode(flat):  # type: ignore[attr-defined]
-                    raise ResultTypeRefused("copyreg extension code", "EXT opcodes are refused")
+                    raise ResultTypeRefused(
+                        "copyreg extension code", "EXT opcodes are refused", False
+                    )
                 return self._restricted_load(flat)
             except ResultDecodeError:
                 raise

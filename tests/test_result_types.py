@@ -127,7 +127,7 @@ def test_sandboxrun_errors_and_command_results_pass_by_default():
         CommandFailed(result),
         ProcessLimitExceeded("too many"),
         CpuTimeLimitExceeded("cpu"),
-        ResultTypeRefused("os.system", "why"),
+        ResultTypeRefused("os.system", "why", False),
     ]:
         got = loads(pickle.dumps(error, protocol=5))
         assert type(got) is type(error) and got.args == error.args
@@ -149,6 +149,7 @@ def test_a_user_allowed_dataclass_passes_and_only_when_allowed():
     assert refused.type_name == f"{__name__}.MyResult"
     message = str(refused)
     assert "allowed_result_types=[MyResult" in message and "trusted_results=True" in message
+    assert refused.allowable
     assert isinstance(refused, SandboxrunError)
 
 
@@ -179,7 +180,11 @@ def test_allowed_result_types_takes_classes_only(bad):
 
 def test_os_system_reduce_is_refused_and_not_run(marker):
     data = pickle.dumps(_Calls(os.system, f"touch {marker}"), protocol=5)
-    assert _refused(data).type_name in ("posix.system", "os.system")
+    refused = _refused(data)
+    assert refused.type_name in ("posix.system", "os.system") and not refused.allowable
+    assert "only trusted_results=True" in str(refused) and "allowed_result_types" not in str(
+        refused
+    )
     # inside a container too, and as the exception of a raising task
     error = ValueError("x")
     error.payload = _Calls(os.system, f"touch {marker}")
