@@ -29,17 +29,29 @@ allows it). Other ways into the pickle machine are closed too:
   ``append``/``extend``/``__setitem__`` with arguments the task chooses (exceptions: their
   ``__init__`` and ``BaseException.__setstate__``, a plain attribute update).
 
-The C unpickler stays on its fast path: the subclass only overrides ``find_class`` (called once
-per global, memoized by the stream), and the body is read through a small file object over the
-frame's memoryview, so a 256 MiB ``bytes`` result is copied once, as with ``pickle.loads``.
-The C unpickler is iterative: a deeply nested stream cannot overflow the C stack here; any
-failure at all (garbage, truncation, MemoryError, RecursionError) becomes ``ResultDecodeError``.
+Refused on purpose, decided by test: the worker always pickles with protocol 5, whose value
+types name no global but ``builtins.complex``. Protocol 0-2 streams of ``bytes`` need
+``_codecs.encode`` (a codec look-up can import an ``encodings`` module) and old-style objects
+need ``copyreg._reconstructor``: neither is accepted.
+
+Speed: the C unpickler stays on its fast path, the subclass only overrides ``find_class``
+(called once per global; the stream memoizes it). Bodies under 1 MiB are copied into a
+``BytesIO``; larger ones are read through a small file object over the frame's memoryview, so a
+256 MiB ``bytes`` result is copied once, as with ``pickle.loads`` (same CPU time, measured).
+
+Nesting: not capped. The C unpickler is iterative and deallocation uses the trashcan, so a
+200 000-deep list (600 KB of stream) loads and frees without harm; any failure at all
+(garbage, truncation, MemoryError, RecursionError) becomes ``ResultDecodeError``. Such a value
+can still raise RecursionError when someone ``repr()``s or compares it later, so the manager
+must never ``repr`` a decoded value (name its type instead); a cap would need a Python walk
+over every object of every result.
 """
 
 from __future__ import annotations
 
 import copyreg
 import io
+import logging
 import operator
 import pickle
 import pickletools
@@ -50,6 +62,8 @@ from typing import Any
 
 from ._command import CommandResult
 from ._errors import ResultDecodeError, ResultTypeRefused
+
+log = logging.getLogger("sandboxrun.results")
 
 _VALUE_TYPES: tuple[type, ...] = (complex, set, frozenset, bytearray)
 _SANDBOXRUN_TYPES: tuple[type, ...] = (CommandResult,)
@@ -260,6 +274,7 @@ class ResultTypes:
         finally:
             changed = self._guard.restore(before)
             if changed is not None:
+                log.warning("a task's result changed the class %s; undone, result refused", changed)
                 raise ResultDecodeError(
                     f"the task's result tried to change the class {changed} itself (undone);"
                     " the result is refused"

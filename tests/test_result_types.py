@@ -282,7 +282,7 @@ def test_extension_codes_cannot_bypass_find_class():
         copyreg.remove_extension("os", "getcwd", code)
 
 
-def test_build_on_an_allowed_class_cannot_patch_it():
+def test_build_on_an_allowed_class_cannot_patch_it(caplog):
     original = MyResult.__eq__
     stream = (
         b"\x80\x05c" + __name__.encode() + b"\nMyResult\n"
@@ -291,6 +291,7 @@ def test_build_on_an_allowed_class_cannot_patch_it():
     with pytest.raises(ResultDecodeError, match="change the class"):
         loads(stream, allowed=[MyResult])
     assert MyResult.__eq__ is original and "__eq__" in vars(MyResult)
+    assert any("changed the class" in r.getMessage() for r in caplog.records)
     added = stream.replace(b"\x8c\x06__eq__", b"\x8c\x06__ne2_")
     with pytest.raises(ResultDecodeError, match="change the class"):
         loads(added, allowed=[MyResult])
