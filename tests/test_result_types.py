@@ -228,13 +228,20 @@ def test_copyreg_reconstructor_with_a_disallowed_class_is_refused():
         loads(old)
 
 
-def test_a_stream_never_imports(marker):
-    name = "tabnanny"  # a stdlib module with an Exception subclass (NannyNag)
-    if name in sys.modules:
-        pytest.skip(f"{name} already imported in this test process")
-    refused = _refused(b"ctabnanny\nNannyNag\n(I1\nS'x'\nS'y'\ntR.")
-    assert refused.type_name == "tabnanny.NannyNag" and "not imported" in str(refused)
-    assert name not in sys.modules
+def test_a_stream_never_imports(tmp_path, monkeypatch, marker):
+    # an importable module whose import would leave a mark
+    (tmp_path / "sandboxrun_probe_module.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nclass ProbeError(Exception): pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert importlib.util.find_spec("sandboxrun_probe_module") is not None
+    refused = _refused(b"csandboxrun_probe_module\nProbeError\n)R.")
+    assert refused.type_name == "sandboxrun_probe_module.ProbeError"
+    assert "not imported" in str(refused) and refused.allowable
+    assert "sandboxrun_probe_module" not in sys.modules  # and the marker fixture: no file
+    if "tabnanny" not in sys.modules:  # a stdlib module with an Exception subclass
+        _refused(b"ctabnanny\nNannyNag\n(I1\nS'x'\nS'y'\ntR.")
+        assert "tabnanny" not in sys.modules
 
 
 def test_module_getattr_and_lazy_modules_are_not_triggered():
