@@ -2,8 +2,10 @@
 
     result frame:  u64 header length | u64 body length | header | body
     header:        magic "SBR1" | u8 kind | u8 0 | u16 0 | u64 max_rss_bytes
-                   | f64 cpu_time_seconds | i32 exit_code | u32 len(type_name) | u32 len(text)
+                   | f64 cpu_time_seconds | u32 len(type_name) | u32 len(text)
                    | u32 len(traceback_text) | the three UTF-8 texts (surrogatepass)
+
+(No exit code: the manager reads the process's real exit status from the kernel.)
 
 Why a struct and not JSON: every field has one width and one type, so ``decode`` has nothing to
 interpret (no nesting to recurse into, no ``1e999`` turning into ``inf``, no big-int parsing),
@@ -39,10 +41,9 @@ KINDS = (RETURNED, RAISED, RESULT_UNPICKLABLE, EXCEPTION_UNPICKLABLE, ENTER_FAIL
 _BODILESS = frozenset({RESULT_UNPICKLABLE, EXCEPTION_UNPICKLABLE, ENTER_FAILED})
 
 MAGIC = b"SBR1"
-_FIXED = struct.Struct(">4sBBHQdiIII")
+_FIXED = struct.Struct(">4sBBHQdIII")
 MAX_TEXT_BYTES = 64 << 10  # per text field; the worker clips, the manager refuses longer
 MAX_HEADER_BYTES = _FIXED.size + 3 * MAX_TEXT_BYTES
-_INT32 = (-(2**31), 2**31 - 1)
 _MAX_RSS = 2**63 - 1
 _CUT = "\n[... cut to fit the result header ...]\n"
 
@@ -57,7 +58,6 @@ class Header:
     traceback_text: str = ""
     max_rss_bytes: int = 0
     cpu_time_seconds: float = 0.0
-    exit_code: int = 0
 
 
 def _clip(text: str, keep_tail: bool) -> bytes:
@@ -93,7 +93,6 @@ def encode(header: Header) -> bytes:
         0,
         min(max(int(header.max_rss_bytes), 0), _MAX_RSS),
         cpu if math.isfinite(cpu) and cpu >= 0 else 0.0,
-        min(max(int(header.exit_code), _INT32[0]), _INT32[1]),
         *map(len, texts),
     )
     return fixed + b"".join(texts)
@@ -104,7 +103,7 @@ def decode(data: bytes | bytearray | memoryview) -> Header:
     with memoryview(data) as view, view.cast("B") as raw:
         if len(raw) < _FIXED.size:
             raise ProtocolError(f"result header too short: {len(raw)} bytes < {_FIXED.size}")
-        magic, kind, pad1, pad2, rss, cpu, exit_code, *sizes = _FIXED.unpack_from(raw)
+        magic, kind, pad1, pad2, rss, cpu, *sizes = _FIXED.unpack_from(raw)
         if magic != MAGIC:
             raise ProtocolError(f"result header has bad magic {magic!r} (expected {MAGIC!r})")
         if kind >= len(KINDS):
@@ -130,7 +129,7 @@ def decode(data: bytes | bytearray | memoryview) -> Header:
                 raise ProtocolError(f"result header {name} is not UTF-8: {error}") from None
             offset += size
     type_name, text, traceback_text = texts
-    return Header(KINDS[kind], type_name, text, traceback_text, rss, cpu, exit_code)
+    return Header(KINDS[kind], type_name, text, traceback_text, rss, cpu)
 
 
 def check_frame_lengths(header_size: int, body_size: int, *, max_result_bytes: int) -> None:
