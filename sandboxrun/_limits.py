@@ -3,9 +3,9 @@ the one parser for sizes and durations.
 
 Every maximum below is where a value stops meaning what the user asked for:
 
-    MAX_WALL_TIME_SECONDS   2_000_000 s (~23 days). epoll/select take the timeout in ms as a C
-                            int: 2**31 ms (~24.8 days) raises OverflowError in the event loop;
-                            the margin leaves room for the manager's own grace periods.
+    MAX_WALL_TIME_SECONDS   2_147_483 s (~24.8 days). epoll/select take the timeout in ms as a C
+                            int: 2**31 ms raises OverflowError in the event loop, and the
+                            scheduler's select timeout is at most the nearest deadline - now.
     MAX_MEMORY_BYTES        2**63 - 4096. cgroup memory files parse a u64 (10**30 wraps modulo
                             2**64: instant OOM) and clamp at LONG_MAX pages; this is the largest
                             page-aligned value below 2**63.
@@ -33,7 +33,7 @@ import re
 
 GIB = 1024**3
 PAGE = 4096
-MAX_WALL_TIME_SECONDS = 2_000_000.0
+MAX_WALL_TIME_SECONDS = float((2**31 - 1) // 1000)  # 2_147_483 s
 MAX_MEMORY_BYTES = 2**63 - PAGE
 MAX_CPU_TIME_SECONDS = 1_000_000_000.0
 MAX_PROCESSES = 4_194_304
@@ -168,11 +168,12 @@ def validate_max_result_bytes(value: int | None, memory_bytes: int | None) -> in
     return size
 
 
-def parse_size(text: str | int | float, *, maximum: int = MAX_MEMORY_BYTES) -> int:
+def parse_size(text: str | int | float, *, maximum: int | None = None) -> int:
     """Bytes from ``512M``, ``1.5G``, ``4GiB``, ``100kb`` or a plain number of bytes.
 
     A bare letter (K, M, G, T) is binary, like ``ulimit`` and systemd; ``KB``/``MB``/``GB`` are
-    decimal; ``KiB``/``MiB``/``GiB`` binary. Over ``maximum`` is a ValueError naming it.
+    decimal; ``KiB``/``MiB``/``GiB`` binary. Over ``maximum`` (e.g. ``MAX_MEMORY_BYTES``) is a
+    ValueError naming it; NaN/inf never parse.
     """
     if isinstance(text, bool):
         raise ValueError(f"not a size: {text!r}")
@@ -183,7 +184,9 @@ def parse_size(text: str | int | float, *, maximum: int = MAX_MEMORY_BYTES) -> i
         if not match or match.group(2).lower() not in _SIZE_UNITS:
             raise ValueError(f"not a size: {text!r} (examples: 512M, 1.5G, 4GiB, 1048576)")
         value, unit = float(match.group(1)), match.group(2).lower()
-    if not math.isfinite(value) or value * _SIZE_UNITS[unit] > maximum:
+    if not math.isfinite(value):
+        raise ValueError(f"a size must be finite: {text!r}")
+    if maximum is not None and value * _SIZE_UNITS[unit] > maximum:
         raise ValueError(f"a size must be at most {maximum} bytes: {text!r}")
     size = math.ceil(value * _SIZE_UNITS[unit])
     if size <= 0:
@@ -191,9 +194,9 @@ def parse_size(text: str | int | float, *, maximum: int = MAX_MEMORY_BYTES) -> i
     return size
 
 
-def parse_duration(text: str | int | float, *, maximum: float = MAX_WALL_TIME_SECONDS) -> float:
+def parse_duration(text: str | int | float, *, maximum: float | None = None) -> float:
     """Seconds from ``500ms``, ``5s``, ``2m``, ``1h`` or a plain number of seconds; over
-    ``maximum`` (by default the wall-time maximum, ~23 days) is a ValueError naming it."""
+    ``maximum`` (e.g. ``MAX_WALL_TIME_SECONDS``, ~24.8 days) is a ValueError naming it."""
     if isinstance(text, bool):
         raise ValueError(f"not a duration: {text!r}")
     if isinstance(text, (int, float)):
@@ -205,7 +208,7 @@ def parse_duration(text: str | int | float, *, maximum: float = MAX_WALL_TIME_SE
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
     if not seconds > 0 or math.isinf(seconds):
         raise ValueError(f"a duration must be positive and finite: {text!r}")
-    if seconds > maximum:
+    if maximum is not None and seconds > maximum:
         days = f" (about {maximum / 86400:.0f} days)" if maximum >= 86400 else ""
         raise ValueError(f"a duration must be at most {_show(maximum)} seconds{days}: {text!r}")
     return seconds
