@@ -16,6 +16,7 @@ class WorkerDied(SandboxrunError):
 
     def __init__(self, exit_code: int, detail: str = "") -> None:
         self.exit_code = exit_code
+        self.detail = detail
         if exit_code < 0:
             import signal
 
@@ -28,6 +29,11 @@ class WorkerDied(SandboxrunError):
             what = f"exited with code {exit_code}"
         message = f"the task's process {what} without delivering a result"
         super().__init__(f"{message}: {detail}" if detail else message)
+
+    def __reduce__(self) -> tuple[type[WorkerDied], tuple[int, str]]:
+        # args holds the message, not the constructor's arguments: without this a pickled
+        # WorkerDied (e.g. in a TaskResult sent on) failed to unpickle
+        return (type(self), (self.exit_code, self.detail))
 
 
 class RemoteError(SandboxrunError):
@@ -78,3 +84,57 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.tb
+
+
+class ResultDecodeError(SandboxrunError):
+    """The manager could not decode the body of a task's result frame (garbage, truncated,
+    refused by the result-type rules). Raised only by ``sandboxrun._result_types``."""
+
+
+class ResultTypeRefused(ResultDecodeError):
+    """The task's result or exception needs a type the manager does not accept from a worker.
+
+    ``type_name`` is ``module.qualname`` of the refused global. A worker is untrusted: letting
+    its pickle name any callable would let it run code in the manager.
+    """
+
+    def __init__(self, type_name: str, reason: str = "", allowable: bool = True) -> None:
+        self.type_name = type_name
+        self.reason = reason
+        self.allowable = allowable
+        why = f" ({reason})" if reason else ""
+        short = type_name.rpartition(".")[2] or type_name
+        if allowable:
+            allow = (
+                f"allow the class with ProcessManager(..., allowed_result_types=[{short}, ...]),"
+                " or pass trusted_results=True if you trust every task"
+            )
+        else:
+            allow = "only trusted_results=True lets it through, for tasks you trust"
+        super().__init__(
+            f"the task's result refers to {type_name}, which the manager does not accept from"
+            f" a worker{why}; {allow} (full pickle: a task can then run code in the manager)"
+        )
+
+    def __reduce__(self) -> tuple[type[ResultTypeRefused], tuple[str, str, bool]]:
+        return (type(self), (self.type_name, self.reason, self.allowable))  # keep every field
+
+
+class ProtocolError(SandboxrunError):
+    """A worker sent a result frame that breaks the wire format (the message says which field)."""
+
+
+class ResultTooLarge(SandboxrunError):
+    """A worker announced a result larger than ``max_result_bytes``; nothing was read."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"the task's result is {size} bytes, more than max_result_bytes={limit}; it was"
+            " not read (raise the limit with ProcessManager(..., max_result_bytes=N) if such"
+            " results are expected)"
+        )
+
+    def __reduce__(self) -> tuple[type[ResultTooLarge], tuple[int, int]]:
+        return (type(self), (self.size, self.limit))
