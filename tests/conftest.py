@@ -22,6 +22,12 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"sandboxrun: auto picks {REPORT['chosen']}; available: {', '.join(AVAILABLE)}"
 
 
+@pytest.fixture(autouse=True)
+def _private_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Journal keys (``sandboxrun batch``) go to the test's own folder, not the user's home."""
+    monkeypatch.setenv("SANDBOXRUN_STATE_DIR", str(tmp_path / "sandboxrun-state"))
+
+
 @pytest.fixture(params=AVAILABLE)
 def backend(request: pytest.FixtureRequest) -> str:
     name: str = request.param
