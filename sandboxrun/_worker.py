@@ -162,6 +162,16 @@ def _close_inherited_fds(keep: set[int]) -> None:
             tracker._resource_tracker._pid = None
 
 
+def _std_stream_fds() -> set[int]:
+    """The fds behind sys.stdin/stdout/stderr when they are not 0-2 (pytest's capture, a
+    server that redirected them): the task's prints must still go where the manager's go."""
+    fds = set()
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            fds.add(stream.fileno())
+    return fds
+
+
 _MAX_FD = 2**31 - 1  # close_range(2) takes an unsigned int; Python's closerange clamps too
 
 
@@ -174,7 +184,7 @@ def main(spec: WorkerSpec) -> None:
     result_fd = spec.result.fileno()
     # ... and must not hold any other fd of the manager's either (its epoll fd, its journal).
     keep = {result_fd} if spec.control is None else {result_fd, spec.control.fileno()}
-    _close_inherited_fds(keep)
+    _close_inherited_fds(keep | _std_stream_fds())
     _die_with_manager(spec.manager_pid)
     _enter(spec.enter_files, result_fd)
     if spec.options.subreaper:
