@@ -16,9 +16,8 @@ from typing import Any
 import pytest
 
 import sandboxrun
-from sandboxrun import Task, TaskResult
+from sandboxrun import Task, TaskResult, _header
 from sandboxrun import _errors as errors
-from sandboxrun import _header
 from sandboxrun import _outcome as outcome
 from sandboxrun import _protocol as protocol
 from sandboxrun._backends.base import Backend, Sandbox, Usage
