@@ -261,18 +261,21 @@ def build_result(job: Job, usage: Usage | None, exit_code: int, terms: Terms) ->
             job.reader.close()
         failure = SandboxrunError(f"the task's result could not be built: {type(error).__name__}")
         failure.__cause__ = error
-        return TaskResult(
-            task=job.task,
-            success=False,
-            exception=failure,
-            exit_code=exit_code,
-            timeout_seconds=terms.worker_timeout_seconds,
-            memory_limit_in_gib=terms.memory_limit_in_gib,
-            start_time=job.start_time,
-            end_time=job.end_time,
-            elapsed_time=job.end_time - job.start_time,
-            backend=terms.backend,
-        )
+        return TaskResult(success=False, exception=failure, **_common(job, exit_code, terms))
+
+
+def _common(job: Job, exit_code: int, terms: Terms) -> dict[str, Any]:
+    """The TaskResult fields every result has, whatever happened."""
+    return {
+        "task": job.task,
+        "exit_code": exit_code,
+        "timeout_seconds": terms.worker_timeout_seconds,
+        "memory_limit_in_gib": terms.memory_limit_in_gib,
+        "start_time": job.start_time,
+        "end_time": job.end_time,
+        "elapsed_time": job.end_time - job.start_time,
+        "backend": terms.backend,
+    }
 
 
 def _build_result(job: Job, usage: Usage | None, exit_code: int, terms: Terms) -> TaskResult:
@@ -304,23 +307,16 @@ def _build_result(job: Job, usage: Usage | None, exit_code: int, terms: Terms) -
     elif not success and exception is None:  # defensive: never success=False without a why
         exception = SandboxrunError(f"task failed ({header.kind})")
     return TaskResult(
-        task=job.task,
         success=success,
         result=value if success else None,
         exception=exception,
-        exit_code=exit_code,
-        timeout_seconds=terms.worker_timeout_seconds,
-        memory_limit_in_gib=terms.memory_limit_in_gib,
-        start_time=job.start_time,
-        end_time=job.end_time,
-        elapsed_time=job.end_time - job.start_time,
         timed_out=flags.timed_out,
         max_memory_used_in_gib=None if facts.peak_bytes is None else facts.peak_bytes / GIB,
         out_of_memory=flags.out_of_memory,
         cpu_time_used_seconds=cpu_time,
         cpu_time_limit_exceeded=flags.cpu_time_limit_exceeded,
         process_limit_exceeded=flags.process_limit_exceeded,
-        backend=terms.backend,
+        **_common(job, exit_code, terms),
     )
 
 

@@ -348,3 +348,22 @@ def test_task_cannot_unregister_the_managers_epoll(backend: str) -> None:
     assert sorted(map(str, report["results"])) == sorted(
         map(str, [[True, 3, "NoneType"], [True, [], "NoneType"], [True, 4, "NoneType"]])
     )
+
+
+def test_a_failure_while_building_one_result_fails_that_task_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever goes wrong in decoding/classifying one job becomes its failed result."""
+    from sandboxrun import SandboxrunError, _outcome
+
+    real = _outcome._build_result
+
+    def flaky(job: Any, *args: Any) -> TaskResult:
+        if job.task.func is write_frame:
+            raise RuntimeError("a bug reached by odd bytes")
+        return real(job, *args)
+
+    monkeypatch.setattr(_outcome, "_build_result", flaky)
+    (result,) = run_batch("psutil", [Task(write_frame, (b"",))], start_method="fork")
+    assert not result.success and isinstance(result.exception, SandboxrunError)
+    assert isinstance(result.exception.__cause__, RuntimeError)
