@@ -367,3 +367,29 @@ def test_a_failure_while_building_one_result_fails_that_task_only(
     (result,) = run_batch("psutil", [Task(write_frame, (b"",))], start_method="fork")
     assert not result.success and isinstance(result.exception, SandboxrunError)
     assert isinstance(result.exception.__cause__, RuntimeError)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"max_result_bytes": 0}, ValueError),
+        ({"max_result_bytes": -1}, ValueError),
+        ({"max_result_bytes": 2**64}, ValueError),
+        ({"max_result_bytes": 1.5}, TypeError),
+        ({"max_result_bytes": "1G"}, TypeError),
+        ({"allowed_result_types": [len]}, TypeError),
+        ({"allowed_result_types": Evil}, TypeError),
+        ({"trusted_results": "yes"}, TypeError),
+    ],
+)
+def test_trust_options_are_validated(kwargs: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        ProcessManager(1, backend="psutil", **kwargs)
+
+
+def test_trust_option_defaults() -> None:
+    assert ProcessManager(1, backend="psutil").max_result_bytes == 1 << 30
+    assert (
+        ProcessManager(1, backend="psutil", memory_limit_in_gib=0.25).max_result_bytes == 256 * MIB
+    )
+    assert ProcessManager(1, backend="psutil", max_result_bytes=5).max_result_bytes == 5
