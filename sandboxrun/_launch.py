@@ -146,9 +146,15 @@ class ForkedProcess:
 class Launcher:
     """Chooses how workers start (once per manager) and starts one per call."""
 
-    def __init__(self, start_method: StartMethod, options: WorkerOptions) -> None:
+    def __init__(
+        self,
+        start_method: StartMethod,
+        options: WorkerOptions,
+        max_result_bytes: int = protocol.DEFAULT_MAX_RESULT_BYTES,
+    ) -> None:
         self.start_method = start_method
         self.options = options
+        self.max_result_bytes = max_result_bytes  # each job's reader reads no longer a body
         self._context = multiprocessing.get_context(start_method)
         self._bare_fork = start_method == "fork" and HAVE_PIDFD
         # A forkserver child's parent is the server, not us: no pid to compare.
@@ -192,6 +198,7 @@ class Launcher:
             else self._context.Process(target=_worker.main, args=(spec,))  # type: ignore[attr-defined]
         )
         job = Job(task, sandbox, process)
+        job.reader = protocol.ResultReader(self.max_result_bytes)
         job.start_time = time.time()
         try:
             process.start()

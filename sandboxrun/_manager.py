@@ -15,15 +15,16 @@ import enum
 import multiprocessing
 import pickle
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Literal, cast
 
 from ._backends import create_backend
 from ._backends.base import Backend
 from ._cpus import available_cpus
 from ._launch import Launcher, StartMethod
-from ._limits import Limits
+from ._limits import Limits, validate_max_result_bytes
 from ._outcome import Terms
+from ._result_types import ResultTypes
 from ._scheduler import Scheduler
 from ._task import Task, TaskResult
 
@@ -53,6 +54,13 @@ class ProcessManager:
     (``"fork"``, ``"forkserver"``, ``"spawn"``; default: multiprocessing's default) and
     ``poll_interval_seconds`` (psutil backend only).
 
+    Results cross a trust boundary (see docs/security.md): a result or exception may contain
+    builtin value types and exception classes of modules the manager has imported, plus the
+    classes in ``allowed_result_types``; anything else fails that task with
+    ``ResultTypeRefused``. ``trusted_results=True`` restores full pickle (a task can then run
+    code in the manager). ``max_result_bytes`` caps one result's pickled size (default: the
+    memory limit, or 1 GiB without one); a longer one fails with ``ResultTooLarge`` unread.
+
     Diagnostics go to ``logging.getLogger("sandboxrun")``: a debug line per launch and kill, a
     warning for each error survived (e.g. counters that could not be read).
     """
@@ -68,6 +76,9 @@ class ProcessManager:
         backend: BackendName | Backend = "auto",
         start_method: StartMethod | None = None,
         poll_interval_seconds: float = 0.05,
+        allowed_result_types: Iterable[type] = (),
+        trusted_results: bool = False,
+        max_result_bytes: int | None = None,
     ) -> None:
         if max_workers is not None and (
             isinstance(max_workers, bool) or not isinstance(max_workers, int)
@@ -101,6 +112,9 @@ class ProcessManager:
             else create_backend(backend, poll_interval_seconds=poll_interval_seconds)
         )
         self.task_results: list[TaskResult] = []
+        memory = self.limits.memory_bytes
+        self.max_result_bytes = validate_max_result_bytes(max_result_bytes, memory)
+        result_types = ResultTypes(allowed_result_types, trusted=trusted_results)
         terms = Terms(
             limits=self.limits,
             worker_timeout_seconds=worker_timeout_seconds,
@@ -109,8 +123,10 @@ class ProcessManager:
             max_processes=max_processes,
             backend=self.backend.name,
             memory_hit_known="memory" in self.backend.kernel_enforced,
+            result_types=result_types,
+            max_result_bytes=self.max_result_bytes,
         )
-        launcher = Launcher(self.start_method, self.backend.worker_options)
+        launcher = Launcher(self.start_method, self.backend.worker_options, self.max_result_bytes)
         self._scheduler = Scheduler(self.backend, launcher, terms, self.max_workers)
         self._state: _State | None = None  # None: open (queueing or running)
 

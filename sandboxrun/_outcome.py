@@ -2,20 +2,26 @@
 
 Pure logic (no processes, no fds but the reader's buffer), so every rule is unit-tested alone::
 
-    job.reader --decode--> (header | None, value, exception)
+    job.reader --decode--> (header | None, value, exception)   (body: Terms.result_types)
     usage (None: collect failed)  ---+
     exit code, job.kill_reason    ---+--build_result--> TaskResult --classify--> Verdict
     Terms (the manager's limits)  ---+                                (exit code, batch label)
 
 The first true condition wins, in this order: timeout, memory, CPU time, processes, attach
-failure; then a missing frame (WorkerDied), then what the task itself returned or raised.
+failure; then a refused or missing frame (ResultTooLarge, ProtocolError, WorkerDied), then
+what the task itself returned or raised.
+
+Nothing here may raise because of what a worker sent: ``build_result`` turns any exception in
+decoding or classifying one job into that job's failed result (and logs it), so one hostile
+frame can never cost the batch its other results.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
-import pickle
+import logging
 import signal
 from typing import Any
 
@@ -25,16 +31,22 @@ from ._errors import (
     CpuTimeLimitExceeded,
     ExceptionNotPicklable,
     ProcessLimitExceeded,
+    ProtocolError,
     RemoteTraceback,
+    ResultDecodeError,
     ResultNotPicklable,
     ResultTransferError,
+    ResultTypeRefused,
     SandboxrunError,
     WorkerDied,
 )
 from ._job import Job
-from ._limits import GIB, Limits
+from ._limits import DEFAULT_MAX_RESULT_BYTES, GIB, Limits
 from ._reasons import KillReason
+from ._result_types import ResultTypes
 from ._task import TaskResult
+
+log = logging.getLogger("sandboxrun.outcome")
 
 _SIGXCPU = int(getattr(signal, "SIGXCPU", 0)) or -1
 
@@ -52,26 +64,40 @@ class Terms:
     #: The backend really knows whether the memory limit was hit (``Usage.memory_limit_hit``);
     #: False for the psutil backend, which only samples.
     memory_hit_known: bool = False
+    #: How a result body is decoded (the restricted unpickler unless trusted_results=True).
+    result_types: ResultTypes = dataclasses.field(default_factory=ResultTypes)
+    #: The longest result body the manager reads (the reader's cap, for the record).
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
 
 
 # ---------------------------------------------------------------------- decoding the frame
 
 
-def decode(job: Job) -> tuple[protocol.Header | None, Any, BaseException | None]:
-    """(header, returned value, exception) from a complete frame; header None if incomplete."""
-    frame = job.reader.take()
-    if frame is None:
-        return None, None, None
-    header, body = frame
+def decode(
+    job: Job, result_types: ResultTypes
+) -> tuple[protocol.Header | None, Any, BaseException | None]:
+    """(header, returned value, exception) from the job's frame. The header is None when no
+    valid frame came: then the exception says why (refused frame, bad header), or is None
+    (no frame, or a cut one: the caller reports WorkerDied)."""
+    if job.reader.error is not None:
+        return None, None, job.reader.error
     try:
+        frame = job.reader.take()
+        if frame is None:
+            return None, None, None
+        header, body = frame
         with body:
-            value, exception = interpret(header, body)
-            return header, value, exception
+            value, exception = interpret(header, body, result_types)
+        return header, value, exception
+    except ProtocolError as error:
+        return None, None, error
     finally:
         job.reader.close()
 
 
-def interpret(header: protocol.Header, body: memoryview) -> tuple[Any, BaseException | None]:
+def interpret(
+    header: protocol.Header, body: memoryview, result_types: ResultTypes | None = None
+) -> tuple[Any, BaseException | None]:
     """(returned value, exception) from a frame whose header arrived."""
     if header.kind == protocol.ENTER_FAILED:
         text = f"the worker could not enter its sandbox, no task code ran: {header.text}"
@@ -86,16 +112,21 @@ def interpret(header: protocol.Header, body: memoryview) -> tuple[Any, BaseExcep
         )
         return None, kind(text, header.type_name, header.text, header.traceback_text)
     try:
-        value = pickle.loads(body)
-    except Exception as error:
-        text = f"the task's {what} could not be unpickled here: {type(error).__name__}: {error}"
-        return None, kind(text, type(error).__name__, str(error), header.traceback_text)
+        value = (result_types or ResultTypes()).loads(body)
+    except ResultTypeRefused as refused:
+        return None, refused
+    except ResultDecodeError as error:
+        text = f"the task's {what} could not be unpickled here: {error}"
+        failure = kind(text, type(error).__name__, str(error), header.traceback_text)
+        failure.__cause__ = error
+        return None, failure
     if header.kind != protocol.RAISED:
         return value, None
     if isinstance(value, BaseException):
         value.__cause__ = RemoteTraceback(header.traceback_text)
         return None, value
-    return None, SandboxrunError(f"worker sent a non-exception: {value!r:.200}")
+    # Name the type only: a decoded value's repr() is the task's code or a deep structure.
+    return None, SandboxrunError(f"worker sent a non-exception: a {type(value).__name__}")
 
 
 # ---------------------------------------------------------------------- classifying
@@ -216,8 +247,39 @@ def _verdict_error(facts: _Facts, flags: Flags, terms: Terms, job: Job) -> BaseE
 
 
 def build_result(job: Job, usage: Usage | None, exit_code: int, terms: Terms) -> TaskResult:
-    """The one ``TaskResult`` of a job whose process has ended (``usage`` None: collect failed)."""
-    header, value, exception = decode(job)
+    """The one ``TaskResult`` of a job whose process has ended (``usage`` None: collect failed).
+
+    Never raises (but BaseExceptions of the manager's own, e.g. KeyboardInterrupt): whatever
+    went wrong with this one job becomes its failed result.
+    """
+    try:
+        return _build_result(job, usage, exit_code, terms)
+    except Exception as error:
+        log.warning("%r: building its result failed (%s: %s); the task is reported failed",
+                    job.task, type(error).__name__, error)  # fmt: skip
+        with contextlib.suppress(Exception):
+            job.reader.close()
+        failure = SandboxrunError(f"the task's result could not be built: {type(error).__name__}")
+        failure.__cause__ = error
+        return TaskResult(success=False, exception=failure, **_common(job, exit_code, terms))
+
+
+def _common(job: Job, exit_code: int, terms: Terms) -> dict[str, Any]:
+    """The TaskResult fields every result has, whatever happened."""
+    return {
+        "task": job.task,
+        "exit_code": exit_code,
+        "timeout_seconds": terms.worker_timeout_seconds,
+        "memory_limit_in_gib": terms.memory_limit_in_gib,
+        "start_time": job.start_time,
+        "end_time": job.end_time,
+        "elapsed_time": job.end_time - job.start_time,
+        "backend": terms.backend,
+    }
+
+
+def _build_result(job: Job, usage: Usage | None, exit_code: int, terms: Terms) -> TaskResult:
+    header, value, exception = decode(job, terms.result_types)
     cpu_time = None if usage is None else usage.cpu_time_seconds
     if cpu_time is None and header is not None:
         cpu_time = header.cpu_time_seconds
@@ -235,6 +297,8 @@ def build_result(job: Job, usage: Usage | None, exit_code: int, terms: Terms) ->
     verdict = _verdict_error(facts, flags, terms, job)
     if verdict is not None:
         success, exception = False, verdict
+    elif header is None and exception is not None:  # a refused frame: ResultTooLarge, bad header
+        success = False
     elif header is None:
         cut = job.reader.started
         exception = WorkerDied(exit_code, "its result was cut off mid-write" if cut else "")
@@ -243,23 +307,16 @@ def build_result(job: Job, usage: Usage | None, exit_code: int, terms: Terms) ->
     elif not success and exception is None:  # defensive: never success=False without a why
         exception = SandboxrunError(f"task failed ({header.kind})")
     return TaskResult(
-        task=job.task,
         success=success,
         result=value if success else None,
         exception=exception,
-        exit_code=exit_code,
-        timeout_seconds=terms.worker_timeout_seconds,
-        memory_limit_in_gib=terms.memory_limit_in_gib,
-        start_time=job.start_time,
-        end_time=job.end_time,
-        elapsed_time=job.end_time - job.start_time,
         timed_out=flags.timed_out,
         max_memory_used_in_gib=None if facts.peak_bytes is None else facts.peak_bytes / GIB,
         out_of_memory=flags.out_of_memory,
         cpu_time_used_seconds=cpu_time,
         cpu_time_limit_exceeded=flags.cpu_time_limit_exceeded,
         process_limit_exceeded=flags.process_limit_exceeded,
-        backend=terms.backend,
+        **_common(job, exit_code, terms),
     )
 
 

@@ -6,14 +6,19 @@ spawn/forkserver, or is the go signal after a parent-side attach (empty payload)
 result (worker -> manager), sent once:
     u64 header length | u64 body length | header | body
 
-The header is a pickle of builtins only (it always unpickles); the body is the pickled return
-value or exception, which may not. Keeping them apart lets the manager say *what* failed to
-arrive instead of losing the task.
+The header is the fixed binary record of ``_header`` (never a pickle: nothing in it can run);
+the body is the pickled return value or exception, decoded by ``_result_types`` under the
+manager's result-type rules. Keeping them apart lets the manager say *what* failed to arrive
+instead of losing the task.
+
+Both lengths are the worker's word, so ``ResultReader`` checks them (``check_frame_lengths``)
+before it allocates anything: a frame over ``max_result_bytes`` is not read at all. The reader
+then stops, the scheduler closes the pipe, and a worker still writing gets EPIPE (or, if it
+ignores that, is ended by its limits like any other task): the manager never blocks on it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import mmap
 import os
@@ -21,15 +26,32 @@ import pickle
 import struct
 from typing import Any
 
+from ._errors import ProtocolError, ResultTooLarge
+from ._header import (
+    ENTER_FAILED,
+    EXCEPTION_UNPICKLABLE,
+    RAISED,
+    RESULT_UNPICKLABLE,
+    RETURNED,
+    Header,
+    check_body_for_kind,
+    check_frame_lengths,
+    decode,
+)
+from ._limits import DEFAULT_MAX_RESULT_BYTES
+
 LENGTH = struct.Struct(">Q")
 RESULT_PREFIX = struct.Struct(">QQ")
 
-# header["kind"]
-RETURNED = "returned"
-RAISED = "raised"
-RESULT_UNPICKLABLE = "result-unpicklable"
-EXCEPTION_UNPICKLABLE = "exception-unpicklable"
-ENTER_FAILED = "enter-failed"  # the worker could not move itself into its sandbox
+__all__ = [
+    "DEFAULT_MAX_RESULT_BYTES",
+    "ENTER_FAILED",
+    "EXCEPTION_UNPICKLABLE",
+    "RAISED",
+    "RESULT_UNPICKLABLE",
+    "RETURNED",
+    "Header",
+]  # the header kinds, re-exported: the worker and the outcome name them from here
 
 # The worker's own exit codes when it sends no result of the task (the manager reports them in
 # WorkerDied). 70 is also what the bare fork launcher exits with if the worker code itself raised.
@@ -38,23 +60,6 @@ EXIT_ENTER_FAILED = 71  # the worker could not enter its sandbox (an ENTER_FAILE
 
 _MMAP_FROM = 1 << 20  # bigger frames land in an anonymous mapping: no zero-fill pass, freed at once
 _READ_MAX = 16 << 20
-
-
-@dataclasses.dataclass
-class Header:
-    kind: str
-    type_name: str = ""
-    text: str = ""
-    traceback_text: str = ""
-    max_rss_bytes: int = 0
-    cpu_time_seconds: float = 0.0
-
-    def to_builtins(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_builtins(cls, data: dict[str, object]) -> Header:
-        return cls(**data)  # type: ignore[arg-type]
 
 
 class Chunks:
@@ -86,13 +91,20 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
 
 
 class ResultReader:
-    """Reassembles one result frame from a non-blocking pipe, whatever the reads return."""
+    """Reassembles one result frame from a non-blocking pipe, whatever the reads return.
 
-    def __init__(self) -> None:
+    ``error`` is set (and reading stops) when the prefix announces a frame the manager will not
+    take: a header length no header can have (``ProtocolError``) or a body over
+    ``max_result_bytes`` (``ResultTooLarge``). Nothing is allocated for such a frame.
+    """
+
+    def __init__(self, max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> None:
+        self.max_result_bytes = max_result_bytes
         self.prefix = bytearray()
         self.buffer: bytearray | mmap.mmap | None = None
         self.size = 0
         self.filled = 0
+        self.error: ProtocolError | ResultTooLarge | None = None
 
     @property
     def started(self) -> bool:
@@ -103,21 +115,19 @@ class ResultReader:
         return self.buffer is not None and self.filled == self.size
 
     def feed(self, fd: int) -> bool:
-        """Read what is there; True when nothing more will come (frame complete, EOF, error)."""
+        """Read what is there; True when nothing more will come (frame complete, EOF, error,
+        refused frame)."""
         while True:
             try:
                 if self.buffer is None:
+                    if self.error is not None:
+                        return True
                     chunk = os.read(fd, RESULT_PREFIX.size - len(self.prefix))
                     if not chunk:
                         return True
                     self.prefix += chunk
                     if len(self.prefix) == RESULT_PREFIX.size:
-                        head, body = RESULT_PREFIX.unpack(self.prefix)
-                        self.size = head + body
-                        self.buffer = (
-                            mmap.mmap(-1, self.size) if self.size >= _MMAP_FROM
-                            else bytearray(self.size)
-                        )  # fmt: skip
+                        self._allocate()
                     continue
                 if self.filled == self.size:
                     return True
@@ -131,15 +141,27 @@ class ResultReader:
             except OSError as error:
                 return error.errno not in (errno.EAGAIN, errno.EINTR)
 
+    def _allocate(self) -> None:
+        head, body = RESULT_PREFIX.unpack(self.prefix)
+        try:  # before any allocation: both lengths are the worker's word
+            check_frame_lengths(head, body, max_result_bytes=self.max_result_bytes)
+        except (ProtocolError, ResultTooLarge) as error:
+            self.error = error
+            return
+        self.size = head + body
+        self.buffer = mmap.mmap(-1, self.size) if self.size >= _MMAP_FROM else bytearray(self.size)
+
     def take(self) -> tuple[Header, memoryview] | None:
         """The header and a view of the body of a complete frame (release the view, then
-        call ``close``); None when the frame is incomplete."""
+        call ``close``); None when the frame is incomplete. ``ProtocolError`` if the header
+        does not decode or does not fit the body (the caller must still ``close``)."""
         if not self.complete or self.buffer is None:
             return None
-        head_size, _ = RESULT_PREFIX.unpack(self.prefix)
-        view = memoryview(self.buffer)
-        header = Header.from_builtins(pickle.loads(view[:head_size]))
-        return header, view[head_size:]
+        head_size, body_size = RESULT_PREFIX.unpack(self.prefix)
+        with memoryview(self.buffer) as whole:
+            header = decode(whole[:head_size])
+        check_body_for_kind(header, body_size)
+        return header, memoryview(self.buffer)[head_size:]
 
     def close(self) -> None:
         if isinstance(self.buffer, mmap.mmap):

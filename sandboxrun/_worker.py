@@ -17,7 +17,7 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-from . import _linux
+from . import _header, _linux
 from . import _protocol as protocol
 from ._backends.base import WorkerOptions
 from ._task import Task
@@ -131,10 +131,48 @@ def _enter(files: tuple[str, ...], result_fd: int) -> None:
                 os.close(fd)
         except OSError as error:
             header = protocol.Header(protocol.ENTER_FAILED, text=f"{path}: {error}")
-            head = pickle.dumps(header.to_builtins(), protocol=5)
+            head = _header.encode(header)
             with contextlib.suppress(OSError):
                 protocol.write_all(result_fd, protocol.RESULT_PREFIX.pack(len(head), 0) + head)
             os._exit(protocol.EXIT_ENTER_FAILED)
+
+
+def _close_inherited_fds(keep: set[int]) -> None:
+    """Close every fd but 0, 1, 2 and ``keep``: the task must hold nothing of the manager's.
+
+    Under fork the worker inherits all the manager's fds: other jobs' pipes, the selector's
+    epoll fd (the same open file description as the manager's: EPOLL_CTL_DEL from here would
+    drop the manager's registrations and hang it), pidfds, and whatever the embedding server
+    has open (journals, sockets, database handles). Spawn and forkserver children inherit less,
+    but still multiprocessing's own fds (resource tracker, forkserver sentinels). os.closerange
+    is close_range(2) on Linux 5.9+: one syscall whatever the table size.
+    """
+    start = 3
+    for fd in sorted(keep):
+        if fd >= start:
+            os.closerange(start, fd)
+            start = fd + 1
+    os.closerange(start, _MAX_FD)
+    # multiprocessing's resource tracker (a pipe to the manager's tracker process): its fd is
+    # closed now, so forget it; if the task uses shared memory, it starts its own tracker.
+    tracker = sys.modules.get("multiprocessing.resource_tracker")
+    if tracker is not None:
+        with contextlib.suppress(AttributeError):
+            tracker._resource_tracker._fd = None
+            tracker._resource_tracker._pid = None
+
+
+def _std_stream_fds() -> set[int]:
+    """The fds behind sys.stdin/stdout/stderr when they are not 0-2 (pytest's capture, a
+    server that redirected them): the task's prints must still go where the manager's go."""
+    fds = set()
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            fds.add(stream.fileno())
+    return fds
+
+
+_MAX_FD = 2**31 - 1  # close_range(2) takes an unsigned int; Python's closerange clamps too
 
 
 def main(spec: WorkerSpec) -> None:
@@ -144,6 +182,9 @@ def main(spec: WorkerSpec) -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     result_fd = spec.result.fileno()
+    # ... and must not hold any other fd of the manager's either (its epoll fd, its journal).
+    keep = {result_fd} if spec.control is None else {result_fd, spec.control.fileno()}
+    _close_inherited_fds(keep | _std_stream_fds())
     _die_with_manager(spec.manager_pid)
     _enter(spec.enter_files, result_fd)
     if spec.options.subreaper:
@@ -179,7 +220,7 @@ def main(spec: WorkerSpec) -> None:
     header, body = _pickle_outcome(outcome, raised)
     del outcome
     header.max_rss_bytes, header.cpu_time_seconds = _usage()
-    head = pickle.dumps(header.to_builtins(), protocol=5)
+    head = _header.encode(header)
     with contextlib.suppress(BrokenPipeError):
         protocol.write_all(result_fd, protocol.RESULT_PREFIX.pack(len(head), body.size) + head)
         for part in body.parts:

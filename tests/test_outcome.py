@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import sandboxrun
-from sandboxrun import Task, TaskResult
+from sandboxrun import Task, TaskResult, _header
 from sandboxrun import _errors as errors
 from sandboxrun import _outcome as outcome
 from sandboxrun import _protocol as protocol
@@ -52,7 +52,7 @@ class _NoProcess:
 
 def frame(kind: str, body: Any = None, *, raw: bytes | None = None, **fields: Any) -> bytes:
     header = protocol.Header(kind, **fields)
-    head = pickle.dumps(header.to_builtins(), protocol=5)
+    head = _header.encode(header)
     data = raw if raw is not None else (b"" if body is None else pickle.dumps(body, protocol=5))
     return protocol.RESULT_PREFIX.pack(len(head), len(data)) + head + data
 

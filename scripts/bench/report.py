@@ -48,7 +48,7 @@ class Report(Sections):
         lines.append("")
         for part in (
             self.targets, self.misses, self.throughput, self.cpu, self.strict, self.peak,
-            self.timeout, self.bigresult, self.scale, self.floor,
+            self.timeout, self.bigresult, self.restricted_decoding, self.scale, self.floor,
         ):  # fmt: skip
             lines += part()
         return "\n".join(lines).rstrip() + "\n"

@@ -21,7 +21,7 @@ from .figures import (
     values,
 )
 from .run import SCALE_BUDGET_S
-from .tools import CANNOT, LABELS
+from .tools import CANNOT, LABELS, TRUSTED, TRUSTED_TWIN
 
 
 class Sections:
@@ -310,6 +310,30 @@ class Sections:
             " `ru_maxrss` of `RUSAGE_CHILDREN` (GPM's watcher holds its own copies).",
             header=["tool", "delivery s", "GPM ÷ tool", "parent peak MiB", "parent base MiB",
                     "largest child MiB", "rounds", "note"],
+            rows=rows,
+        )
+
+    def restricted_decoding(self) -> list[str]:
+        """The restricted result decoding's cost: the same backend with trusted_results=True."""
+        restricted = f"sandboxrun-{TRUSTED_TWIN}"
+        rows = []
+        for key, field, what in (
+            ("throughput", "tasks_per_s", "throughput, tasks/s"),
+            ("throughput", "parent_cpu_ms", "throughput, manager CPU ms per task"),
+            ("throughput", "children_cpu_ms", "throughput, worker CPU ms per task"),
+            ("bigresult", "delivery_s", "big result, delivery s"),
+            ("bigresult", "parent_peak_mib", "big result, parent peak MiB"),
+        ):
+            ours, theirs = self.med(key, restricted, field), self.med(key, TRUSTED, field)
+            share = None if ours is None or not theirs else ours / theirs
+            rows.append([what, fmt(ours, 3), fmt(theirs, 3), fmt(share, 3)])
+        return section(
+            "## Restricted result decoding vs trusted_results=True",
+            f"The throughput and big-result cases again on {TRUSTED_TWIN}, default (restricted"
+            " unpickler, docs/security.md) against `trusted_results=True` (plain pickle), in"
+            " the same run; medians. The goal: restricted ≤ 1.05 × trusted in time and CPU"
+            " (≥ 0.95 in tasks/s).",
+            header=["figure", "restricted", "trusted", "restricted ÷ trusted"],
             rows=rows,
         )
 

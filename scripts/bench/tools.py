@@ -7,16 +7,23 @@ exit_code, start_time, t_got (``time.monotonic()`` when the result reached this 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 SANDBOXRUN_BACKENDS = ("cgroup_v2", "cgroup_v1", "psutil")
 PEERS = ("glasswall", "pebble", "ppe")
+# The restricted result decoding's cost: this backend again with trusted_results=True, only in
+# the cases the security section compares (docs/security.md).
+TRUSTED = "sandboxrun-trusted"
+TRUSTED_TWIN = "cgroup_v1"
+TRUSTED_CASES = ("throughput", "bigresult")
 LABELS = {
     "sandboxrun-cgroup_v2": "sandboxrun (cgroup_v2)",
     "sandboxrun-cgroup_v1": "sandboxrun (cgroup_v1)",
     "sandboxrun-psutil": "sandboxrun (psutil)",
+    "sandboxrun-trusted": "sandboxrun (cgroup_v1, trusted_results=True)",
     "glasswall": "Glasswall manager 5.12",
     "pebble": "pebble ProcessPool(max_tasks=1)",
     "ppe": "ProcessPoolExecutor(forkserver, max_tasks_per_child=1)",
@@ -25,6 +32,7 @@ SHORT = {  # for the plots
     "sandboxrun-cgroup_v2": "sandboxrun\ncgroup_v2",
     "sandboxrun-cgroup_v1": "sandboxrun\ncgroup_v1",
     "sandboxrun-psutil": "sandboxrun\npsutil",
+    "sandboxrun-trusted": "sandboxrun\ntrusted",
     "glasswall": "Glasswall\nmanager 5.12",
     "pebble": "pebble\nmax_tasks=1",
     "ppe": "ProcessPool-\nExecutor\nforkserver",
@@ -36,6 +44,10 @@ CANNOT = {  # (tool, case) -> why the tool cannot take part
     ("ppe", "peak"): "reports no peak memory",
     ("ppe", "timeout"): "no per-task timeout (`result(timeout)` does not stop the task)",
 }
+CANNOT.update(
+    ((TRUSTED, case), "only the security comparison's cases (throughput, bigresult)")
+    for case in ("scale", "cpu", "strict", "peak", "timeout", "profile")
+)
 IMPORTS = {"glasswall": ("glasswall.multiprocessing",), "pebble": ("pebble",),
            "ppe": ("concurrent.futures", "multiprocessing")}  # fmt: skip
 
@@ -78,10 +90,12 @@ def run_sandboxrun(
     timeout: float | None = None,
     memory_gib: float | None = None,
     workers: int = 2,
+    trusted: bool = False,
 ) -> list[Outcome]:
     from sandboxrun import ProcessManager, Task
 
-    manager = ProcessManager(workers, timeout, memory_gib, backend=backend, start_method="fork")
+    manager = ProcessManager(workers, timeout, memory_gib, backend=backend, start_method="fork",
+                             trusted_results=trusted)  # fmt: skip
     return _managed(manager, Task, calls)
 
 
@@ -145,6 +159,8 @@ def run_ppe(
 
 
 def runner(tool: str) -> Run:
+    if tool == TRUSTED:  # the same backend as its restricted twin, full pickle: the ratio
+        return functools.partial(run_sandboxrun, TRUSTED_TWIN, trusted=True)
     if tool.startswith("sandboxrun-"):
         backend = tool.split("-", 1)[1]
         return lambda *a, **k: run_sandboxrun(backend, *a, **k)
@@ -160,7 +176,8 @@ def unavailable(tool: str) -> str | None:
             return "sandboxrun is not installed"
         from sandboxrun import detect
 
-        entry = detect()["backends"].get(tool.split("-", 1)[1])
+        backend = TRUSTED_TWIN if tool == TRUSTED else tool.split("-", 1)[1]
+        entry = detect()["backends"].get(backend)
         if entry is None or not entry["available"]:
             return f"backend unavailable here: {entry and entry['reason']}"
         return None
@@ -172,7 +189,7 @@ def unavailable(tool: str) -> str | None:
 
 def select(only: list[str] | None) -> list[str]:
     """Every tool, or those ``--only`` names (``sandboxrun`` means all its backends)."""
-    tools = [f"sandboxrun-{b}" for b in SANDBOXRUN_BACKENDS] + list(PEERS)
+    tools = [f"sandboxrun-{b}" for b in SANDBOXRUN_BACKENDS] + [TRUSTED] + list(PEERS)
     if only:
         wanted: set[str] = set()
         for name in only:
