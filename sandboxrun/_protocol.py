@@ -21,6 +21,8 @@ import pickle
 import struct
 from typing import Any
 
+from . import _transport as transport
+
 LENGTH = struct.Struct(">Q")
 RESULT_PREFIX = struct.Struct(">QQ")
 
@@ -107,7 +109,7 @@ class ResultReader:
         while True:
             try:
                 if self.buffer is None:
-                    chunk = os.read(fd, RESULT_PREFIX.size - len(self.prefix))
+                    chunk = transport.read(fd, RESULT_PREFIX.size - len(self.prefix))
                     if not chunk:
                         return True
                     self.prefix += chunk
@@ -122,7 +124,7 @@ class ResultReader:
                 if self.filled == self.size:
                     return True
                 with memoryview(self.buffer) as view:
-                    count = os.readv(fd, [view[self.filled : self.filled + _READ_MAX]])
+                    count = transport.readinto(fd, view[self.filled : self.filled + _READ_MAX])
                 if count == 0:
                     return True
                 self.filled += count
