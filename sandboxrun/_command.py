@@ -67,7 +67,8 @@ def _pump(
                 selector.register(stream, selectors.EVENT_READ)
         if process.stdin is not None:
             if pending:
-                os.set_blocking(process.stdin.fileno(), False)
+                if sys.platform != "win32":  # (Windows' select takes no pipes: POSIX only)
+                    os.set_blocking(process.stdin.fileno(), False)
                 selector.register(process.stdin, selectors.EVENT_WRITE)
             else:
                 process.stdin.close()

@@ -7,8 +7,10 @@ cgroup v2 ``cpu.max`` (``"<quota> <period>"`` or ``"max <period>"``), cgroup v1
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,10 +62,10 @@ def cgroup_quota() -> float | None:
 
 
 def affinity_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def available_cpus() -> int:

@@ -23,7 +23,8 @@ def prctl(option: int, value: int) -> None:
 
 def die_with_parent() -> None:
     """SIGKILL this process when its parent ends (so nothing runs on unwatched)."""
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if sys.platform != "win32":
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def become_subreaper() -> None:

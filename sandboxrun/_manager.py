@@ -14,10 +14,10 @@ from __future__ import annotations
 import enum
 import multiprocessing
 import pickle
-import sys
 from collections.abc import Iterable, Iterator
 from typing import Literal, cast
 
+from . import _transport as transport
 from ._backends import create_backend
 from ._backends.base import Backend
 from ._cpus import available_cpus
@@ -93,8 +93,6 @@ class ProcessManager:
         self.limits = Limits.from_arguments(
             worker_timeout_seconds, memory_limit_in_gib, cpu_time_limit_seconds, max_processes
         )
-        if cpu_time_limit_seconds is not None and sys.platform == "win32":
-            raise ValueError("cpu_time_limit_seconds needs RLIMIT_CPU, which Windows lacks")
         methods = multiprocessing.get_all_start_methods()
         if start_method is not None and start_method not in methods:
             raise ValueError(f"start_method must be one of {methods}, got {start_method!r}")
@@ -103,8 +101,8 @@ class ProcessManager:
         self.memory_limit_in_gib = memory_limit_in_gib
         self.cpu_time_limit_seconds = cpu_time_limit_seconds
         self.max_processes = max_processes
-        self.start_method: StartMethod = start_method or cast(
-            StartMethod, multiprocessing.get_start_method()
+        self.start_method: StartMethod = start_method or cast(  # portable transport: spawn
+            StartMethod, transport.DEFAULT_START_METHOD or multiprocessing.get_start_method()
         )
         self.backend: Backend = (
             backend

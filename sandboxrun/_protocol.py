@@ -26,6 +26,7 @@ import pickle
 import struct
 from typing import Any
 
+from . import _transport as transport
 from ._errors import ProtocolError, ResultTooLarge
 from ._header import (
     ENTER_FAILED,
@@ -82,14 +83,6 @@ def pickle_parts(value: Any) -> Chunks:
     return chunks
 
 
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    """Blocking write of every byte (the worker side; the manager never blocks)."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
 class ResultReader:
     """Reassembles one result frame from a non-blocking pipe, whatever the reads return.
 
@@ -122,7 +115,7 @@ class ResultReader:
                 if self.buffer is None:
                     if self.error is not None:
                         return True
-                    chunk = os.read(fd, RESULT_PREFIX.size - len(self.prefix))
+                    chunk = transport.read(fd, RESULT_PREFIX.size - len(self.prefix))
                     if not chunk:
                         return True
                     self.prefix += chunk
@@ -132,7 +125,7 @@ class ResultReader:
                 if self.filled == self.size:
                     return True
                 with memoryview(self.buffer) as view:
-                    count = os.readv(fd, [view[self.filled : self.filled + _READ_MAX]])
+                    count = transport.readinto(fd, view[self.filled : self.filled + _READ_MAX])
                 if count == 0:
                     return True
                 self.filled += count

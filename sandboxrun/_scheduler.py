@@ -27,12 +27,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import os
 import selectors
 import time
 from collections.abc import Iterator
 
 from . import _outcome as outcome
+from . import _transport as transport
 from ._backends.base import Backend, Usage
 from ._job import Job
 from ._launch import Launcher
@@ -60,7 +60,7 @@ class Scheduler:
     def _selector(self) -> selectors.BaseSelector:
         # Made on first use: a manager that never runs a task holds no epoll fd.
         if self._selector_made is None:
-            self._selector_made = selectors.DefaultSelector()
+            self._selector_made = transport.Selector()
         return self._selector_made
 
     # ------------------------------------------------------------------ the loop
@@ -164,7 +164,7 @@ class Scheduler:
         if job.go_frame is None:
             return
         try:
-            written = os.write(job.control_fd, job.go_frame)
+            written = transport.write(job.control_fd, job.go_frame)
         except BlockingIOError:
             return
         except OSError:  # the worker died before reading: its exit event will report it
@@ -190,7 +190,7 @@ class Scheduler:
             return
         with contextlib.suppress(KeyError):  # not registered: the go frame went in one write
             self._selector.unregister(job.control_fd)
-        os.close(job.control_fd)
+        transport.close(job.control_fd)
         job.control_fd = -1
 
     def _read_result(self, job: Job) -> None:
@@ -201,7 +201,7 @@ class Scheduler:
         if job.result_fd < 0:
             return
         self._selector.unregister(job.result_fd)
-        os.close(job.result_fd)
+        transport.close(job.result_fd)
         job.result_fd = -1
 
     def _kill(self, job: Job, reason: KillReason | str) -> None:
@@ -236,7 +236,7 @@ class Scheduler:
             self._read_result(job)
             self._stop_reading(job)
         self._close_control(job)
-        os.close(job.exit_fd)
+        transport.close(job.exit_fd)
         job.process.join()
         exit_code = job.process.exitcode
         job.process.close()

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import os
 import pickle
-import resource
 import sys
 import traceback
 from multiprocessing.connection import Connection
@@ -19,8 +18,12 @@ from typing import Any
 
 from . import _header, _linux
 from . import _protocol as protocol
+from . import _transport as transport
 from ._backends.base import WorkerOptions
 from ._task import Task
+
+if sys.platform != "win32":
+    import resource  # no RLIMIT_CPU on Windows: the psutil monitor polls the CPU time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +40,11 @@ class WorkerSpec:
     manager_pid: int | None  # None under forkserver (our parent is the server)
 
 
-def _read_exactly(fd: int, size: int) -> bytes:
-    chunks = bytearray()
-    while len(chunks) < size:
-        chunk = os.read(fd, min(size - len(chunks), 1 << 20))
-        if not chunk:  # the manager is gone or gave up on us: nothing to do
-            os._exit(protocol.EXIT_MANAGER_GONE)
-        chunks += chunk
-    return bytes(chunks)
+def _read_exactly(control: Connection, size: int) -> bytes:
+    data = transport.read_exactly(control, size)
+    if data is None:  # the manager is gone or gave up on us: nothing to do
+        os._exit(protocol.EXIT_MANAGER_GONE)
+    return data
 
 
 def _die_with_manager(manager_pid: int | None) -> None:
@@ -60,9 +60,10 @@ def _set_cpu_limit(seconds: float) -> None:
     # RLIMIT_CPU counts the whole process's CPU time; add what the bootstrap already used so the
     # task gets its full allowance. Soft limit -> SIGXCPU, hard limit one second later -> SIGKILL
     # (a task that catches SIGXCPU still dies).
-    used = resource.getrusage(resource.RUSAGE_SELF)
-    soft = int(used.ru_utime + used.ru_stime + seconds + 0.999)
-    resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
+    if sys.platform != "win32":  # no RLIMIT_CPU there: the psutil monitor polls the tree
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        soft = int(used.ru_utime + used.ru_stime + seconds + 0.999)
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
 
 
 def _kill_descendants() -> None:
@@ -80,11 +81,17 @@ def _kill_descendants() -> None:
 
 
 def _usage() -> tuple[int, float]:
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
-    max_rss = max(me.ru_maxrss, kids.ru_maxrss) * unit
-    return max_rss, me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    if sys.platform != "win32":
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+        max_rss = max(me.ru_maxrss, kids.ru_maxrss) * unit
+        return max_rss, me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    import psutil  # no getrusage: the peak working set and CPU time of this process
+
+    process = psutil.Process()
+    times = process.cpu_times()
+    return int(getattr(process.memory_info(), "peak_wset", 0)), times.user + times.system
 
 
 def _pickle_outcome(
@@ -120,7 +127,7 @@ def _describe(kind: str, value: object, error: BaseException) -> protocol.Header
     )
 
 
-def _enter(files: tuple[str, ...], result_fd: int) -> None:
+def _enter(files: tuple[str, ...], result: Connection) -> None:
     """Move this process into its cgroups; on failure report it and stop before any task code."""
     for path in files:
         try:
@@ -133,7 +140,7 @@ def _enter(files: tuple[str, ...], result_fd: int) -> None:
             header = protocol.Header(protocol.ENTER_FAILED, text=f"{path}: {error}")
             head = _header.encode(header)
             with contextlib.suppress(OSError):
-                protocol.write_all(result_fd, protocol.RESULT_PREFIX.pack(len(head), 0) + head)
+                transport.write_all(result, protocol.RESULT_PREFIX.pack(len(head), 0) + head)
             os._exit(protocol.EXIT_ENTER_FAILED)
 
 
@@ -183,17 +190,17 @@ def main(spec: WorkerSpec) -> None:
             os.close(fd)
     result_fd = spec.result.fileno()
     # ... and must not hold any other fd of the manager's either (its epoll fd, its journal).
-    keep = {result_fd} if spec.control is None else {result_fd, spec.control.fileno()}
-    _close_inherited_fds(keep | _std_stream_fds())
+    if sys.platform != "win32":  # Windows: spawn only, and Connection.fileno() is a handle
+        keep = {result_fd} if spec.control is None else {result_fd, spec.control.fileno()}
+        _close_inherited_fds(keep | _std_stream_fds())
     _die_with_manager(spec.manager_pid)
-    _enter(spec.enter_files, result_fd)
+    _enter(spec.enter_files, spec.result)
     if spec.options.subreaper:
         _linux.become_subreaper()
     payload = b""
     if spec.control is not None:  # wait for the go frame (and the task, under spawn/forkserver)
-        control_fd = spec.control.fileno()
-        (length,) = protocol.LENGTH.unpack(_read_exactly(control_fd, protocol.LENGTH.size))
-        payload = _read_exactly(control_fd, length) if length else b""
+        (length,) = protocol.LENGTH.unpack(_read_exactly(spec.control, protocol.LENGTH.size))
+        payload = _read_exactly(spec.control, length) if length else b""
         spec.control.close()
     # From here on we are inside the sandbox.
     if spec.cpu_time_seconds is not None:
@@ -222,9 +229,9 @@ def main(spec: WorkerSpec) -> None:
     header.max_rss_bytes, header.cpu_time_seconds = _usage()
     head = _header.encode(header)
     with contextlib.suppress(BrokenPipeError):
-        protocol.write_all(result_fd, protocol.RESULT_PREFIX.pack(len(head), body.size) + head)
+        transport.write_all(spec.result, protocol.RESULT_PREFIX.pack(len(head), body.size) + head)
         for part in body.parts:
-            protocol.write_all(result_fd, part)
+            transport.write_all(spec.result, part)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()

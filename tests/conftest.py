@@ -15,6 +15,10 @@ SCALE = float(os.environ.get("SANDBOXRUN_TIME_SCALE", "1"))
 
 REPORT = detect()
 AVAILABLE = [name for name, entry in REPORT["backends"].items() if entry["available"]]
+#: SANDBOXRUN_TEST_BACKEND=psutil restricts the parametrized tests to one backend (the portable
+#: pass of scripts/test.sh: what Windows and macOS run).
+if os.environ.get("SANDBOXRUN_TEST_BACKEND"):
+    AVAILABLE = [name for name in AVAILABLE if name == os.environ["SANDBOXRUN_TEST_BACKEND"]]
 KERNEL_BACKENDS = [name for name in AVAILABLE if name != "psutil"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import platform
+import sys
 from typing import Any
 
 from .._errors import BackendUnavailable
@@ -26,8 +27,15 @@ def backend_class(name: str) -> type[Backend]:
     return cls
 
 
+def _reason(name: str) -> str | None:
+    # The kernel backends are not even imported elsewhere (their modules are Linux-only).
+    if name != "psutil" and not sys.platform.startswith("linux"):
+        return f"needs Linux cgroups ({sys.platform} here)"
+    return backend_class(name).unavailable_reason()
+
+
 def _reasons() -> dict[str, str | None]:
-    return {name: backend_class(name).unavailable_reason() for name in _REGISTRY}
+    return {name: _reason(name) for name in _REGISTRY}
 
 
 def create_backend(name: str = "auto", **options: Any) -> Backend:
@@ -39,7 +47,7 @@ def create_backend(name: str = "auto", **options: Any) -> Backend:
             if reason is None:
                 return _instantiate(candidate, options)
         raise BackendUnavailable("no backend works here")  # psutil always does; defensive
-    reason = backend_class(name).unavailable_reason()
+    reason = _reason(name)
     if reason is not None:
         raise BackendUnavailable(f"backend {name!r} cannot work here: {reason}")
     return _instantiate(name, options)

@@ -24,6 +24,10 @@ of its own cgroup. Limits and counters, all kernel-kept:
 
 from __future__ import annotations
 
+import sys
+
+assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
+
 import contextlib
 import itertools
 import os

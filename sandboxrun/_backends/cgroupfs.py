@@ -69,7 +69,7 @@ def mounts() -> list[Mount]:
 def _read_bytes(path: Path) -> bytes:
     # os.open/os.read rather than Path.read_text (no TextIOWrapper, no codec lookup): several
     # times cheaper, and the manager reads a handful of these files for every task.
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         chunks = [os.read(fd, 65536)]
         while chunks[-1]:
@@ -127,7 +127,7 @@ def kill_pids(victims: Iterable[int], where: Path) -> None:
     log.debug("SIGKILL %s in %s", victims, where)
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, getattr(signal, "SIGKILL", 9))
 
 
 def remove(path: Path, attempts: int = 200) -> None:

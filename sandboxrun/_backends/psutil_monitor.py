@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
-import sys
 
 import psutil
 
@@ -62,6 +60,11 @@ class PsutilSandbox(Sandbox):
             return KillReason.MEMORY
         if self.limits.max_processes is not None and count > self.limits.max_processes:
             return KillReason.PROCESSES
+        # Where there is no RLIMIT_CPU (Windows) this is the CPU-time limit; elsewhere the
+        # worker's RLIMIT_CPU usually fires first and this is the tree-wide backstop.
+        cpu = self.limits.cpu_time_seconds
+        if cpu is not None and sum(self.cpu_seconds.values()) > cpu:
+            return KillReason.CPU_TIME
         return None
 
     def _alive(self) -> list[psutil.Process]:
@@ -74,14 +77,13 @@ class PsutilSandbox(Sandbox):
     def kill(self) -> None:
         # Stop first (a stopped process cannot fork), then look again for children made
         # meanwhile; kill only once a round finds nothing new.
-        stop = signal.SIGKILL if sys.platform == "win32" else signal.SIGSTOP
         for _ in range(_KILL_ROUNDS):
             alive = self._alive()
             new = [process for process in alive if process.pid not in self.known]
             for process in alive:
                 self.known.setdefault(process.pid, process)
                 with contextlib.suppress(psutil.Error):
-                    process.send_signal(stop)
+                    process.suspend()  # SIGSTOP; NtSuspendProcess on Windows
             if not new and alive:
                 break
             if not alive:

@@ -33,9 +33,20 @@ import json
 import logging
 import os
 import secrets
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+
+_O_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)  # POSIX; Windows handles are not inherited anyway
+_O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _last_byte(fd: int, size: int) -> bytes:
+    if sys.platform == "win32":  # no pread there
+        os.lseek(fd, size - 1, os.SEEK_SET)
+        return os.read(fd, 1)
+    return os.pread(fd, 1, size - 1)
 
 log = logging.getLogger("sandboxrun.cli")
 
@@ -60,7 +71,7 @@ def new_key(path: Path) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = secrets.token_bytes(32)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
     try:
         os.write(fd, key.hex().encode())
     finally:
@@ -203,7 +214,7 @@ class Journal:
     def _open(self) -> int:
         # O_NOFOLLOW: a symlink swapped in for the journal does not turn our appends into
         # writes to its target. O_CLOEXEC: no command started meanwhile inherits it.
-        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | _O_CLOEXEC | _O_NOFOLLOW
         return os.open(self._path, flags, 0o600)
 
     def _resync(self, fd: int, what: str) -> None:
@@ -214,7 +225,7 @@ class Journal:
                 "journal %s: %d bytes appended by someone else; --resume ignores any line"
                 " without our MAC", self._path, size - self._size,
             )  # fmt: skip
-        if size and os.pread(fd, 1, size - 1) != b"\n":
+        if size and _last_byte(fd, size) != b"\n":
             log.warning("journal %s ends in %s: starting a new line", self._path, what)
             os.write(fd, b"\n")
         self._size = os.fstat(fd).st_size

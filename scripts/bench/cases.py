@@ -68,7 +68,7 @@ def case_tasks(tool: str, p: Params) -> Result:
 PROFILE_PARTS = {  # name: (file suffix(es), "~" for builtins; function; cumulative time?)
     "select": ("~", "<method 'poll' of 'select.epoll' objects>", False),
     "fork": ("~", "<built-in method posix.fork>", False),
-    "start": (("multiprocessing/process.py", "sandboxrun/_launch.py"), "start", True),
+    "start": (("multiprocessing/process.py", "sandboxrun/_forked.py"), "start", True),
     "sandbox": ("cgroup_v1.py", "sandbox", True),
     "launch": ("_scheduler.py", "_launch", True),
     "collect": ("cgroup_v1.py", "collect", True),

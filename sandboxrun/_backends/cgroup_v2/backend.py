@@ -9,6 +9,10 @@ File names are the kernel's (Documentation/admin-guide/cgroup-v2.rst). Where it 
 
 from __future__ import annotations
 
+import sys
+
+assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
+
 import itertools
 import os
 import platform

@@ -12,6 +12,10 @@ scope (``members`` = ``<scope>/task``, ``counters`` = ``<scope>``) are a ``TaskC
 
 from __future__ import annotations
 
+import sys
+
+assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
+
 import platform
 from collections.abc import Mapping
 from pathlib import Path

@@ -7,6 +7,10 @@ this process must move out of that root first. Only reads; nothing here writes c
 
 from __future__ import annotations
 
+import sys
+
+assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
+
 import contextlib
 import dataclasses
 import os

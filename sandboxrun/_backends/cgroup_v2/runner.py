@@ -12,6 +12,10 @@ Layout::
 
 from __future__ import annotations
 
+import sys
+
+assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
+
 import os
 import select
 import threading

@@ -4,6 +4,10 @@
 ``task_scope.py`` one scope per task.
 """
 
+import sys
+
+assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
+
 from .backend import DEFAULT_SLICE, INSTALL_HINT, MODE_ENV, MODES, SLICE_ENV, SystemdBackend
 from .task_scope import RUNTIME_GRACE_SECONDS, SystemdScopeSandbox, task_properties
 

@@ -11,6 +11,10 @@ service, a login session, a cron job): systemd itself hands out a delegated cgro
 
 from __future__ import annotations
 
+import sys
+
+assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
+
 import importlib
 import os
 from pathlib import Path

@@ -7,6 +7,10 @@ optional extra ``[systemd]``).
 
 from __future__ import annotations
 
+import sys
+
+assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
+
 import logging
 import os
 import time

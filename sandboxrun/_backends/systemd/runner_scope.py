@@ -12,6 +12,10 @@ and systemd removes it at exit.
 
 from __future__ import annotations
 
+import sys
+
+assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
+
 import os
 import threading
 from pathlib import Path

@@ -15,6 +15,10 @@ go frame. Kill, collect and the counters are the cgroup v2 backend's ``TaskCgrou
 
 from __future__ import annotations
 
+import sys
+
+assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
+
 import contextlib
 import itertools
 import os

@@ -1,0 +1,95 @@
+"""The POSIX transport: raw non-blocking pipes, pidfds, one selector (the fast path).
+
+Raw fds rather than ``multiprocessing.connection``: a hostile worker can write any bytes or
+stop mid-frame, and a non-blocking read never lets it stall the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import sys
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+assert sys.platform != "win32"  # the portable transport serves Windows
+
+NAME = "posix"
+DEFAULT_START_METHOD: str | None = None
+_PIPE_SIZE = 1 << 20
+
+
+def _pidfd_works() -> bool:
+    if sys.platform != "linux":
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:  # a kernel before 5.3
+        return False
+    return True
+
+
+HAVE_PIDFD = _pidfd_works()
+BARE_FORK = HAVE_PIDFD  # the bare fork launcher has no sentinel: its exit fd is a pidfd
+
+Selector: Callable[[], selectors.BaseSelector] = selectors.DefaultSelector
+read = os.read
+write = os.write
+close = os.close
+
+
+def readinto(fd: int, view: memoryview) -> int:
+    return os.readv(fd, [view])
+
+
+def _set_pipe_size(fd: int) -> None:
+    # A bigger pipe means fewer wake-ups per large result (Linux only).
+    if sys.platform == "linux":
+        import fcntl
+
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+
+
+def result_pipe() -> tuple[int, Connection]:
+    read_fd, write_fd = os.pipe()
+    _set_pipe_size(write_fd)
+    os.set_blocking(read_fd, False)
+    return read_fd, Connection(write_fd)
+
+
+def control_pipe() -> tuple[Connection, int]:
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    return Connection(read_fd), write_fd
+
+
+def exit_handle(process: Any) -> int:
+    # A pidfd turns readable when the process ends, whoever holds its pipes; the
+    # multiprocessing sentinel (a pipe) would wait for grandchildren that inherited it.
+    if sys.platform == "linux" and HAVE_PIDFD and process.pid is not None:
+        with contextlib.suppress(OSError):
+            return os.pidfd_open(process.pid)
+    return os.dup(int(process.sentinel))  # no pidfd (macOS): multiprocessing's sentinel pipe
+
+
+def write_all(connection: Connection, data: bytes | memoryview) -> None:
+    """Blocking write of every byte (the worker side; the manager never blocks)."""
+    fd = connection.fileno()
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def read_exactly(connection: Connection, size: int) -> bytes | None:
+    fd = connection.fileno()
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = os.read(fd, min(size - len(chunks), 1 << 20))
+        if not chunk:
+            return None
+        chunks += chunk
+    return bytes(chunks)
