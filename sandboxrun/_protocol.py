@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import mmap
-import os
 import pickle
 import struct
 from typing import Any
