@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import multiprocessing
 import os
@@ -27,6 +28,7 @@ from sandboxrun._limits import Limits
 
 from . import tasks
 from .conftest import leftover_cgroups, wait_gone, wait_until
+from .test_glasswall_compat import FAKE_EDITOR, FAKE_POLICY
 
 REPO = Path(__file__).resolve().parent.parent
 START_METHODS = multiprocessing.get_all_start_methods()
@@ -125,7 +127,8 @@ def test_exception_in_body_finishes_the_queued_work_then_propagates(
     backend: str, tmp_path: Path
 ) -> None:
     marker = tmp_path / "ran"
-    with pytest.raises(ValueError, match="the body's own"), ProcessManager(1, backend=backend) as pm:
+    pm = ProcessManager(1, backend=backend)
+    with pytest.raises(ValueError, match="the body's own"), pm:
         pm.queue_task(Task(tasks.double, (1,)))
         pm.queue_task(Task(tasks.touch_after, (str(marker), 0.2)))
         raise ValueError("the body's own")
@@ -186,7 +189,9 @@ with ProcessManager(1, backend=backend) as pm:
 """
 
 
-def test_ctrl_c_while_the_exit_finishes_the_work_stops_at_once(backend: str, tmp_path: Path) -> None:
+def test_ctrl_c_while_the_exit_finishes_the_work_stops_at_once(
+    backend: str, tmp_path: Path
+) -> None:
     # ...and Ctrl-C during that wait must still stop everything. The manager runs in a
     # subprocess: the signal goes to it alone.
     pid_file, marker = tmp_path / "pid", tmp_path / "ran"
@@ -239,10 +244,8 @@ def _exits_text() -> NoReturn:
 def _glasswall_shaped_target(func: Any) -> None:
     # What Glasswall's worker does with the task: an Exception is caught and reported, anything
     # else escapes the Process target.
-    try:
+    with contextlib.suppress(Exception):
         func()
-    except Exception:
-        pass
 
 
 def _reference_exitcode(func: Any) -> int | None:
@@ -290,26 +293,11 @@ FAKE_GLASSWALL = {
     "console = logging.StreamHandler()\n"
     "log.addHandler(console)\n",
     "glasswall/content_management/__init__.py": "from . import policies\n",
-    "glasswall/content_management/policies/__init__.py": """
-class Policy:
-    def __init__(self, default="sanitise"):
-        self.config_elements = [default]
-
-    def __getattr__(self, name):  # like the real one: unpickling recurses without end
-        for element in self.config_elements:
-            if element == name:
-                return element
-        raise AttributeError(name)
-
-    @property
-    def text(self):
-        return "<config><pdfConfig><metadata>%s</metadata></pdfConfig></config>" % (
-            self.config_elements[0])
-
-
-class Editor(Policy):
-    pass
-""",
+    # The policies as in test_glasswall_compat (the real package layout: policy.py, editor.py).
+    "glasswall/content_management/policies/__init__.py": "from .editor import Editor\n"
+    "from .policy import Policy\n",
+    "glasswall/content_management/policies/policy.py": FAKE_POLICY,
+    "glasswall/content_management/policies/editor.py": FAKE_EDITOR,
     "glasswall/utils.py": """
 import os
 
@@ -346,6 +334,9 @@ FAKE_TQDM = "def tqdm(iterable=None, **kwargs):\n    return iterable\n"
 INPUTS = {"TestFile_11.doc": 1111, "TestFile_9.doc": 99, "PDFWithGifAndJpeg.pdf": 5000}
 INPUT_DIRECTORY = r"C:\gwpw\input"
 OUTPUT_DIRECTORY = r"C:\gwpw\output\editor\multiprocessing"
+
+SEED_FIELDS = ("success=True", "exception=None", "exit_code=0", "timeout_seconds=5",
+               "memory_limit_in_gib=4", "timed_out=False", "out_of_memory=False")  # fmt: skip
 
 RUN_EXAMPLES = """
 import multiprocessing, runpy, sys
@@ -395,8 +386,7 @@ def check_seed_output(stdout: str, directory: Path) -> None:
             assert line.startswith(
                 r"TaskResult(task=Task(func=worker_function, args=(), kwargs=(input_file='C:\\gwpw"
             )
-            for field in ("success=True", "exception=None", "exit_code=0", "timeout_seconds=5",
-                          "memory_limit_in_gib=4", "timed_out=False", "out_of_memory=False"):  # fmt: skip
+            for field in SEED_FIELDS:
                 assert f", {field}," in line or line.endswith(f", {field})"), (field, line)
     sizes = re.findall(r"Export zip file size is: (\d+) bytes for input_file: '(.+)'", sections[2])
     assert sorted((int(size), os.path.basename(path)) for size, path in sizes) == sorted(
