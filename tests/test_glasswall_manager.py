@@ -315,8 +315,9 @@ class Editor:
         self.library_path = library_path
 
     def export_file(self, input_file, output_file=None, content_management_policy=None):
-        if not isinstance(content_management_policy, str) or "sanitise" not in (
-                content_management_policy):
+        if content_management_policy is not None and not (  # None: the engine's default
+                isinstance(content_management_policy, str)
+                and "sanitise" in content_management_policy):
             raise TypeError("policy not passed as its text: %r" % (content_management_policy,))
         with open(input_file, "rb") as file:
             exported = b"PK\\x03\\x04" + file.read()
