@@ -1,17 +1,20 @@
 """``ProcessManager``: a fresh process per task, at most ``max_workers`` at once, one result each.
 
 The public facade only: it validates the arguments, queues tasks (pickling them here when the
-start method needs it, so a bad task fails at ``queue_task``), and runs the scheduler from the
-with-block or ``as_completed``::
+start method needs it, so a bad task fails at ``queue_task``), and runs the scheduler from
+``start_tasks`` (which the with-block calls on exit) or ``as_completed``::
 
     queue_task --> Scheduler.pending --> Scheduler.results() --> task_results / as_completed
                                           (_scheduler: event loop; _launch: start a worker;
                                            _outcome: frame -> TaskResult)
+
+A manager can be run again (queue more, another with-block or ``start_tasks``), as Glasswall's
+can; only an abort (a ``KeyboardInterrupt`` or other non-``Exception`` in the with-body, or a
+failure of the manager itself) ends its life.
 """
 
 from __future__ import annotations
 
-import enum
 import multiprocessing
 import pickle
 from collections.abc import Iterable, Iterator
@@ -22,18 +25,13 @@ from ._backends import create_backend
 from ._backends.base import Backend
 from ._cpus import available_cpus
 from ._launch import Launcher, StartMethod
-from ._limits import Limits, validate_max_result_bytes
+from ._limits import Limits, validate_max_result_bytes, validate_max_workers, validate_poll_interval
 from ._outcome import Terms
 from ._result_types import ResultTypes
 from ._scheduler import Scheduler
 from ._task import Task, TaskResult
 
 BackendName = Literal["auto", "cgroup_v2", "systemd", "cgroup_v1", "psutil"]
-
-
-class _State(enum.Enum):
-    FINISHED = "finished"  # left the with-block normally
-    ABORTED = "aborted"  # the with-body raised: tasks killed, queue dropped
 
 
 class ProcessManager:
@@ -47,12 +45,13 @@ class ProcessManager:
         for result in pm.task_results:
             print(result)
 
-    ``max_workers=None`` means the CPUs this process may use (affinity and cgroup quota aware).
-    Keyword-only extras: ``cpu_time_limit_seconds`` (RLIMIT_CPU), ``max_processes`` (fork-bomb
-    limit, ``pids.max`` on the kernel backends), ``backend`` (``"auto"``, ``"cgroup_v2"``,
-    ``"systemd"``, ``"cgroup_v1"``, ``"psutil"``, or a ``Backend`` instance), ``start_method``
-    (``"fork"``, ``"forkserver"``, ``"spawn"``; default: multiprocessing's default) and
-    ``poll_interval_seconds`` (psutil backend only).
+    ``max_workers=None`` (or ``0``, as in Glasswall) means the CPUs this process may use
+    (affinity and cgroup quota aware); ``worker_timeout_seconds`` and ``memory_limit_in_gib``
+    of ``None`` or ``0`` mean no limit. Keyword-only extras: ``cpu_time_limit_seconds``
+    (RLIMIT_CPU), ``max_processes`` (fork-bomb limit, ``pids.max`` on the kernel backends),
+    ``backend`` (``"auto"``, ``"cgroup_v2"``, ``"systemd"``, ``"cgroup_v1"``, ``"psutil"``, or a
+    ``Backend`` instance), ``start_method`` (``"fork"``, ``"forkserver"``, ``"spawn"``; default:
+    multiprocessing's default) and ``poll_interval_seconds`` (psutil backend only).
 
     Results cross a trust boundary (see docs/security.md): a result or exception may contain
     builtin value types and exception classes of modules the manager has imported, plus the
@@ -67,7 +66,7 @@ class ProcessManager:
 
     def __init__(
         self,
-        max_workers: int | None = None,
+        max_workers: int | float | None = None,
         worker_timeout_seconds: float | None = None,
         memory_limit_in_gib: float | None = None,
         *,
@@ -80,23 +79,17 @@ class ProcessManager:
         trusted_results: bool = False,
         max_result_bytes: int | None = None,
     ) -> None:
-        if max_workers is not None and (
-            isinstance(max_workers, bool) or not isinstance(max_workers, int)
-        ):
-            raise TypeError(f"max_workers must be an int or None, got {max_workers!r}")
-        if max_workers is not None and max_workers < 1:
-            raise ValueError(f"max_workers must be at least 1, got {max_workers}")
-        if not (isinstance(poll_interval_seconds, (int, float)) and poll_interval_seconds > 0):
-            raise ValueError(
-                f"poll_interval_seconds must be positive, got {poll_interval_seconds!r}"
-            )
+        workers = validate_max_workers(max_workers)
+        poll_interval_seconds = validate_poll_interval(poll_interval_seconds)
         self.limits = Limits.from_arguments(
             worker_timeout_seconds, memory_limit_in_gib, cpu_time_limit_seconds, max_processes
         )
         methods = multiprocessing.get_all_start_methods()
         if start_method is not None and start_method not in methods:
             raise ValueError(f"start_method must be one of {methods}, got {start_method!r}")
-        self.max_workers: int = max_workers or available_cpus()
+        self.max_workers: int = workers or available_cpus()
+        # As given (0 stays 0, as Glasswall reports it in TaskResult.timeout_seconds); the
+        # enforced limits, with 0 read as "none", are in self.limits.
         self.worker_timeout_seconds = worker_timeout_seconds
         self.memory_limit_in_gib = memory_limit_in_gib
         self.cpu_time_limit_seconds = cpu_time_limit_seconds
@@ -126,31 +119,29 @@ class ProcessManager:
         )
         launcher = Launcher(self.start_method, self.backend.worker_options, self.max_result_bytes)
         self._scheduler = Scheduler(self.backend, launcher, terms, self.max_workers)
-        self._state: _State | None = None  # None: open (queueing or running)
+        self._aborted_by: str | None = None  # set once: why this manager was aborted
 
     def __enter__(self) -> ProcessManager:
         return self
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
-            self._abort()
+    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            # KeyboardInterrupt, SystemExit...: Ctrl-C must stop the program now, not after
+            # every queued conversion has run.
+            self._abort(exc_type.__name__)
             return
-        try:
-            for result in self._scheduler.results():
-                self.task_results.append(result)
-        except BaseException:
-            self._abort()
-            raise
-        finally:
-            self._scheduler.close()
-        self._state = _State.FINISHED
+        if self._aborted_by is not None:  # as_completed already aborted (the manager failed)
+            return
+        # Normal exit, or an ordinary Exception in the body: like Glasswall (and
+        # concurrent.futures, whose __exit__ waits for submitted work), every queued task still
+        # runs and task_results is filled before the body's exception propagates.
+        self.start_tasks()
 
     def queue_task(self, task: Task) -> None:
         """Add a task. Under spawn/forkserver it must pickle; that is checked here, not later."""
         if not isinstance(task, Task):
             raise TypeError(f"queue_task takes a Task, got {type(task).__name__}")
-        if self._state is not None:
-            raise RuntimeError(f"queue_task on a {self._state.value} ProcessManager")
+        self._check_usable("queue_task")
         payload = b""
         if self.start_method != "fork":
             try:
@@ -163,16 +154,48 @@ class ProcessManager:
                 ) from error
         self._scheduler.pending.append((task, payload))
 
+    def start_tasks(self) -> None:
+        """Run every queued task to its end and append the results to ``task_results``.
+
+        What the with-block does on exit; public, as in Glasswall (queue, ``start_tasks()``,
+        read ``task_results``). May be called again after more tasks are queued: the new
+        results are appended, the earlier ones stay.
+        """
+        self._check_usable("start_tasks")
+        try:
+            for result in self._scheduler.results():
+                self.task_results.append(result)
+        except BaseException as error:
+            self._abort(type(error).__name__)
+            raise
+        finally:
+            self._scheduler.close()
+
     def as_completed(self) -> Iterator[TaskResult]:
-        """Start processing and yield each result as its task ends (``task_results`` stays empty).
+        """Start processing and yield each result as its task ends (not added to
+        ``task_results``).
 
         Leaving the loop early loses nothing: the remaining tasks finish on exit of the
-        with-block and land in ``task_results``.
+        with-block (or the next ``start_tasks``) and land in ``task_results``.
         """
-        if self._state is not None:
-            raise RuntimeError(f"as_completed on a {self._state.value} ProcessManager")
-        yield from self._scheduler.results()
+        self._check_usable("as_completed")
+        try:
+            yield from self._scheduler.results()
+        except GeneratorExit:  # the caller left the loop: the rest run later, nothing is lost
+            raise
+        except BaseException as error:  # Ctrl-C in the wait, or the manager itself failed
+            self._abort(type(error).__name__)
+            raise
+        self._scheduler.close()
 
-    def _abort(self) -> None:
-        self._state = _State.ABORTED
+    def _check_usable(self, what: str) -> None:
+        if self._aborted_by is not None:
+            raise RuntimeError(
+                f"{what} on an aborted ProcessManager: a {self._aborted_by} stopped it, its"
+                " running tasks were killed and its queue dropped; make a new ProcessManager"
+            )
+
+    def _abort(self, why: str) -> None:
+        if self._aborted_by is None:
+            self._aborted_by = why
         self._scheduler.abort()

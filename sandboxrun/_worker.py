@@ -206,7 +206,10 @@ def main(spec: WorkerSpec) -> None:
     if spec.cpu_time_seconds is not None:
         _set_cpu_limit(spec.cpu_time_seconds)
 
-    exit_code = 0  # ours only: the manager reads the process's real exit status
+    # multiprocessing.Process.exitcode's rules, which Glasswall's users see: its worker catches
+    # an Exception (exit 0); SystemExit gives its code; any other BaseException escapes the
+    # target (KeyboardInterrupt: 1). The manager reads the process's real exit status.
+    exit_code = 0
     raised = False
     outcome: Any
     task = spec.task
@@ -221,6 +224,7 @@ def main(spec: WorkerSpec) -> None:
         exit_code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     except BaseException as error:
         outcome, raised = error, True
+        exit_code = 0 if isinstance(error, Exception) else 1
 
     if spec.options.kill_descendants_on_exit:
         _kill_descendants()

@@ -72,15 +72,12 @@ def test_task_result_repr_is_truncated_and_eq_follows_the_seed() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [
-        ({"max_workers": 0}, ValueError),
         ({"max_workers": -1}, ValueError),
         ({"max_workers": 1.5}, TypeError),
         ({"max_workers": True}, TypeError),
-        ({"worker_timeout_seconds": 0}, ValueError),
         ({"worker_timeout_seconds": -1}, ValueError),
         ({"worker_timeout_seconds": float("nan")}, ValueError),
         ({"worker_timeout_seconds": "5"}, TypeError),
-        ({"memory_limit_in_gib": 0}, ValueError),
         ({"memory_limit_in_gib": -2}, ValueError),
         ({"memory_limit_in_gib": 1e-12}, ValueError),
         ({"cpu_time_limit_seconds": 0}, ValueError),
@@ -185,14 +182,17 @@ def _rmdir(path: Path) -> bool:
     return True
 
 
-def test_queue_task_rejects_non_tasks_and_finished_managers() -> None:
+def test_queue_task_rejects_non_tasks_and_a_finished_manager_runs_again() -> None:
+    # Issue 13: a finished manager is reusable, as Glasswall's is (it used to raise
+    # RuntimeError here); only an aborted one refuses (tests/test_glasswall_manager.py).
     with ProcessManager(1, backend="psutil") as pm:
         with pytest.raises(TypeError):
             pm.queue_task(tasks.double)  # type: ignore[arg-type]
         pm.queue_task(Task(tasks.double, (2,)))
     assert [r.result for r in pm.task_results] == [4]
-    with pytest.raises(RuntimeError, match="finished"):
-        pm.queue_task(Task(tasks.double, (2,)))
+    with pm:
+        pm.queue_task(Task(tasks.double, (3,)))
+    assert [r.result for r in pm.task_results] == [4, 6]
 
 
 def test_unsendable_task_is_refused_at_queue_time_under_spawn() -> None:
