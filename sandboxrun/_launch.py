@@ -66,7 +66,7 @@ class Launcher:
         # The control pipe exists only when the worker must wait for us: to receive the pickled
         # task (spawn/forkserver), or until a parent-side attach has placed it (handshake).
         handshake = bool(payload) or sandbox.parent_attach
-        result_r, child_result = transport.result_pipe()
+        result_r, child_result = transport.result_pipe(self.max_result_bytes)
         child_control, control_w = transport.control_pipe() if handshake else (None, -1)
         forked = self.start_method == "fork"
         foreign: tuple[int, ...] = ()
@@ -82,6 +82,7 @@ class Launcher:
             cpu_time_seconds=cpu_time_seconds,
             foreign_fds=foreign,
             manager_pid=self._manager_pid,
+            close_inherited_fds=transport.EXIT_BY_PIDFD,
         )
         process: Any
         if sys.platform != "win32" and self._bare_fork:

@@ -38,6 +38,10 @@ class WorkerSpec:
     cpu_time_seconds: float | None  # RLIMIT_CPU allowance for the task code
     foreign_fds: tuple[int, ...]  # fork only: the manager's fds of other jobs, closed at once
     manager_pid: int | None  # None under forkserver (our parent is the server)
+    # Close every inherited fd but ours: only where the manager watches our exit through a
+    # pidfd (a sentinel pipe's write end is one of the fds we inherited, and closing it would
+    # tell the manager we ended). Elsewhere only foreign_fds are closed.
+    close_inherited_fds: bool = False
 
 
 def _read_exactly(control: Connection, size: int) -> bytes:
@@ -190,7 +194,7 @@ def main(spec: WorkerSpec) -> None:
             os.close(fd)
     result_fd = spec.result.fileno()
     # ... and must not hold any other fd of the manager's either (its epoll fd, its journal).
-    if sys.platform != "win32":  # Windows: spawn only, and Connection.fileno() is a handle
+    if spec.close_inherited_fds:
         keep = {result_fd} if spec.control is None else {result_fd, spec.control.fileno()}
         _close_inherited_fds(keep | _std_stream_fds())
     _die_with_manager(spec.manager_pid)

@@ -46,3 +46,31 @@ def test_psutil_monitor_polls_the_cpu_time_limit() -> None:
     finally:
         spinner.kill()
         spinner.wait(10)
+
+
+def test_portable_reader_buffers_no_more_than_the_longest_frame() -> None:
+    """A worker that floods its result Connection is cut off at max_bytes + the frame overhead:
+    the drain thread stops, closes the pipe (the writer gets EPIPE, it does not block)."""
+    import multiprocessing
+    import threading
+
+    from sandboxrun._transport import _portable
+
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    result = _portable._Result(reader, max_bytes=2 << 20)
+    refused: list[BaseException] = []
+
+    def flood() -> None:
+        try:
+            for _ in range(64):  # 64 MiB offered
+                writer.send_bytes(b"x" * (1 << 20))
+        except OSError as error:  # EPIPE once the reader gave up
+            refused.append(error)
+
+    sender = threading.Thread(target=flood)
+    sender.start()
+    sender.join(20)
+    result.thread.join(20)
+    buffered = sum(len(chunk) for chunk in result.chunks)
+    assert not sender.is_alive() and refused, "the flooding writer was not cut off"
+    assert buffered <= (2 << 20) + _portable._FRAME_OVERHEAD

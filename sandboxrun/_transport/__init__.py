@@ -45,19 +45,20 @@ import sys
 if sys.platform == "win32" or os.environ.get("SANDBOXRUN_TRANSPORT") == "portable":
     from ._portable import BARE_FORK, DEFAULT_START_METHOD, NAME, Selector, close, read, write
     from ._portable import control_pipe, exit_handle, readinto, result_pipe
-    from ._portable import read_exactly, write_all
+    from ._portable import EXIT_BY_PIDFD, read_exactly, write_all
 else:
     from ._posix import BARE_FORK, DEFAULT_START_METHOD, NAME
     from ._posix import close, read, write  # type: ignore[assignment]
     from ._posix import Selector  # type: ignore[assignment]
     from ._posix import control_pipe, exit_handle, result_pipe
     from ._posix import readinto  # type: ignore[assignment]
-    from ._posix import read_exactly, write_all
+    from ._posix import EXIT_BY_PIDFD, read_exactly, write_all
 # isort: on
 
 __all__ = [
     "BARE_FORK",
     "DEFAULT_START_METHOD",
+    "EXIT_BY_PIDFD",
     "NAME",
     "Selector",
     "close",

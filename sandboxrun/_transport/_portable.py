@@ -28,14 +28,18 @@ from collections.abc import Mapping
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
+from .._header import MAX_HEADER_BYTES
+
 if TYPE_CHECKING:
     from _typeshed import FileDescriptorLike
 
 NAME = "portable"
 DEFAULT_START_METHOD: str | None = "spawn"
 BARE_FORK = False
+EXIT_BY_PIDFD = False  # the exit is the sentinel pipe: the worker must keep its write end
 
 _MESSAGE = 1 << 20
+_FRAME_OVERHEAD = 16 + MAX_HEADER_BYTES  # the length prefix and the longest header
 _DRAIN_GRACE = 5.0  # after the tree is dead, how long a reader may take to see EOF
 log = logging.getLogger("sandboxrun.transport")
 
@@ -43,18 +47,32 @@ log = logging.getLogger("sandboxrun.transport")
 class _Result:
     """The parent end of one result pipe, drained by a thread."""
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, max_bytes: int | None) -> None:
         self.connection = connection
+        # What the thread may buffer: the longest frame the ResultReader could accept. A
+        # hostile worker that sends more is cut off here, not in the manager's memory.
+        self.budget = None if max_bytes is None else max_bytes + _FRAME_OVERHEAD
         self.chunks: collections.deque[memoryview] = collections.deque()
         self.thread = threading.Thread(target=self._drain, name="sandboxrun-result", daemon=True)
         self.thread.start()
 
     def _drain(self) -> None:
-        while True:
-            try:
-                self.chunks.append(memoryview(self.connection.recv_bytes()))
-            except (EOFError, OSError):  # the last writer is gone (or the pipe broke)
-                return
+        try:
+            while self.budget is None or self.budget > 0:
+                # maxlength: a forged message header cannot make recv_bytes allocate more.
+                chunk = self.connection.recv_bytes(_MESSAGE)
+                if self.budget is not None:
+                    chunk = chunk[: self.budget]
+                    self.budget -= len(chunk)
+                self.chunks.append(memoryview(chunk))
+            log.warning("a worker sent more than the longest result frame allowed: the rest is"
+                        " not read (its result fails as too large or malformed)")  # fmt: skip
+        except (EOFError, OSError):  # the last writer is gone, the pipe broke, or a bad message
+            pass
+        finally:
+            # Closed as soon as we stop reading: a worker still writing gets EPIPE instead of
+            # blocking on a pipe nobody reads until its timeout.
+            self.connection.close()
 
     def next_chunk(self) -> memoryview | None:
         """A chunk, waiting for the writer's end when none is there; None at end of file."""
@@ -88,9 +106,9 @@ def _new(item: Any) -> int:
     return handle
 
 
-def result_pipe() -> tuple[int, Connection]:
+def result_pipe(max_bytes: int | None = None) -> tuple[int, Connection]:
     pair: tuple[Any, Any] = multiprocessing.Pipe(duplex=False)  # PipeConnection on Windows
-    return _new(_Result(pair[0])), pair[1]
+    return _new(_Result(pair[0], max_bytes)), pair[1]
 
 
 def control_pipe() -> tuple[Connection, int]:

@@ -33,6 +33,9 @@ def _pidfd_works() -> bool:
 
 HAVE_PIDFD = _pidfd_works()
 BARE_FORK = HAVE_PIDFD  # the bare fork launcher has no sentinel: its exit fd is a pidfd
+# The worker's end is watched through a pidfd, not through multiprocessing's sentinel pipe (whose
+# write end the worker holds until it exits): only then may the worker close every fd it got.
+EXIT_BY_PIDFD = sys.platform == "linux" and HAVE_PIDFD
 
 Selector: Callable[[], selectors.BaseSelector] = selectors.DefaultSelector
 read = os.read
@@ -53,7 +56,9 @@ def _set_pipe_size(fd: int) -> None:
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
 
 
-def result_pipe() -> tuple[int, Connection]:
+def result_pipe(max_bytes: int | None = None) -> tuple[int, Connection]:
+    # max_bytes is the ResultReader's to enforce here: it reads the frame prefix before it
+    # allocates, straight from the pipe.
     read_fd, write_fd = os.pipe()
     _set_pipe_size(write_fd)
     os.set_blocking(read_fd, False)
