@@ -143,6 +143,15 @@ class ForkedProcess:
         self._target, self._spec = None, None
 
 
+def _kill_started(process: Any) -> None:
+    if getattr(process, "pid", None) is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        process.kill()
+        process.join()
+    log.debug("killed pid %s: its launch was interrupted", process.pid)
+
+
 class Launcher:
     """Chooses how workers start (once per manager) and starts one per call."""
 
@@ -196,6 +205,9 @@ class Launcher:
         try:
             process.start()
         except BaseException:
+            # A Ctrl-C held back across fork() is raised here, once the child exists: it must
+            # not run on unwatched (it would write its output after the batch exited 130).
+            _kill_started(process)
             for fd in (result_r, control_w):
                 if fd >= 0:
                     os.close(fd)
