@@ -50,9 +50,10 @@ def _descendants(pid: int | None) -> list[psutil.Process]:
     if pid is None:
         return []
     try:
-        return psutil.Process(pid).children(recursive=True)
+        children: list[psutil.Process] = psutil.Process(pid).children(recursive=True)
     except psutil.Error:
         return []
+    return children
 
 
 def _kill_by_pid(job: Job) -> None:

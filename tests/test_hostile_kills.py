@@ -186,8 +186,8 @@ def test_killing_50_grandchildren_keeps_a_neighbours_clock(backend: str, tmp_pat
     ) as manager:
         manager.queue_task(Task(sigterm_ignoring_family, (50, ready)))
         manager.queue_task(Task(time.sleep, (60,)))
-    family, neighbour = manager.task_results if manager.task_results[0].task.func is not time.sleep \
-        else manager.task_results[::-1]  # fmt: skip
+    results = manager.task_results
+    family, neighbour = results if results[0].task.func is not time.sleep else results[::-1]
     assert ready.exists(), "the 50 grandchildren were never all started"
     assert family.timed_out and neighbour.timed_out
     assert neighbour.elapsed_time < 1 + 2 * interval + 0.1 * SCALE, neighbour.elapsed_time
