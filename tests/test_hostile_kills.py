@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -63,17 +64,22 @@ def escaped_sleeper(own: dict[str, str], marker: Path) -> None:
     time.sleep(60)
 
 
-def escaping_grandchild(own: dict[str, str], marker: Path, pid_file: Path) -> int:
-    child = os.fork()
-    if child == 0:
+def _park_child(move: Callable[[], None], pid_file: Path) -> None:
+    """Fork a child that runs ``move``, writes its pid into ``pid_file`` and sleeps; return
+    once it has written."""
+    if os.fork() == 0:
         try:
-            _escape(own, marker)
+            move()
             pid_file.write_text(str(os.getpid()))
             time.sleep(60)
         finally:
             os._exit(0)
     while not pid_file.exists():
         time.sleep(0.005)
+
+
+def escaping_grandchild(own: dict[str, str], marker: Path, pid_file: Path) -> int:
+    _park_child(lambda: _escape(own, marker), pid_file)
     return 7
 
 
@@ -138,17 +144,12 @@ def sub_cgroup_parker(pid_file: Path) -> int:
             nested = sub / "deeper"
             nested.mkdir()
             subs.append(nested)
-    child = os.fork()
-    if child == 0:
-        try:
-            for sub in subs:
-                (sub / "cgroup.procs").write_text(str(os.getpid()))
-            pid_file.write_text(str(os.getpid()))
-            time.sleep(60)
-        finally:
-            os._exit(0)
-    while not pid_file.exists():
-        time.sleep(0.005)
+
+    def move() -> None:
+        for sub in subs:
+            (sub / "cgroup.procs").write_text(str(os.getpid()))
+
+    _park_child(move, pid_file)
     return 1
 
 
