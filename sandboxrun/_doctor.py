@@ -8,7 +8,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from ._backends import detect
+from ._backends import cgroupfs, detect
 from ._backends.cgroupfs import mounts, own_cgroups
 from ._backends.hosts import cgroup_host
 
@@ -27,6 +27,19 @@ def _pid1() -> str:
         return Path("/proc/1/comm").read_text().strip()
     except OSError:
         return "unknown"
+
+
+def leftover_cgroups() -> list[str]:
+    """Cgroups sandboxrun could not remove: this process's deferred ones, and the runner
+    directories of managers that died (``sandboxrun-<pid>-*`` whose pid is gone)."""
+    found = [str(path) for path in cgroupfs.LEFTOVERS.paths()]
+    own = own_cgroups()
+    for kind, point, options in mounts():
+        matching = (k for k in own if set(k.split(",")) & options)
+        key = "" if kind == "cgroup2" else next(matching, None)
+        if key is not None and key in own:
+            found += [str(p) for p in cgroupfs.stale_runner_dirs(point / own[key].lstrip("/"))]
+    return sorted(dict.fromkeys(found))
 
 
 def _fixes(report: dict[str, Any], systemd: bool, v2_controllers: list[str]) -> list[str]:
@@ -93,6 +106,7 @@ def doctor_report() -> dict[str, Any]:
             "kernel_enforced": [text for key, text in LIMITS.items() if key in enforced],
             "polled": [text for key, text in LIMITS.items() if key not in enforced],
             "fixes": _fixes(report, systemd, v2_controllers),
+            "leftover_cgroups": leftover_cgroups(),
         }
     )
     return report
@@ -118,6 +132,7 @@ def render(report: dict[str, Any]) -> str:
         "enforced by the kernel here: " + (", ".join(report["kernel_enforced"]) or "nothing"),
     ]
     lines.append("polled here: " + (", ".join(report["polled"]) or "nothing"))
+    lines.append("leftover cgroups: " + (" ".join(report["leftover_cgroups"]) or "none"))
     if report["fixes"]:
         lines += ["", "to get stronger enforcement:"] + [f"  - {fix}" for fix in report["fixes"]]
     return "\n".join(lines)

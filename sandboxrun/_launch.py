@@ -14,6 +14,7 @@ never needs the scheduler, and the outcome never needs either)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -36,6 +37,15 @@ if sys.platform != "win32":
 StartMethod = Literal["fork", "forkserver", "spawn"]
 
 log = logging.getLogger("sandboxrun.launch")
+
+def _kill_started(process: Any) -> None:
+    if getattr(process, "pid", None) is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        process.kill()
+        process.join()
+    log.debug("killed pid %s: its launch was interrupted", process.pid)
+
 
 class Launcher:
     """Chooses how workers start (once per manager) and starts one per call."""
@@ -95,6 +105,9 @@ class Launcher:
         try:
             process.start()
         except BaseException:
+            # A Ctrl-C held back across fork() is raised here, once the child exists: it must
+            # not run on unwatched (it would write its output after the batch exited 130).
+            _kill_started(process)
             for fd in (result_r, control_w):
                 if fd >= 0:
                     transport.close(fd)

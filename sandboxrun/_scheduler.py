@@ -28,8 +28,12 @@ import collections
 import contextlib
 import logging
 import selectors
+import signal
+import sys
 import time
 from collections.abc import Iterator
+
+import psutil
 
 from . import _outcome as outcome
 from . import _transport as transport
@@ -40,6 +44,33 @@ from ._reasons import KillReason
 from ._task import Task, TaskResult
 
 log = logging.getLogger("sandboxrun.scheduler")
+
+
+def _descendants(pid: int | None) -> list[psutil.Process]:
+    """The worker's process tree now (the worker is a subreaper: orphans stay below it)."""
+    if pid is None:
+        return []
+    try:
+        children: list[psutil.Process] = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    return children
+
+
+def _kill_by_pid(job: Job) -> None:
+    """SIGKILL the worker itself, through its pidfd where there is one (no pid-reuse race)."""
+    if sys.platform == "linux" and transport.EXIT_BY_PIDFD:
+        try:
+            signal.pidfd_send_signal(job.exit_fd, signal.SIGKILL)
+            return
+        except ProcessLookupError:
+            return  # already ended: its exit event reports it
+        except OSError:  # exit_fd is not a pidfd after all (a dup'ed sentinel)
+            pass
+    try:
+        job.process.kill()
+    except (OSError, ValueError) as error:  # gone, or already closed
+        log.debug("%r: SIGKILL pid %s: %s", job.task, job.process.pid, error)
 
 
 class Scheduler:
@@ -132,7 +163,7 @@ class Scheduler:
         except BaseException:
             sandbox.remove()
             raise
-        self._jobs[job.exit_fd] = job
+        self._jobs[job.exit_fd] = job  # from here on, abort() kills it (by pid too)
         self._selector.register(job.exit_fd, selectors.EVENT_READ, job)
         self._selector.register(job.result_fd, selectors.EVENT_READ, job)
         pid = job.process.pid
@@ -210,7 +241,17 @@ class Scheduler:
         log.debug("%r: killing pid %s (%s)", job.task, job.process.pid, job.kill_reason)
         job.deadline = None
         job.next_poll = None
-        job.sandbox.kill()
+        # The tree is read before anything dies: once the worker is gone its orphans move to
+        # init, out of reach. The sandbox kill alone is not enough: a process that wrote itself
+        # into another cgroup is not in the sandbox any more, and the manager would wait on it.
+        tree = _descendants(job.process.pid)
+        try:
+            job.sandbox.kill()
+        finally:
+            _kill_by_pid(job)
+            for process in tree:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()  # psutil checks the creation time: no recycled pid is hit
 
     def _finish(self, job: Job) -> TaskResult:
         """The worker process has ended: collect everything and build its one result."""
@@ -264,7 +305,9 @@ class Scheduler:
 
     def _finish_logged(self, job: Job) -> None:
         try:
-            job.process.join(timeout=10)
+            # Killed by pid as well as by its cgroup, so this returns at once; the bound only
+            # guards against a process stuck in D state.
+            job.process.join(timeout=2)
             self._finish(job)  # the result is dropped: the with-body's exception wins
         except Exception as error:
             log.warning(

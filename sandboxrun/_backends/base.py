@@ -40,8 +40,9 @@ class WorkerOptions:
     """What the worker must do for this backend before and after the task code."""
 
     # Linux: make the worker a child subreaper, so orphaned grandchildren stay in its tree
-    # where a tree-walking backend can still find them.
-    subreaper: bool = False
+    # where the kill's process-tree snapshot (and a tree-walking backend) can still find them,
+    # even when they left the task's cgroup. On for every backend.
+    subreaper: bool = True
     # After the function returns: SIGKILL every descendant left (the polled backend has no
     # container that outlives the worker).
     kill_descendants_on_exit: bool = False

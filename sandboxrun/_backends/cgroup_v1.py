@@ -63,6 +63,14 @@ def _hierarchies() -> dict[str, Path]:
     return found
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        stat = (cgroupfs.PROC / str(pid) / "stat").read_bytes()
+    except OSError:
+        return None
+    return int(stat.rsplit(b")", 1)[1].split()[1])  # after "(comm)": state, then ppid
+
+
 def _probe(directory: Path) -> str | None:
     probe = directory / cgroupfs.runner_dir_name()
     try:
@@ -140,20 +148,40 @@ class CgroupV1Sandbox(Sandbox):
         # killing the rest makes the task die as a whole, like memory.oom.group=1 on v2.
         return KillReason.MEMORY
 
+    def _members(self) -> list[int]:
+        """Every pid in the task's cgroups and in the sub-cgroups the task made there, in every
+        hierarchy (a process may have moved to a sub-cgroup of one hierarchy only)."""
+        return list(dict.fromkeys(pid for path in self.paths for pid in cgroupfs.tree_pids(path)))
+
     def kill(self) -> None:
+        # v1 freezer.state is hierarchical (sub-cgroups freeze too); cgroup.procs is not, so
+        # the pids are read from every directory below the task's.
         freezer = self.dirs.get("freezer")
         frozen = freezer is not None and self._freeze(freezer)
-        members = self.dirs["freezer"] if frozen and freezer else self.dirs["memory"]
         try:
             # Without a freezer, forks can race the kill; loop until a pass finds nobody.
             for _ in range(1 if frozen else 1000):
-                victims = cgroupfs.pids(members)
+                victims = self._members()
                 if not victims:
                     break
-                cgroupfs.kill_pids(victims, members)
+                cgroupfs.kill_pids(victims, self.dirs["memory"])
         finally:
             if frozen and freezer is not None:
                 cgroupfs.write(freezer / "freezer.state", "THAWED")
+        self._kill_escaped()
+
+    def _kill_escaped(self) -> None:
+        # Nothing of ours ever runs in the runner's own directory (a worker goes from the
+        # manager's cgroup straight into its task's): a process there moved itself out of a
+        # task cgroup (cgroup.procs of the parent is writable by root). End it.
+        # A worker (our own child) that escaped is left to its own deadline, which kills it by
+        # pid and classifies it; what is not our child is a task's orphan: nobody watches it.
+        for path in self.paths:
+            escaped = [pid for pid in cgroupfs.pids(path.parent) if _parent(pid) != os.getpid()]
+            if escaped:
+                log.warning("pids %s escaped into the runner cgroup %s: killed", escaped,
+                            path.parent)  # fmt: skip
+                cgroupfs.kill_pids(escaped, path.parent)
 
     @staticmethod
     def _freeze(freezer: Path) -> bool:
@@ -172,19 +200,20 @@ class CgroupV1Sandbox(Sandbox):
         return False
 
     def _wait_empty(self) -> None:
-        memory = self.dirs["memory"]
         deadline = time.monotonic() + _EMPTY_WAIT_SECONDS
         for attempt in itertools.count():
-            if not cgroupfs.pids(memory) or time.monotonic() > deadline:
+            if not self._members() or time.monotonic() > deadline:
                 return
             if attempt % 50 == 49:
                 self.kill()
             time.sleep(0.0005)
 
     def collect(self) -> Usage:
-        if cgroupfs.pids(self.dirs["memory"]):  # leftovers (grandchildren): end them
+        if self._members():  # leftovers (grandchildren, in sub-cgroups too): end them
             self.kill()
             self._wait_empty()
+        else:
+            self._kill_escaped()
         memory = self.dirs["memory"]
         oom = cgroupfs.read_keyed(memory / "memory.oom_control")
         cpu_ns = (
@@ -217,8 +246,10 @@ class CgroupV1Sandbox(Sandbox):
             return
         self._removed = True
         self._close_event_fd()
+        # Sub-cgroups the task made go first (remove_tree is deepest first). What still says
+        # EBUSY is retried later (cgroupfs.LEFTOVERS): one task's cgroup never fails the batch.
         for path in self.paths:
-            cgroupfs.remove(path)
+            cgroupfs.remove_or_defer(path, attempts=50)
 
 
 class CgroupV1Backend(Backend):
@@ -272,6 +303,7 @@ class CgroupV1Backend(Backend):
             for controller, own in self.own.items():
                 runner = own / name
                 if runner not in self.runner.values():
+                    cgroupfs.LEFTOVERS.retry(force=True)
                     cgroupfs.reap_stale(own)
                     runner.mkdir()
                     log.debug("mkdir %s (runner)", runner)
@@ -281,15 +313,14 @@ class CgroupV1Backend(Backend):
             raise
 
     def close(self) -> None:
+        cgroupfs.LEFTOVERS.retry(force=True)
         for runner in dict.fromkeys(self.runner.values()):
-            try:
-                cgroupfs.remove_tree(runner)
-            except OSError as error:
-                log.warning("could not remove %s (%s): a later runner reaps it", runner, error)
+            cgroupfs.remove_or_defer(runner)  # else a later runner reaps it (reap_stale)
         self.runner.clear()
 
     def sandbox(self, limits: Limits) -> Sandbox:
         if limits.max_processes is not None and "pids" not in self.runner:
             raise RuntimeError("max_processes needs the cgroup v1 pids hierarchy, not mounted here")
+        cgroupfs.LEFTOVERS.retry()  # only the ones whose back-off is over: a few rmdirs at most
         name = f"task-{next(self._counter)}"
         return CgroupV1Sandbox({c: runner / name for c, runner in self.runner.items()}, limits)

@@ -145,13 +145,80 @@ def remove(path: Path, attempts: int = 200) -> None:
             time.sleep(0.001 if attempt < 50 else 0.01)
 
 
-def remove_tree(path: Path) -> None:
-    """Remove ``path`` and every cgroup below it, deepest first."""
+def remove_tree(path: Path, attempts: int = 200) -> None:
+    """Remove ``path`` and every cgroup below it, deepest first (a task may have made some)."""
     if not path.is_dir():
         return
     for child in sorted((p for p in path.iterdir() if p.is_dir()), reverse=True):
-        remove_tree(child)
-    remove(path)
+        remove_tree(child, attempts)
+    remove(path, attempts)
+
+
+def tree_pids(path: Path) -> list[int]:
+    """Every pid in ``path`` and in every cgroup below it (v1 ``cgroup.procs`` is per directory)."""
+    return [pid for directory in walk(path) for pid in pids(directory)]
+
+
+# ---------------------------------------------------------------- cleanup that has to wait
+#
+# A cgroup whose rmdir still says EBUSY after the kill (a process stuck in D state, a sub-cgroup
+# the kernel still counts) must not cost the batch anything: it goes on this process-wide list,
+# is retried later with exponential back-off (Leftovers.retry, called by the backends at
+# sandbox(), open() and close()), logged, and reported by ``sandboxrun doctor``.
+
+_RETRY_FIRST_SECONDS = 0.05
+_RETRY_MAX_SECONDS = 30.0
+
+
+class Leftovers:
+    """Cgroup directories whose removal failed, each with the time of its next try."""
+
+    def __init__(self) -> None:
+        self._due: dict[Path, tuple[float, float]] = {}  # path -> (next try, back-off)
+
+    def defer(self, path: Path, error: OSError) -> None:
+        if path not in self._due:
+            log.warning(
+                "cannot remove %s (%s): the result stands; the removal is retried off the hot "
+                "path and `sandboxrun doctor` lists it until then",
+                path,
+                error,
+            )
+        self._due[path] = (time.monotonic() + _RETRY_FIRST_SECONDS, _RETRY_FIRST_SECONDS)
+
+    def paths(self) -> list[Path]:
+        return list(self._due)
+
+    def retry(self, force: bool = False) -> None:
+        """One rmdir attempt per leftover whose back-off is over (every one with ``force``)."""
+        now = time.monotonic()
+        for path, (due, delay) in list(self._due.items()):
+            if not force and now < due:
+                continue
+            for directory in reversed(walk(path)):  # kill what is still there, deepest first
+                kill_pids(pids(directory), directory)
+            try:
+                remove_tree(path, attempts=1)
+            except OSError as error:
+                delay = min(delay * 2, _RETRY_MAX_SECONDS)
+                self._due[path] = (now + delay, delay)
+                log.debug("rmdir %s still fails (%s): next try in %.2fs", path, error, delay)
+                continue
+            log.info("removed the leftover cgroup %s", path)
+            del self._due[path]
+
+
+LEFTOVERS = Leftovers()
+
+
+def remove_or_defer(path: Path, attempts: int = 200) -> bool:
+    """``remove_tree``; on failure the path goes on ``LEFTOVERS`` instead of raising."""
+    try:
+        remove_tree(path, attempts)
+    except OSError as error:
+        LEFTOVERS.defer(path, error)
+        return False
+    return True
 
 
 def runner_owner(name: str) -> int | None:
@@ -182,12 +249,13 @@ def runner_dir_name() -> str:
     return f"{RUNNER_PREFIX}{os.getpid()}-{os.urandom(3).hex()}"
 
 
-def _walk(path: Path) -> list[Path]:
+def walk(path: Path) -> list[Path]:
+    """``path`` and every directory below it, parents before children."""
     found = [path]
     with contextlib.suppress(OSError):
         for child in path.iterdir():
             if child.is_dir():
-                found += _walk(child)
+                found += walk(child)
     return found
 
 
@@ -200,7 +268,7 @@ def reap_stale(parent: Path) -> None:
     for stale in stale_runner_dirs(parent):
         log.info("reaping %s: its runner (pid %s) is gone", stale, runner_owner(stale.name))
         for _ in range(100):
-            dirs = _walk(stale)
+            dirs = walk(stale)
             for directory in dirs:
                 if (directory / "freezer.state").exists():  # a frozen process ignores SIGKILL
                     try:

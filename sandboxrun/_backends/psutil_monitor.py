@@ -43,19 +43,22 @@ class PsutilSandbox(Sandbox):
         self.known[pid] = self.root
 
     def _sample(self) -> tuple[int, int]:
+        """(summed RSS, summed tasks): max_processes counts tasks -- processes and threads --
+        as pids.max does on the cgroup backends, so a verdict does not depend on the backend."""
         processes = _tree(self.root) if self.root is not None else []
-        rss = 0
+        rss = tasks = 0
         for process in processes:
             self.known.setdefault(process.pid, process)
             with contextlib.suppress(psutil.Error):
                 rss += process.memory_info().rss
+                tasks += process.num_threads()
                 times = process.cpu_times()
                 self.cpu_seconds[process.pid] = times.user + times.system
         self.peak_memory_bytes = max(self.peak_memory_bytes, rss)
-        return rss, len(processes)
+        return rss, tasks
 
     def poll(self) -> KillReason | None:
-        rss, count = self._sample()
+        rss, count = self._sample()  # count: tasks (threads included)
         if self.limits.memory_bytes is not None and rss > self.limits.memory_bytes:
             return KillReason.MEMORY
         if self.limits.max_processes is not None and count > self.limits.max_processes:
@@ -93,14 +96,8 @@ class PsutilSandbox(Sandbox):
         for process in victims:
             with contextlib.suppress(psutil.Error):
                 process.kill()
-        for process in self.known.values():
-            try:
-                if process.is_running() and process is not self.root:
-                    process.wait(timeout=1)
-            except psutil.TimeoutExpired:
-                log.warning("pid %s outlived SIGKILL by 1s (D state?): it may linger", process.pid)
-            except psutil.Error:
-                pass  # gone, or not ours to wait for: nothing left to do
+        # No wait here: this runs on the event loop, and the grandchildren are not our children
+        # (waiting on them only polls). Their parent or init reaps them; collect() looks again.
 
     def collect(self) -> Usage:
         self.kill()

@@ -128,17 +128,19 @@ class TaskCgroup:
 
     def remove_members(self) -> bool:
         """rmdir ``members``; ``False`` when it stays (a process stuck in D state)."""
+        # remove_tree: a task may have made sub-cgroups of its own, which must go first
+        # (cgroup.kill already killed their processes).
         try:
-            cgroupfs.remove(self.members)
+            cgroupfs.remove_tree(self.members)
             return True
         except OSError as error:
             first = error
         kill_all(self.members, self.files["cgroup.kill"])
         if wait_empty(self.members, EMPTY_TIMEOUT):
             try:
-                cgroupfs.remove(self.members)
+                cgroupfs.remove_tree(self.members)
                 return True
             except OSError as error:
                 first = error
-        log.warning("cannot remove %s (%s): close() retries it", self.members, first)
+        cgroupfs.LEFTOVERS.defer(self.members, first)  # retried off the hot path, never raised
         return False
