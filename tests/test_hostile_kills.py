@@ -191,7 +191,9 @@ def test_killing_50_grandchildren_keeps_a_neighbours_clock(backend: str, tmp_pat
     family, neighbour = results if results[0].task.func is not time.sleep else results[::-1]
     assert ready.exists(), "the 50 grandchildren were never all started"
     assert family.timed_out and neighbour.timed_out
-    assert neighbour.elapsed_time < 1 + 2 * interval + 0.1 * SCALE, neighbour.elapsed_time
+    # Blocking the loop on the 50 kills put the neighbour's kill at 2.6-3.0 s; the margin (not
+    # the 20 ms goal, which the benchmark measures) keeps a loaded 2-core CI machine from flaking.
+    assert neighbour.elapsed_time < 1 + 2 * interval + 0.5 * SCALE, neighbour.elapsed_time
     assert not leftover_cgroups()
 
 
