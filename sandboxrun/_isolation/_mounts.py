@@ -1,0 +1,238 @@
+"""Namespaces and the task's view of the filesystem: run once in PID 1, before PID 2 exists.
+
+Order (bubblewrap/systemd, research/isolation.md §2 and §11.2)::
+
+    [not root: user namespace, uid/gid maps]           -> enter_user_namespace
+    unshare(NEWNS | NEWIPC [| NEWNET])                 -> namespaces
+    "/" MS_REC|MS_PRIVATE                              nothing propagates back to the host
+    read-only pass (mount_setattr AT_RECURSIVE,        ProtectSystem= full: /usr /etc /boot +
+      per-mount remount before 5.12)                     Python + sandboxrun; strict: "/"
+    /sys, /sys/fs/cgroup read-only                     ProtectKernelTunables, ProtectControlGroups
+    fresh /proc (we are PID 1 of the new pid ns)       the task sees only its own namespace
+    /proc/sys, /proc/sysrq-trigger... read-only
+    tmpfs /tmp /var/tmp /dev/shm, mqueue               PrivateTmp (charged to the task's cgroup)
+    read_write_paths bound back (writable)             ReadWritePaths= (and seen through /tmp)
+    socket dirs covered by an empty read-only tmpfs    connect() ignores read-only mounts
+    lo up                                              PrivateNetwork
+
+New mounts are made after the read-only pass, so they stay writable. Every step raises
+``IsolationError`` with what failed; the caller reports it and runs no task code.
+"""
+
+from __future__ import annotations
+
+import sys
+
+assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
+
+import fcntl
+import logging
+import os
+import site
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+from . import _libc as libc
+from .profile import Isolation
+
+log = logging.getLogger("sandboxrun.isolation")
+
+_SYSTEM_FULL = ("/usr", "/etc", "/boot", "/efi")
+_PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs", "acpi", "scsi", "latency_stats")
+_TMPFS_FLAGS = libc.MS_NOSUID | libc.MS_NODEV
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+
+
+class IsolationError(OSError):
+    """A step of the isolation setup failed: the task must not run."""
+
+
+def enter_user_namespace() -> None:
+    """Non-root: a user namespace mapping our uid/gid to 0 in it, so the other namespaces and
+    the mounts are allowed (a single-id map: the task keeps our kernel uid, see security.md)."""
+    uid, gid = os.geteuid(), os.getegid()
+    libc.unshare(libc.CLONE_NEWUSER)
+    Path("/proc/self/setgroups").write_text("deny")  # before gid_map (CVE-2014-8989)
+    Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
+    Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
+
+
+def _python_paths() -> list[str]:
+    """The interpreter and the code it loads at start: a writable one is code in the next run
+    (``.pth`` lines starting with ``import`` run at every interpreter start)."""
+    package = Path(__file__).resolve().parents[1]
+    paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, str(package)]
+    paths += site.getsitepackages()
+    user_site = site.getusersitepackages()
+    if isinstance(user_site, str):
+        paths.append(user_site)
+    return paths
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    """Existing real directories, without those inside another one of the list."""
+    real = sorted({os.path.realpath(p) for p in paths if os.path.isdir(p)})
+    kept: list[str] = []
+    for path in real:
+        if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(path)
+    return kept
+
+
+def _mountinfo() -> list[tuple[str, set[str]]]:
+    """(mount point, per-mount options) of every mount, in table order."""
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        point = fields[4].encode().decode("unicode_escape")  # \040 for a space
+        found.append((point, set(fields[5].split(","))))
+    return found
+
+
+def _remount_read_only_each(top: str) -> None:
+    """Before 5.12: one MS_REMOUNT|MS_BIND per mount at and below ``top``, restating the flags
+    it has (in a user namespace they are locked: omitting one is EPERM). Fatal on ``top`` only;
+    a submount that refuses (autofs, FUSE) is logged, as systemd does."""
+    names = {"nosuid": libc.MS_NOSUID, "nodev": libc.MS_NODEV, "noexec": libc.MS_NOEXEC}
+    prefix = top.rstrip("/") + "/"
+    for point, options in _mountinfo():
+        if point != top and not point.startswith(prefix):
+            continue
+        kept = sum(flag for name, flag in names.items() if name in options)
+        flags = libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | kept
+        try:
+            libc.mount(None, point, None, flags)
+        except OSError as error:
+            if point == top:
+                raise
+            log.warning("%s stays writable for the task: %s", point, error)
+
+
+def make_read_only(path: str, bind_first: bool = True) -> None:
+    """``path`` and every mount below it read-only in this mount namespace."""
+    if bind_first:  # mount_setattr needs a mount point; a recursive bind keeps what is below
+        libc.mount(path, path, None, libc.MS_BIND | libc.MS_REC)
+    try:
+        libc.mount_setattr(path, libc.MOUNT_ATTR_RDONLY | libc.MOUNT_ATTR_NOSUID)
+    except OSError as error:
+        if error.errno not in (38, 22):  # ENOSYS (before 5.12), EINVAL: per-mount fallback
+            raise
+        _remount_read_only_each(path)
+    log.debug("read-only for the task: %s", path)
+
+
+def _make_writable(path: str) -> None:
+    libc.mount(path, path, None, libc.MS_BIND | libc.MS_REC)
+    try:
+        libc.mount_setattr(path, 0, libc.MOUNT_ATTR_RDONLY)
+    except OSError as error:
+        if error.errno not in (38, 22):
+            raise
+        libc.mount(None, path, None, libc.MS_REMOUNT | libc.MS_BIND)
+    log.debug("writable for the task: %s", path)
+
+
+def _read_only_pass(profile: Isolation) -> None:
+    if profile.protect_system == "strict":
+        make_read_only("/", bind_first=False)  # "/" is a mount point already
+    elif profile.protect_system == "full":
+        for path in _outermost([*_SYSTEM_FULL, *_python_paths()]):
+            make_read_only(path)
+    if profile.protect_kernel_tunables and os.path.isdir("/sys"):
+        make_read_only("/sys")
+    elif profile.protect_control_groups and os.path.isdir("/sys/fs/cgroup"):
+        make_read_only("/sys/fs/cgroup")
+
+
+def _proc(profile: Isolation) -> None:
+    # A procfs shows the pid namespace of whoever mounts it: only PID 1 of the task's own
+    # namespace gets one without the manager in it. Elsewhere (the fork fallback) the host's
+    # /proc stays, and only the uid drop keeps the manager's entries out of reach.
+    if os.getpid() == 1:
+        flags = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
+        libc.mount("proc", "/proc", "proc", flags)
+    if profile.protect_kernel_tunables:
+        for name in _PROC_READ_ONLY:
+            path = f"/proc/{name}"
+            if os.path.exists(path):
+                make_read_only(path)
+
+
+def _tmpfs(path: str, options: str, flags: int = 0) -> None:
+    libc.mount("tmpfs", path, "tmpfs", _TMPFS_FLAGS | flags, options)
+    log.debug("tmpfs on %s (%s)", path, options)
+
+
+def _private_tmp(profile: Isolation) -> None:
+    # Writable paths under /tmp would vanish under the tmpfs: hold them open first, bind them
+    # back after (a bind source may be /proc/self/fd/N).
+    under_tmp = [p for p in profile.read_write_paths if p.startswith(("/tmp/", "/var/tmp/"))]
+    held = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in under_tmp if os.path.isdir(p)}
+    try:
+        for path in ("/tmp", "/var/tmp", "/dev/shm"):
+            if os.path.isdir(path) and not os.path.islink(path):
+                _tmpfs(path, "mode=1777")
+        for path, fd in held.items():
+            os.makedirs(path, exist_ok=True)
+            libc.mount(f"/proc/self/fd/{fd}", path, None, libc.MS_BIND | libc.MS_REC)
+    finally:
+        for fd in held.values():
+            os.close(fd)
+    if profile.private_ipc and os.path.isdir("/dev/mqueue"):
+        libc.mount("mqueue", "/dev/mqueue", "mqueue", _TMPFS_FLAGS | libc.MS_NOEXEC)
+
+
+def _hide_sockets(profile: Isolation) -> None:
+    done: set[str] = set()
+    for path in profile.hide_sockets:
+        real = os.path.realpath(path)
+        if real in done or not os.path.isdir(real):
+            continue
+        if profile.private_tmp and real.startswith("/tmp/"):
+            continue  # already gone with the host's /tmp
+        _tmpfs(real, "mode=755,size=4k", libc.MS_RDONLY | libc.MS_NOEXEC)
+        done.add(real)
+
+
+def loopback_up() -> None:
+    """``lo`` up in a fresh network namespace (SIOCSIFFLAGS, as isolate and nsjail do)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sh22x", b"lo", 0)
+        (flags,) = struct.unpack_from("h", fcntl.ioctl(sock, _SIOCGIFFLAGS, request), 16)
+        fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", flags | _IFF_UP))
+
+
+def _step(what: str, function: Callable[..., object], *args: object) -> None:
+    try:
+        function(*args)
+    except OSError as error:
+        raise IsolationError(error.errno, f"isolation step {what!r} failed: {error}") from error
+
+
+def setup_namespaces_and_mounts(profile: Isolation) -> None:
+    """Give this process (and what it forks next) the profile's namespaces and view.
+
+    Call in PID 1 of the task's pid namespace, single-threaded, as root (or not root: a user
+    namespace is entered first), already inside the task's cgroups. Raises ``IsolationError``.
+    """
+    if not profile.enabled:
+        return
+    if os.geteuid() != 0:
+        _step("user namespace", enter_user_namespace)
+    flags = libc.CLONE_NEWNS
+    flags |= libc.CLONE_NEWIPC if profile.private_ipc else 0
+    flags |= libc.CLONE_NEWNET if profile.private_network else 0
+    _step("unshare", libc.unshare, flags)
+    _step("private propagation", libc.mount, None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+    _step("read-only", _read_only_pass, profile)
+    _step("/proc", _proc, profile)
+    if profile.private_tmp:
+        _step("private /tmp", _private_tmp, profile)
+    if profile.protect_system == "strict":  # binds copy the read-only flag: clear it
+        for path in _outermost(list(profile.read_write_paths)):
+            _step(f"read_write_paths {path}", _make_writable, path)
+    _step("hide sockets", _hide_sockets, profile)
+    if profile.private_network:
+        _step("loopback", loopback_up)

@@ -1,0 +1,114 @@
+"""Which measures work here: each step tried once in a throwaway child (systemd's
+``can_mount_proc()`` idea: the whole sequence, not a guess from sysctls).
+
+    manager --fork--> probe child: unshare(NEWPID) --fork--> PID 1: each step in order,
+                                                              a JSON line back on a pipe
+
+Nothing of it touches the host: the mounts are made in the child's private mount namespace.
+"""
+
+from __future__ import annotations
+
+import sys
+
+assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
+
+import json
+import os
+import time
+from collections.abc import Callable
+
+from . import _libc as libc
+from . import _mounts, _privileges
+from .profile import DEFAULT_UID_BASE
+
+_PROBE_SECONDS = 10.0
+_cache: dict[str, bool | str] | None = None
+
+
+def _steps(root: bool) -> list[tuple[str, Callable[[], object]]]:
+    return [
+        ("mount_namespace", lambda: libc.unshare(libc.CLONE_NEWNS | libc.CLONE_NEWIPC)),
+        ("private_propagation",
+         lambda: libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)),
+        ("private_tmp", lambda: libc.mount("tmpfs", "/tmp", "tmpfs", libc.MS_NOSUID, "size=4k")),
+        ("mount_setattr", lambda: libc.mount_setattr("/tmp", libc.MOUNT_ATTR_RDONLY)),
+        ("read_only_system", lambda: _mounts.make_read_only("/usr")),
+        ("fresh_proc", lambda: libc.mount("proc", "/proc", "proc", libc.MS_NOSUID)),
+        ("protect_kernel_tunables", lambda: _mounts.make_read_only("/proc/sys")),
+        ("network_namespace", lambda: libc.unshare(libc.CLONE_NEWNET)),
+        ("loopback", _mounts.loopback_up),
+        ("drop_capabilities", _privileges._drop_bounding_set if root else libc.capset_empty),
+        ("unprivileged_uid",
+         (lambda: os.setresuid(DEFAULT_UID_BASE, DEFAULT_UID_BASE, DEFAULT_UID_BASE))
+         if root else (lambda: None)),
+        ("no_new_privileges", lambda: libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)),
+    ]  # fmt: skip
+
+
+def _pid1(write_fd: int, found: dict[str, bool | str]) -> None:
+    found["pid_namespace"] = os.getpid() == 1
+    for name, step in _steps(found["user_namespace"] == "not needed (root)"):
+        try:
+            step()
+            found[name] = True
+        except OSError as error:
+            found[name] = f"{type(error).__name__}: {error}"
+    os.write(write_fd, json.dumps(found).encode() + b"\n")
+
+
+def _child(write_fd: int) -> None:
+    found: dict[str, bool | str] = {"user_namespace": "not needed (root)"}
+    root = os.geteuid() == 0
+    try:
+        if not root:
+            _mounts.enter_user_namespace()  # a pid namespace needs caps: the userns first
+            found["user_namespace"] = True
+        libc.unshare(libc.CLONE_NEWPID)
+    except OSError as error:
+        text = f"{type(error).__name__}: {error}"
+        failed = "pid_namespace" if root or found["user_namespace"] is True else "user_namespace"
+        found[failed] = text
+        os.write(write_fd, json.dumps(found).encode() + b"\n")
+        return
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _pid1(write_fd, found)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def _run() -> dict[str, bool | str]:
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_fd)
+            _child(write_fd)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    deadline = time.monotonic() + _PROBE_SECONDS
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            break
+        time.sleep(0.002)
+    with os.fdopen(read_fd, "rb") as reader:
+        line = reader.readline()
+    try:
+        found: dict[str, bool | str] = json.loads(line)
+    except ValueError:
+        found = {"pid_namespace": "the probe child ended without an answer"}
+    return found
+
+
+def probe(refresh: bool = False) -> dict[str, bool | str]:
+    """{measure: True, or why it failed here}; run once per process, then cached."""
+    global _cache
+    if _cache is None or refresh:
+        _cache = _run()
+    return dict(_cache)
