@@ -38,6 +38,7 @@ _NEEDS: dict[str, Callable[[Isolation, bool], bool]] = {
     "loopback": lambda p, root: p.private_network,
     "drop_capabilities": lambda p, root: p.drop_capabilities,
     "no_new_privileges": lambda p, root: p.no_new_privileges,
+    "slot_uid_reads_python": lambda p, root: root and p.user is not None,
 }
 
 

@@ -146,6 +146,39 @@ def _read_only_pass(profile: Isolation) -> None:
         make_read_only("/sys/fs/cgroup")
 
 
+def _closed_ancestor(path: str) -> str | None:
+    """The topmost ancestor of ``path`` that others cannot traverse (no o+x), e.g. /root."""
+    parts = Path(path).parts
+    for depth in range(2, len(parts) + 1):
+        ancestor = os.path.join(*parts[:depth])
+        if not os.stat(ancestor).st_mode & 0o001:
+            return ancestor
+    return None
+
+
+def expose_python() -> None:
+    """A task under another uid must still import Python's own modules: when the installation
+    sits under a closed directory (pyenv in /root, mode 0700), that directory is covered with
+    an empty read-only tmpfs (ProtectHome=tmpfs) and only the installation is bound back."""
+    held: dict[str, dict[str, int]] = {}  # closed ancestor -> {path: O_PATH fd}
+    for path in _outermost(_python_paths()):
+        closed = _closed_ancestor(path)
+        if closed is not None:
+            held.setdefault(closed, {})[path] = os.open(path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for closed, paths in held.items():
+            _tmpfs(closed, "mode=755")
+            for path, fd in paths.items():
+                os.makedirs(path)
+                libc.mount(f"/proc/self/fd/{fd}", path, None, libc.MS_BIND | libc.MS_REC)
+            libc.mount_setattr(closed, libc.MOUNT_ATTR_RDONLY, recursive=False)
+            log.debug("%s covered, %s bound back: the task's uid reads Python", closed, paths)
+    finally:
+        for paths in held.values():
+            for fd in paths.values():
+                os.close(fd)
+
+
 def _proc(profile: Isolation) -> None:
     # A procfs shows the pid namespace of whoever mounts it: only PID 1 of the task's own
     # namespace gets one without the manager in it. Elsewhere (the fork fallback) the host's
@@ -228,6 +261,8 @@ def setup_namespaces_and_mounts(profile: Isolation) -> None:
     _step("private propagation", libc.mount, None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
     _step("read-only", _read_only_pass, profile)
     _step("/proc", _proc, profile)
+    if profile.user is not None and os.geteuid() == 0:
+        _step("expose Python to the task's uid", expose_python)
     if profile.private_tmp:
         _step("private /tmp", _private_tmp, profile)
     if profile.protect_system == "strict":  # binds copy the read-only flag: clear it

@@ -42,7 +42,7 @@ def _rlimits(profile: Isolation) -> None:
             resource.setrlimit(limit, (value, value))
 
 
-def _drop_bounding_set() -> None:
+def drop_bounding_set() -> None:
     libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_CLEAR_ALL)
     for cap in range(libc.cap_last_cap() + 1):
         try:
@@ -66,7 +66,7 @@ def drop_privileges(profile: Isolation, slot: int = 0) -> None:
         _rlimits(profile)
         root = os.geteuid() == 0
         if profile.drop_capabilities and root:
-            _drop_bounding_set()
+            drop_bounding_set()
         ids = profile.uid_gid(slot)
         if ids is not None and root and _mapped(ids):
             _switch_user(*ids)

@@ -26,6 +26,15 @@ _PROBE_SECONDS = 10.0
 _cache: dict[str, bool | str] | None = None
 
 
+def _python_readable() -> None:
+    """A task under another uid imports from the interpreter's tree and from sandboxrun: both
+    must be readable to it (a Python under /root, mode 0700, is not)."""
+    import encodings
+
+    for module in (encodings, sys.modules[__name__.partition("._")[0]]):
+        os.listdir(os.path.dirname(os.path.dirname(str(module.__file__))))
+
+
 def _steps(root: bool) -> list[tuple[str, Callable[[], object]]]:
     return [
         ("mount_namespace", lambda: libc.unshare(libc.CLONE_NEWNS | libc.CLONE_NEWIPC)),
@@ -38,10 +47,12 @@ def _steps(root: bool) -> list[tuple[str, Callable[[], object]]]:
         ("protect_kernel_tunables", lambda: _mounts.make_read_only("/proc/sys")),
         ("network_namespace", lambda: libc.unshare(libc.CLONE_NEWNET)),
         ("loopback", _mounts.loopback_up),
-        ("drop_capabilities", _privileges._drop_bounding_set if root else libc.capset_empty),
+        ("drop_capabilities", _privileges.drop_bounding_set if root else libc.capset_empty),
+        ("expose_python", _mounts.expose_python if root else (lambda: None)),
         ("unprivileged_uid",
          (lambda: os.setresuid(DEFAULT_UID_BASE, DEFAULT_UID_BASE, DEFAULT_UID_BASE))
          if root else (lambda: None)),
+        ("slot_uid_reads_python", _python_readable),
         ("no_new_privileges", lambda: libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)),
     ]  # fmt: skip
 

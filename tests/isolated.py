@@ -1,0 +1,107 @@
+"""A stand-in for the launcher in the isolation tests: the steps in their real order.
+
+    test --fork--> child: [enter cgroups] unshare(NEWPID) --fork--> PID 1 (root):
+        setup_namespaces_and_mounts(profile) --fork--> PID 2: drop_privileges(profile, slot),
+        then ``func(*args)``; its pickled ("ok", value) / ("raised", repr) comes back on a pipe.
+
+Hostile code runs only in PID 2. The test process is the "manager" only for what it owns
+(files, sockets, a victim process); attacks on a real manager go through ProcessManager in a
+subprocess with a watchdog.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sandboxrun._isolation import Isolation
+
+if sys.platform.startswith("linux"):
+    from sandboxrun._isolation import _libc
+    from sandboxrun._isolation._mounts import setup_namespaces_and_mounts
+    from sandboxrun._isolation._privileges import drop_privileges
+
+
+def _enter(files: Sequence[str]) -> None:
+    for path in files:
+        with open(path, "w") as file:
+            file.write("0")
+
+
+def _pid2(profile: Isolation, slot: int, func: Callable[..., Any], args: tuple[Any, ...],
+          write_fd: int) -> None:  # fmt: skip
+    try:
+        drop_privileges(profile, slot)
+        outcome: tuple[str, Any] = ("ok", func(*args))
+    except BaseException as error:
+        outcome = ("raised", f"{type(error).__name__}: {error}")
+    os.write(write_fd, pickle.dumps(outcome))
+
+
+def _pid1(profile: Isolation, slot: int, func: Callable[..., Any], args: tuple[Any, ...],
+          write_fd: int) -> None:  # fmt: skip
+    try:
+        setup_namespaces_and_mounts(profile)
+    except OSError as error:
+        os.write(write_fd, pickle.dumps(("setup failed", str(error))))
+        return
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _pid2(profile, slot, func, args, write_fd)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def run_isolated(
+    profile: Isolation,
+    func: Callable[..., Any],
+    *args: Any,
+    slot: int = 0,
+    enter: Sequence[str] = (),
+    timeout: float = 20.0,
+) -> tuple[str, Any]:
+    """Run ``func(*args)`` as an isolated task; (``"ok"``, value) or (``"raised"``, text)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_fd)
+            _enter(enter)
+            if profile.enabled:
+                _libc.unshare(_libc.CLONE_NEWPID)
+            inner = os.fork()
+            if inner == 0:
+                try:
+                    _pid1(profile, slot, func, args, write_fd)
+                finally:
+                    os._exit(0)
+            os.waitpid(inner, 0)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    data = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([read_fd], [], [], 0.1)
+            if ready:
+                chunk = os.read(read_fd, 1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+    finally:
+        os.close(read_fd)
+        if time.monotonic() >= deadline:
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    if not data:
+        return ("no answer", None)
+    outcome: tuple[str, Any] = pickle.loads(data)
+    return outcome
