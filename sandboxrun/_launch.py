@@ -27,6 +27,7 @@ from . import _protocol as protocol
 from . import _transport as transport
 from . import _worker
 from ._backends.base import Sandbox, WorkerOptions
+from ._isolation import NONE, Isolation
 from ._job import Job
 from ._task import Task
 from ._worker import WorkerSpec
@@ -37,6 +38,7 @@ if sys.platform != "win32":
 StartMethod = Literal["fork", "forkserver", "spawn"]
 
 log = logging.getLogger("sandboxrun.launch")
+
 
 def _kill_started(process: Any) -> None:
     if getattr(process, "pid", None) is None:
@@ -55,14 +57,24 @@ class Launcher:
         start_method: StartMethod,
         options: WorkerOptions,
         max_result_bytes: int = protocol.DEFAULT_MAX_RESULT_BYTES,
+        isolation: Isolation = NONE,
     ) -> None:
         self.start_method = start_method
+        self.isolation = isolation
+        self._slots: dict[int, int] = {}  # id(job) -> its worker slot (its uid under strict)
         self.options = options
         self.max_result_bytes = max_result_bytes  # each job's reader reads no longer a body
         self._context = multiprocessing.get_context(start_method)
         self._bare_fork = start_method == "fork" and transport.BARE_FORK
         # A forkserver child's parent is the server, not us: no pid to compare.
         self._manager_pid = None if start_method == "forkserver" else os.getpid()
+
+    def _free_slot(self, siblings: Iterable[Job]) -> int:
+        """The lowest slot no running job holds: tasks running at once never share a uid."""
+        running = {id(job) for job in siblings}
+        self._slots = {key: slot for key, slot in self._slots.items() if key in running}
+        taken = set(self._slots.values())
+        return next(slot for slot in range(len(taken) + 1) if slot not in taken)
 
     def launch(
         self,
@@ -93,6 +105,8 @@ class Launcher:
             foreign_fds=foreign,
             manager_pid=self._manager_pid,
             close_inherited_fds=transport.EXIT_BY_PIDFD,
+            isolation=self.isolation,
+            slot=self._free_slot(siblings),
         )
         process: Any
         if sys.platform != "win32" and self._bare_fork:
@@ -100,6 +114,7 @@ class Launcher:
         else:
             process = self._context.Process(target=_worker.main, args=(spec,))  # type: ignore[attr-defined]
         job = Job(task, sandbox, process)
+        self._slots[id(job)] = spec.slot
         job.reader = protocol.ResultReader(self.max_result_bytes)
         job.start_time = time.time()
         try:

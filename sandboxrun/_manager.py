@@ -24,6 +24,7 @@ from . import _transport as transport
 from ._backends import create_backend
 from ._backends.base import Backend
 from ._cpus import available_cpus
+from ._isolation import Isolation, choose
 from ._launch import Launcher, StartMethod
 from ._limits import Limits, validate_max_result_bytes, validate_max_workers, validate_poll_interval
 from ._outcome import Terms
@@ -60,6 +61,13 @@ class ProcessManager:
     code in the manager). ``max_result_bytes`` caps one result's pickled size (default: the
     memory limit, or 1 GiB without one); a longer one fails with ``ResultTooLarge`` unread.
 
+    ``isolation`` (Linux; docs/security.md): ``"default"`` (the default where it works: own
+    mount/IPC namespaces, system and Python read-only, private ``/tmp`` and ``/dev/shm``,
+    kernel and cgroup files read-only, socket directories hidden, no capabilities,
+    ``no_new_privs``, an allowlisted environment), ``"strict"`` (all of ``/`` read-only but
+    ``Isolation.read_write_paths``, no network, an unprivileged uid per worker slot), ``"none"``
+    (tasks share this process's privileges), or an ``Isolation`` built piece by piece.
+
     Diagnostics go to ``logging.getLogger("sandboxrun")``: a debug line per launch and kill, a
     warning for each error survived (e.g. counters that could not be read).
     """
@@ -78,6 +86,7 @@ class ProcessManager:
         allowed_result_types: Iterable[type] = (),
         trusted_results: bool = False,
         max_result_bytes: int | None = None,
+        isolation: Literal["none", "default", "strict"] | Isolation | None = None,
     ) -> None:
         workers = validate_max_workers(max_workers)
         poll_interval_seconds = validate_poll_interval(poll_interval_seconds)
@@ -102,6 +111,7 @@ class ProcessManager:
             if isinstance(backend, Backend)
             else create_backend(backend, poll_interval_seconds=poll_interval_seconds)
         )
+        self.isolation: Isolation = choose(isolation)
         self.task_results: list[TaskResult] = []
         memory = self.limits.memory_bytes
         self.max_result_bytes = validate_max_result_bytes(max_result_bytes, memory)
@@ -116,8 +126,11 @@ class ProcessManager:
             memory_hit_known="memory" in self.backend.kernel_enforced,
             result_types=result_types,
             max_result_bytes=self.max_result_bytes,
+            isolation=self.isolation.name,
         )
-        launcher = Launcher(self.start_method, self.backend.worker_options, self.max_result_bytes)
+        launcher = Launcher(
+            self.start_method, self.backend.worker_options, self.max_result_bytes, self.isolation
+        )
         self._scheduler = Scheduler(self.backend, launcher, terms, self.max_workers)
         self._aborted_by: str | None = None  # set once: why this manager was aborted
 

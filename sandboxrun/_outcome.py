@@ -68,6 +68,8 @@ class Terms:
     result_types: ResultTypes = dataclasses.field(default_factory=ResultTypes)
     #: The longest result body the manager reads (the reader's cap, for the record).
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
+    #: The isolation profile in force (TaskResult.isolation).
+    isolation: str = ""
 
 
 # ---------------------------------------------------------------------- decoding the frame
@@ -275,6 +277,7 @@ def _common(job: Job, exit_code: int, terms: Terms) -> dict[str, Any]:
         "end_time": job.end_time,
         "elapsed_time": job.end_time - job.start_time,
         "backend": terms.backend,
+        "isolation": terms.isolation,
     }
 
 

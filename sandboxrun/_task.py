@@ -161,6 +161,8 @@ class TaskResult:
     cpu_time_limit_exceeded: bool = False
     process_limit_exceeded: bool = False
     backend: str = ""
+    #: The isolation profile the task ran under ("none", "default", "strict", "custom").
+    isolation: str = ""
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TaskResult):

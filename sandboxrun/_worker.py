@@ -20,6 +20,7 @@ from . import _header, _linux
 from . import _protocol as protocol
 from . import _transport as transport
 from ._backends.base import WorkerOptions
+from ._isolation import Isolation
 from ._task import Task
 
 if sys.platform != "win32":
@@ -42,6 +43,9 @@ class WorkerSpec:
     # pidfd (a sentinel pipe's write end is one of the fds we inherited, and closing it would
     # tell the manager we ended). Elsewhere only foreign_fds are closed.
     close_inherited_fds: bool = False
+    # The task's isolation profile and worker slot (its uid under "strict"); None: none.
+    isolation: Isolation | None = None
+    slot: int = 0
 
 
 def _read_exactly(control: Connection, size: int) -> bytes:
@@ -131,6 +135,14 @@ def _describe(kind: str, value: object, error: BaseException) -> protocol.Header
     )
 
 
+def _refuse(text: str, result: Connection) -> None:
+    """Report that the sandbox could not be set up, and stop before any task code."""
+    head = _header.encode(protocol.Header(protocol.ENTER_FAILED, text=text))
+    with contextlib.suppress(OSError):
+        transport.write_all(result, protocol.RESULT_PREFIX.pack(len(head), 0) + head)
+    os._exit(protocol.EXIT_ENTER_FAILED)
+
+
 def _enter(files: tuple[str, ...], result: Connection) -> None:
     """Move this process into its cgroups; on failure report it and stop before any task code."""
     for path in files:
@@ -141,11 +153,21 @@ def _enter(files: tuple[str, ...], result: Connection) -> None:
             finally:
                 os.close(fd)
         except OSError as error:
-            header = protocol.Header(protocol.ENTER_FAILED, text=f"{path}: {error}")
-            head = _header.encode(header)
-            with contextlib.suppress(OSError):
-                transport.write_all(result, protocol.RESULT_PREFIX.pack(len(head), 0) + head)
-            os._exit(protocol.EXIT_ENTER_FAILED)
+            _refuse(f"{path}: {error}", result)
+
+
+def _isolate(profile: Isolation, slot: int, result: Connection) -> None:
+    """The fork/spawn path's isolation: this worker is not PID 1 of a namespace of its own
+    (the zygote's tasks are), so the host's /proc stays; everything else of the profile holds."""
+    if sys.platform.startswith("linux"):
+        from . import _isolation
+
+        try:
+            _isolation.setup_namespaces_and_mounts(profile)
+            _isolation.replace_environment(_isolation.build_environment(profile))
+            _isolation.drop_privileges(profile, slot)
+        except OSError as error:
+            _refuse(str(error), result)
 
 
 def _close_inherited_fds(keep: set[int]) -> None:
@@ -201,6 +223,8 @@ def main(spec: WorkerSpec) -> None:
     _enter(spec.enter_files, spec.result)
     if spec.options.subreaper:
         _linux.become_subreaper()
+    if spec.isolation is not None and spec.isolation.enabled:
+        _isolate(spec.isolation, spec.slot, spec.result)
     payload = b""
     if spec.control is not None:  # wait for the go frame (and the task, under spawn/forkserver)
         (length,) = protocol.LENGTH.unpack(_read_exactly(spec.control, protocol.LENGTH.size))

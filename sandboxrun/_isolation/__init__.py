@@ -15,15 +15,33 @@ Linux only below the profile; elsewhere ``probe()`` says so and the manager acce
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 
 from .environment import build_environment, replace_environment
 from .profile import DEFAULT, NONE, PROFILES, STRICT, Isolation, resolve
 
+if sys.platform.startswith("linux"):
+    from ._mounts import IsolationError, setup_namespaces_and_mounts
+    from ._privileges import drop_privileges
+
 __all__ = [
-    "DEFAULT", "NONE", "PROFILES", "STRICT", "Isolation", "build_environment", "describe",
-    "probe", "replace_environment", "resolve", "unavailable_reason",
+    "DEFAULT",
+    "NONE",
+    "PROFILES",
+    "STRICT",
+    "Isolation",
+    "IsolationError",
+    "build_environment",
+    "choose",
+    "describe",
+    "drop_privileges",
+    "probe",
+    "replace_environment",
+    "resolve",
+    "setup_namespaces_and_mounts",
+    "unavailable_reason",
 ]  # fmt: skip
 
 #: The measures each profile needs from probe(), in the order the steps run.
@@ -65,6 +83,36 @@ def unavailable_reason(profile: Isolation) -> str | None:
         if needed(profile, root) and found.get(measure) is not True:
             return f"{measure}: {found.get(measure, 'not probed')}"
     return None
+
+
+_warned: set[str] = set()
+
+
+def choose(value: str | Isolation | None) -> Isolation:
+    """``ProcessManager(isolation=...)``: the profile to use here.
+
+    Asked for by name or instance and not possible here: ``ValueError`` saying which measure
+    is missing (no silent weaker sandbox). Left to the default and not possible (macOS,
+    Windows, a kernel or container that forbids namespaces): ``"none"``, with one warning per
+    process naming the reason (``sandboxrun doctor`` explains the fix).
+    """
+    profile = resolve(value)
+    reason = unavailable_reason(profile)
+    if reason is None:
+        return profile
+    if value is not None:
+        raise ValueError(
+            f"isolation={profile.name!r} cannot be had here ({reason}); run `sandboxrun doctor`"
+            " for the fix, or pass isolation='none' to run tasks unisolated on purpose"
+        )
+    if sys.platform.startswith("linux") and reason not in _warned:
+        _warned.add(reason)
+        logging.getLogger("sandboxrun.isolation").warning(
+            "tasks run WITHOUT isolation (isolation='none'): %s. A compromised task can reach"
+            " this process and the host as its uid; see `sandboxrun doctor`",
+            reason,
+        )
+    return NONE
 
 
 def describe(profile: Isolation) -> str:
