@@ -11,6 +11,7 @@ from typing import Any
 from ._backends import cgroupfs, detect
 from ._backends.cgroupfs import mounts, own_cgroups
 from ._backends.hosts import cgroup_host
+from ._isolation import PROFILES, probe, unavailable_reason
 
 LIMITS = {
     "memory": "memory limit",
@@ -107,9 +108,48 @@ def doctor_report() -> dict[str, Any]:
             "polled": [text for key, text in LIMITS.items() if key not in enforced],
             "fixes": _fixes(report, systemd, v2_controllers),
             "leftover_cgroups": leftover_cgroups(),
+            "isolation": isolation_report(),
         }
     )
     return report
+
+
+_USERNS_FIX = (
+    "unprivileged user namespaces are refused here: as root, sysctl -w"
+    " kernel.unprivileged_userns_clone=1 (Debian), user.max_user_namespaces=15000, or"
+    " kernel.apparmor_restrict_unprivileged_userns=0 (Ubuntu 23.10+; or an AppArmor profile"
+    " with `userns,` for this interpreter); in Docker: --security-opt seccomp=unconfined or"
+    " run the manager as root in the container"
+)
+
+
+def isolation_report() -> dict[str, Any]:
+    """Each isolation measure (tried in a throwaway child) and which profiles work here."""
+    measures = probe()
+    profiles = {name: unavailable_reason(profile) for name, profile in PROFILES.items()}
+    fixes = []
+    if measures.get("user_namespace") not in (True, "not needed (root)", None):
+        fixes.append(_USERNS_FIX)
+    if measures.get("slot_uid_reads_python") not in (True, None):
+        fixes.append(
+            "strict's slot uid cannot read the Python installation: make it world-readable"
+            " (chmod -R o+rX), or use Isolation(user=None)"
+        )
+    return {"measures": measures, "profiles": profiles, "fixes": fixes}
+
+
+def _render_isolation(report: dict[str, Any]) -> list[str]:
+    lines = ["", "isolation measures (tried in a throwaway child):"]
+    for measure, state in report["measures"].items():
+        lines.append(f"  {measure:<24} {'works' if state is True else state}")
+    lines.append(
+        "isolation profiles: "
+        + ", ".join(
+            f"{name}={'ok' if why is None else 'no (' + why + ')'}"
+            for name, why in report["profiles"].items()
+        )
+    )
+    return lines + [f"  - {fix}" for fix in report["fixes"]]
 
 
 def render(report: dict[str, Any]) -> str:
@@ -133,6 +173,7 @@ def render(report: dict[str, Any]) -> str:
     ]
     lines.append("polled here: " + (", ".join(report["polled"]) or "nothing"))
     lines.append("leftover cgroups: " + (" ".join(report["leftover_cgroups"]) or "none"))
+    lines += _render_isolation(report["isolation"])
     if report["fixes"]:
         lines += ["", "to get stronger enforcement:"] + [f"  - {fix}" for fix in report["fixes"]]
     return "\n".join(lines)

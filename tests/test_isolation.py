@@ -411,3 +411,158 @@ def test_resolve() -> None:
         Isolation(protect_system="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="absolute"):
         Isolation(read_write_paths=("out",))
+
+
+# --- through a ProcessManager ---------------------------------------------------------------
+
+BENIGN = [3, 5, 8]
+
+
+def double(value: int) -> int:
+    return value * 2
+
+
+def read_secret() -> tuple[str | None, bool]:
+    environ = Path("/proc/self/environ").read_bytes()
+    return os.environ.get("SECRET"), b"hunter2" in environ
+
+
+def fstat_fds(fds: list[int]) -> list[int]:
+    still_open = []
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.fstat(fd)
+            still_open.append(fd)
+    return still_open
+
+
+def _zygote_available() -> bool:
+    from sandboxrun import _launch
+
+    return bool(getattr(_launch, "ZYGOTE_AVAILABLE", False))
+
+
+#: (profile, start method) pairs where the manager's pid is out of a task's reach: the zygote's
+#: PID namespace (every profile), or under fork strict's other uid.
+_REACH = [
+    pytest.param("strict", "fork", id="strict-fork"),
+    pytest.param("default", "zygote", id="default-zygote",
+                 marks=pytest.mark.skipif(not _zygote_available(), reason="no zygote launcher")),
+    pytest.param("strict", "zygote", id="strict-zygote",
+                 marks=pytest.mark.skipif(not _zygote_available(), reason="no zygote launcher")),
+]  # fmt: skip
+
+_MANAGER = """
+import json, os, signal, sys
+sys.path.insert(0, {root!r})
+from sandboxrun import ProcessManager, Task
+from tests.test_isolation import BENIGN, double, signal_pid
+tasks = [Task(signal_pid, (os.getpid(), signal.{signame}))] + [Task(double, (v,)) for v in BENIGN]
+with ProcessManager(2, 20, isolation={isolation!r}, start_method={method!r}) as pm:
+    for task in tasks:
+        pm.queue_task(task)
+print(json.dumps([[r.success, r.result, repr(r.exception), r.isolation] for r in pm.task_results]))
+"""
+
+
+def _run_manager(
+    isolation: str, method: str, signame: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    script = _MANAGER.format(root=str(Path(__file__).parents[1]), isolation=isolation,
+                             method=method, signame=signame)  # fmt: skip
+    try:  # the watchdog: a stopped manager is killed here, not waited for
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired as expired:
+        return subprocess.CompletedProcess(expired.cmd, -999, "", "timed out: stopped")
+
+
+@pytest.mark.parametrize("signame", ["SIGSTOP", "SIGKILL"])
+def test_manager_signalled_by_its_task(signame: str) -> None:
+    import json
+
+    hit = _run_manager(
+        "none", "fork", signame, timeout=15
+    )  # the attack reaches its aim without isolation
+    assert hit.returncode in (-999, -signal.SIGKILL), hit
+    for isolation, method in (p.values for p in _REACH if not p.marks):
+        run = _run_manager(isolation, method, signame)
+        assert run.returncode == 0, run.stderr[-2000:]
+        results = json.loads(run.stdout.splitlines()[-1])
+        assert results[0][0] is False and results[0][3] == isolation, results[0]
+        assert [r[1] for r in results[1:]] == [v * 2 for v in BENIGN]
+
+
+def test_manager_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandboxrun import CommandTask, ProcessManager, Task
+
+    monkeypatch.setenv("SECRET", "hunter2")
+    shown = CommandTask(["sh", "-c", "echo ${SECRET:-absent}"])
+    with ProcessManager(2, 20, isolation="none", start_method="fork") as pm:
+        pm.queue_task(Task(read_secret))
+        pm.queue_task(shown)
+    assert pm.task_results[0].result[0] == "hunter2"  # (the kernel's copy: the test set it late)
+    assert pm.task_results[1].result.stdout.strip() == b"hunter2"
+    with ProcessManager(2, 20, isolation="default", start_method="fork") as pm:
+        pm.queue_task(Task(read_secret))
+        pm.queue_task(shown)
+        pm.queue_task(Task(double, (4,)))
+    assert pm.task_results[0].result[0] is None  # /proc/self/environ: see the zygote test
+    assert pm.task_results[1].result.stdout.strip() == b"absent"
+    assert pm.task_results[2].result == 8
+
+
+@pytest.mark.skipif(not _zygote_available(), reason="no zygote launcher")
+def test_manager_secret_not_even_in_proc_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandboxrun import ProcessManager, Task
+
+    monkeypatch.setenv("SECRET", "hunter2")
+    with ProcessManager(2, 20, isolation="default", start_method="zygote") as pm:  # type: ignore[arg-type]
+        pm.queue_task(Task(read_secret))
+    assert pm.task_results[0].result == (None, False)
+
+
+def test_inherited_fd_and_listening_socket(tmp_path: Path) -> None:
+    from sandboxrun import ProcessManager, Task
+
+    with open(tmp_path / "journal", "w") as journal, socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        fds = [journal.fileno(), server.fileno()]
+        for isolation in ("default", "strict"):
+            with ProcessManager(2, 20, isolation=isolation, start_method="fork") as pm:
+                pm.queue_task(Task(fstat_fds, (fds,)))
+                pm.queue_task(Task(double, (5,)))
+            assert [r.result for r in pm.task_results] == [[], 10]
+
+
+@pytest.fixture
+def outside_tmp() -> Path:
+    """A scratch folder outside /tmp (private under default): next to the tests."""
+    folder = Path(__file__).parent / f".scratch-{uuid.uuid4().hex}"
+    folder.mkdir()
+    yield folder  # type: ignore[misc]
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+
+
+def test_seed_examples_under_default(outside_tmp: Path) -> None:
+    """The seed's two patterns: write the output file given as an argument; return its bytes."""
+    from sandboxrun import ProcessManager, Task
+
+    source = outside_tmp / "in.txt"
+    source.write_bytes(b"input")
+    with ProcessManager(2, 20, isolation="default", start_method="fork") as pm:
+        pm.queue_task(Task(write_file, (str(outside_tmp / "out.txt"), "converted")))
+        pm.queue_task(Task(Path.read_bytes, (source,)))
+    assert [r.result for r in pm.task_results] == ["written", b"input"]
+    assert (outside_tmp / "out.txt").read_text() == "converted"
+    assert {r.isolation for r in pm.task_results} == {"default"}
+
+
+def test_strict_refused_where_unavailable() -> None:
+    from sandboxrun import ProcessManager
+
+    with pytest.raises(ValueError, match="isolation must be one of"):
+        ProcessManager(1, isolation="paranoid")  # type: ignore[arg-type]
