@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +23,27 @@ AVAILABLE = [name for name, entry in REPORT["backends"].items() if entry["availa
 if os.environ.get("SANDBOXRUN_TEST_BACKEND"):
     AVAILABLE = [name for name in AVAILABLE if name == os.environ["SANDBOXRUN_TEST_BACKEND"]]
 KERNEL_BACKENDS = [name for name in AVAILABLE if name != "psutil"]
+
+
+_OWN_BASETEMP: list[Path] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under the default isolation a task's /tmp is private (a fresh tmpfs), as with systemd's
+    PrivateTmp=: folders handed to tasks must live elsewhere or be declared. So the tests'
+    tmp_path (and TMPDIR, for tempfile and the bench's subprocesses) live in the checkout."""
+    if config.option.basetemp is None and sys.platform.startswith("linux"):
+        base = Path(__file__).resolve().parents[1] / ".pytest-tmp" / f"run-{os.getpid()}"
+        base.mkdir(parents=True, exist_ok=True)
+        config.option.basetemp = str(base)
+        os.environ["TMPDIR"] = str(base)
+        tempfile.tempdir = None  # recomputed from TMPDIR
+        _OWN_BASETEMP.append(base)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for base in _OWN_BASETEMP:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -288,18 +289,29 @@ def test_rlimits() -> None:
 # --- strict: the whole tree read-only but declared paths -------------------------------------
 
 
-def test_strict_read_write_paths(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    out.chmod(0o777)  # the slot uid must be able to write there
-    other = tmp_path / "other"
-    other.mkdir()
-    other.chmod(0o777)
-    profile = STRICT.with_paths([str(out)])
-    assert run_isolated(profile, write_file, str(out / "a.txt"), "result") == ("ok", "written")
-    assert (out / "a.txt").read_text() == "result"
-    assert _refused(run_isolated(profile, write_file, str(other / "b.txt"), "x"))
-    assert not (other / "b.txt").exists()
+@pytest.mark.parametrize("where", ["/tmp", "checkout"])
+def test_strict_read_write_paths(where: str, outside_tmp: Path) -> None:
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir="/tmp")) if where == "/tmp" else outside_tmp
+    try:
+        folder.chmod(0o755)  # the slot uid must be able to reach its output folder...
+        out, other = folder / "out", folder / "other"
+        for directory in (out, other):
+            directory.mkdir()
+            directory.chmod(0o777)  # ... and to write there
+        profile = STRICT.with_paths([str(out)])
+        outcome = run_isolated(profile, write_file, str(out / "a.txt"), "result")
+        assert outcome == ("ok", "written")
+        assert (out / "a.txt").read_text() == "result"
+        assert _refused(run_isolated(profile, write_file, str(other / "b.txt"), "x"))
+        assert not (other / "b.txt").exists()
+    finally:
+        for directory in ("out", "other"):
+            shutil.rmtree(folder / directory, ignore_errors=True)
+        if where == "/tmp":
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_default_keeps_the_output_folder(tmp_path: Path) -> None:
@@ -461,7 +473,9 @@ tasks = [Task(signal_pid, (os.getpid(), signal.{signame}))] + [Task(double, (v,)
 with ProcessManager(2, 20, isolation={isolation!r}, start_method={method!r}) as pm:
     for task in tasks:
         pm.queue_task(task)
-print(json.dumps([[r.success, r.result, repr(r.exception), r.isolation] for r in pm.task_results]))
+order = {{id(task): n for n, task in enumerate(tasks)}}
+results = sorted(pm.task_results, key=lambda r: order[id(r.task)])
+print(json.dumps([[r.success, r.result, repr(r.exception), r.isolation] for r in results]))
 """
 
 
@@ -493,6 +507,12 @@ def test_manager_signalled_by_its_task(signame: str) -> None:
         assert [r[1] for r in results[1:]] == [v * 2 for v in BENIGN]
 
 
+def _in_queue_order(pm: Any) -> list[Any]:
+    """read_secret, then the command (its function is ``execute``), then double."""
+    rank = {"read_secret": 0, "execute": 1, "double": 2}
+    return sorted(pm.task_results, key=lambda r: rank[r.task.func.__name__])
+
+
 def test_manager_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     from sandboxrun import CommandTask, ProcessManager, Task
 
@@ -501,15 +521,17 @@ def test_manager_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     with ProcessManager(2, 20, isolation="none", start_method="fork") as pm:
         pm.queue_task(Task(read_secret))
         pm.queue_task(shown)
-    assert pm.task_results[0].result[0] == "hunter2"  # (the kernel's copy: the test set it late)
-    assert pm.task_results[1].result.stdout.strip() == b"hunter2"
+    results = _in_queue_order(pm)
+    assert results[0].result[0] == "hunter2"  # (the kernel's copy: the test set it late)
+    assert results[1].result.stdout.strip() == b"hunter2"
     with ProcessManager(2, 20, isolation="default", start_method="fork") as pm:
         pm.queue_task(Task(read_secret))
         pm.queue_task(shown)
         pm.queue_task(Task(double, (4,)))
-    assert pm.task_results[0].result[0] is None  # /proc/self/environ: see the zygote test
-    assert pm.task_results[1].result.stdout.strip() == b"absent"
-    assert pm.task_results[2].result == 8
+    results = _in_queue_order(pm)
+    assert results[0].result[0] is None  # /proc/self/environ: see the zygote test
+    assert results[1].result.stdout.strip() == b"absent"
+    assert results[2].result == 8
 
 
 @pytest.mark.skipif(not _zygote_available(), reason="no zygote launcher")
@@ -533,7 +555,7 @@ def test_inherited_fd_and_listening_socket(tmp_path: Path) -> None:
             with ProcessManager(2, 20, isolation=isolation, start_method="fork") as pm:
                 pm.queue_task(Task(fstat_fds, (fds,)))
                 pm.queue_task(Task(double, (5,)))
-            assert [r.result for r in pm.task_results] == [[], 10]
+            assert sorted(map(repr, (r.result for r in pm.task_results))) == ["10", "[]"]
 
 
 @pytest.fixture
@@ -556,7 +578,7 @@ def test_seed_examples_under_default(outside_tmp: Path) -> None:
     with ProcessManager(2, 20, isolation="default", start_method="fork") as pm:
         pm.queue_task(Task(write_file, (str(outside_tmp / "out.txt"), "converted")))
         pm.queue_task(Task(Path.read_bytes, (source,)))
-    assert [r.result for r in pm.task_results] == ["written", b"input"]
+    assert sorted(map(repr, (r.result for r in pm.task_results))) == ["'written'", "b'input'"]
     assert (outside_tmp / "out.txt").read_text() == "converted"
     assert {r.isolation for r in pm.task_results} == {"default"}
 
