@@ -56,6 +56,13 @@ ProcsOpt = Annotated[
     int | None, typer.Option("--max-processes", help="Process-count limit (fork bombs).")
 ]
 BackendOpt = Annotated[str, typer.Option("--backend", help=f"One of: {', '.join(NAMES)}.")]
+IsolationOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--isolation",
+        help="Task isolation (Linux): default, strict or none (docs/security.md).",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON record instead of text.")]
 
 
@@ -77,6 +84,7 @@ def run(
     cpu_time: CpuOpt = None,
     max_processes: ProcsOpt = None,
     backend: BackendOpt = "auto",
+    isolation: IsolationOpt = None,
     stdin: Annotated[Path | None, typer.Option(help="Feed this file (or - for our stdin).")] = None,
     json_output: JsonOpt = False,
     output_limit: Annotated[
@@ -87,7 +95,7 @@ def run(
 
     Output streams through as it comes (with --json it is captured, capped, and put in the record).
     """
-    manager = make_manager(1, memory, timeout, cpu_time, max_processes, backend)
+    manager = make_manager(1, memory, timeout, cpu_time, max_processes, backend, isolation)
     limit = parse_output_limit(output_limit)
     stdin_file = None
     if stdin is not None:
@@ -137,6 +145,7 @@ def batch(
     cpu_time: CpuOpt = None,
     max_processes: ProcsOpt = None,
     backend: BackendOpt = "auto",
+    isolation: IsolationOpt = None,
     journal: Annotated[
         Path | None,
         typer.Option(help="JSON Lines journal (default: OUT/sandboxrun-journal.jsonl)."),
@@ -172,7 +181,10 @@ def batch(
         raise fail_usage(str(error)) from None
     if workers is not None and workers < 1:
         raise fail_usage("--workers must be at least 1")
-    manager = make_manager(workers, memory, timeout, cpu_time, max_processes, backend)
+    paths = (str(input_dir.resolve()), str(out.resolve()))
+    manager = make_manager(
+        workers, memory, timeout, cpu_time, max_processes, backend, isolation, paths
+    )
     journal_path = journal or out / "sandboxrun-journal.jsonl"
     if journal_path.exists() and not (resume or overwrite):
         raise fail_usage(f"{journal_path} exists: add --resume to continue it or --overwrite")

@@ -16,6 +16,7 @@ from typing import cast
 import typer
 
 from .._errors import SandboxrunError
+from .._isolation import Isolation, choose, resolve
 from .._limits import GIB, parse_duration, parse_size
 from .._manager import BackendName, ProcessManager
 from .verdicts import EXIT_USAGE
@@ -66,10 +67,16 @@ def make_manager(
     cpu_time: str | None,
     max_processes: int | None,
     backend: str,
+    isolation: str | None = None,
+    paths: tuple[str, ...] = (),
 ) -> ProcessManager:
-    """One parser for sizes and durations (the library's); a bad value is a one-line error."""
+    """One parser for sizes and durations (the library's); a bad value is a one-line error.
+
+    ``paths``: folders the commands must reach through their private /tmp (the batch's input
+    and output), declared writable in the isolation profile."""
     try:
         return ProcessManager(
+            isolation=_isolation(isolation, paths),
             max_workers=workers,
             worker_timeout_seconds=_duration("--timeout", timeout),
             memory_limit_in_gib=_memory(memory),
@@ -79,6 +86,11 @@ def make_manager(
         )
     except (ValueError, TypeError, OverflowError, SandboxrunError) as error:
         raise fail_usage(str(error)) from None
+
+
+def _isolation(name: str | None, paths: tuple[str, ...]) -> Isolation:
+    profile = choose(None) if name is None else resolve(name)  # None: default, else "none"
+    return profile.with_paths(paths) if profile.enabled and paths else profile
 
 
 def parse_output_limit(text: str) -> int:
