@@ -75,6 +75,10 @@ def run_isolated(
             os.close(read_fd)
             _enter(enter)
             if profile.enabled:
+                if os.geteuid() != 0:  # a pid namespace needs a user namespace first
+                    from sandboxrun._isolation._mounts import enter_user_namespace
+
+                    enter_user_namespace()
                 _libc.unshare(_libc.CLONE_NEWPID)
             inner = os.fork()
             if inner == 0:

@@ -588,3 +588,50 @@ def test_strict_refused_where_unavailable() -> None:
 
     with pytest.raises(ValueError, match="isolation must be one of"):
         ProcessManager(1, isolation="paranoid")  # type: ignore[arg-type]
+
+
+# --- a non-root manager: an unprivileged user namespace --------------------------------------
+
+_AS_NOBODY = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+from sandboxrun._isolation import DEFAULT, NONE, probe
+from tests.isolated import run_isolated
+from tests.test_isolation import connect_unix, leave_files
+print(json.dumps({{
+    "probe": probe(),
+    "socket": [run_isolated(p, connect_unix, {sock!r})[0] for p in (NONE, DEFAULT)],
+    "isolated": run_isolated(DEFAULT, leave_files, {name!r})[0],
+    "left": [os.path.exists(d + "/" + {name!r}) for d in ("/tmp", "/dev/shm")],
+    "none": run_isolated(NONE, leave_files, {name!r})[0],
+    "left_by_none": [os.path.exists(d + "/" + {name!r}) for d in ("/tmp", "/dev/shm")],
+}}))
+"""
+
+
+def test_non_root_manager_gets_a_user_namespace(scratch: list[Path]) -> None:
+    import json
+    import shutil
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("no setpriv here")
+    name = f"sandboxrun-nobody-{uuid.uuid4().hex}"
+    path = Path("/run", f"sandboxrun-test-{uuid.uuid4().hex[:12]}.sock")
+    scratch += [path, Path("/tmp", name), Path("/dev/shm", name)]
+    script = _AS_NOBODY.format(root=str(Path(__file__).parents[1]), sock=str(path), name=name)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        os.chmod(path, 0o777)
+        server.listen(8)
+        done = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-c", script],
+            capture_output=True, text=True, timeout=60, env={"PATH": os.environ["PATH"]},
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    if found["probe"].get("user_namespace") is not True:
+        pytest.skip(f"no unprivileged user namespaces here: {found['probe']}")
+    assert found["socket"] == ["ok", "raised"]  # nobody reaches root's socket, then not
+    assert found["isolated"] == found["none"] == "ok"
+    assert found["left"] == [False, False] and found["left_by_none"] == [True, True]
