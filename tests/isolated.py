@@ -23,8 +23,9 @@ from sandboxrun._isolation import Isolation
 
 if sys.platform.startswith("linux"):
     from sandboxrun._isolation import _libc
-    from sandboxrun._isolation._mounts import setup_namespaces_and_mounts
+    from sandboxrun._isolation._mounts import enter_user_namespace, setup_namespaces_and_mounts
     from sandboxrun._isolation._privileges import drop_privileges
+    from sandboxrun._isolation._probe import fork_call
 
 
 def _enter(files: Sequence[str]) -> None:
@@ -50,13 +51,18 @@ def _pid1(profile: Isolation, slot: int, func: Callable[..., Any], args: tuple[A
     except OSError as error:
         os.write(write_fd, pickle.dumps(("setup failed", str(error))))
         return
-    pid = os.fork()
-    if pid == 0:
-        try:
-            _pid2(profile, slot, func, args, write_fd)
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
+    os.waitpid(fork_call(_pid2, profile, slot, func, args, write_fd), 0)
+
+
+def _outer(profile: Isolation, slot: int, func: Callable[..., Any], args: tuple[Any, ...],
+           write_fd: int, read_fd: int, enter: Sequence[str]) -> None:  # fmt: skip
+    os.close(read_fd)
+    _enter(enter)
+    if profile.enabled:
+        if os.geteuid() != 0:  # a pid namespace needs a user namespace first
+            enter_user_namespace()
+        _libc.unshare(_libc.CLONE_NEWPID)
+    os.waitpid(fork_call(_pid1, profile, slot, func, args, write_fd), 0)
 
 
 def run_isolated(
@@ -69,26 +75,7 @@ def run_isolated(
 ) -> tuple[str, Any]:
     """Run ``func(*args)`` as an isolated task; (``"ok"``, value) or (``"raised"``, text)."""
     read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_fd)
-            _enter(enter)
-            if profile.enabled:
-                if os.geteuid() != 0:  # a pid namespace needs a user namespace first
-                    from sandboxrun._isolation._mounts import enter_user_namespace
-
-                    enter_user_namespace()
-                _libc.unshare(_libc.CLONE_NEWPID)
-            inner = os.fork()
-            if inner == 0:
-                try:
-                    _pid1(profile, slot, func, args, write_fd)
-                finally:
-                    os._exit(0)
-            os.waitpid(inner, 0)
-        finally:
-            os._exit(0)
+    pid = fork_call(_outer, profile, slot, func, args, write_fd, read_fd, enter)
     os.close(write_fd)
     data = b""
     deadline = time.monotonic() + timeout

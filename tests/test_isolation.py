@@ -335,6 +335,17 @@ def _v1_memory_dir() -> Path | None:
     return None
 
 
+def _remove_cgroups(*directories: Path) -> None:
+    """rmdir each, retrying while the kernel still counts a process that just exited."""
+    for directory in directories:
+        for _ in range(50):
+            try:
+                directory.rmdir()
+                break
+            except OSError:
+                time.sleep(0.02)
+
+
 @pytest.fixture
 def v1_task_cgroup() -> Path:
     parent = _v1_memory_dir()
@@ -345,13 +356,7 @@ def v1_task_cgroup() -> Path:
     task.mkdir(parents=True)
     (task / "memory.limit_in_bytes").write_text(str(256 << 20))
     yield task  # type: ignore[misc]
-    for directory in (task, runner):
-        for _ in range(50):
-            try:
-                directory.rmdir()
-                break
-            except OSError:
-                time.sleep(0.02)
+    _remove_cgroups(task, runner)
 
 
 def test_cgroup_limit_rewritten_and_escape(v1_task_cgroup: Path) -> None:
@@ -384,13 +389,7 @@ def v2_pair() -> tuple[Path, Path]:
     except OSError as error:
         pytest.skip(f"cannot create cgroup2 directories here: {error}")
     yield pair  # type: ignore[misc]
-    for directory in (*pair, runner):
-        for _ in range(50):
-            try:
-                directory.rmdir()
-                break
-            except OSError:
-                time.sleep(0.02)
+    _remove_cgroups(*pair, runner)
 
 
 def test_clone3_into_cgroup_v2(v2_pair: tuple[Path, Path]) -> None:

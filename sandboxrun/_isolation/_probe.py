@@ -26,6 +26,17 @@ _PROBE_SECONDS = 10.0
 _cache: dict[str, bool | str] | None = None
 
 
+def fork_call(function: Callable[..., object], *args: object) -> int:
+    """Fork a child that runs ``function(*args)`` and ``_exit``s, whatever happens; its pid."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            function(*args)
+        finally:
+            os._exit(0)
+    return pid
+
+
 def _python_readable() -> None:
     """A task under another uid imports from the interpreter's tree and from sandboxrun: both
     must be readable to it (a Python under /root, mode 0700, is not)."""
@@ -68,7 +79,8 @@ def _pid1(write_fd: int, found: dict[str, bool | str]) -> None:
     os.write(write_fd, json.dumps(found).encode() + b"\n")
 
 
-def _child(write_fd: int) -> None:
+def _child(write_fd: int, read_fd: int) -> None:
+    os.close(read_fd)
     found: dict[str, bool | str] = {"user_namespace": "not needed (root)"}
     root = os.geteuid() == 0
     try:
@@ -82,24 +94,12 @@ def _child(write_fd: int) -> None:
         found[failed] = text
         os.write(write_fd, json.dumps(found).encode() + b"\n")
         return
-    pid = os.fork()
-    if pid == 0:
-        try:
-            _pid1(write_fd, found)
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
+    os.waitpid(fork_call(_pid1, write_fd, found), 0)
 
 
 def _run() -> dict[str, bool | str]:
     read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_fd)
-            _child(write_fd)
-        finally:
-            os._exit(0)
+    pid = fork_call(_child, write_fd, read_fd)
     os.close(write_fd)
     deadline = time.monotonic() + _PROBE_SECONDS
     while os.waitpid(pid, os.WNOHANG) == (0, 0):
