@@ -46,6 +46,9 @@ class WorkerSpec:
     # The task's isolation profile and worker slot (its uid under "strict"); None: none.
     isolation: Isolation | None = None
     slot: int = 0
+    # True under the zygote: PID 1 (the reaper) built the namespaces and mounts, and the
+    # zygote's environment is the allowlisted one; only the privileges are dropped here.
+    isolation_prepared: bool = False
 
 
 def _read_exactly(control: Connection, size: int) -> bytes:
@@ -156,18 +159,20 @@ def _enter(files: tuple[str, ...], result: Connection) -> None:
             _refuse(f"{path}: {error}", result)
 
 
-def _isolate(profile: Isolation, slot: int, result: Connection) -> None:
-    """The fork/spawn path's isolation: this worker is not PID 1 of a namespace of its own
-    (the zygote's tasks are), so the host's /proc stays; everything else of the profile holds."""
-    if sys.platform.startswith("linux"):
+def _isolate(spec: WorkerSpec) -> None:
+    """Under fork/spawn the worker builds its namespaces and mounts itself; it is not PID 1 of
+    a namespace of its own (the zygote's tasks are), so the host's /proc stays there."""
+    if sys.platform.startswith("linux") and spec.isolation is not None:
         from . import _isolation
 
+        profile = spec.isolation
         try:
-            _isolation.setup_namespaces_and_mounts(profile)
-            _isolation.replace_environment(_isolation.build_environment(profile))
-            _isolation.drop_privileges(profile, slot)
+            if not spec.isolation_prepared:
+                _isolation.setup_namespaces_and_mounts(profile)
+                _isolation.replace_environment(_isolation.build_environment(profile))
+            _isolation.drop_privileges(profile, spec.slot)
         except OSError as error:
-            _refuse(str(error), result)
+            _refuse(str(error), spec.result)
 
 
 def _close_inherited_fds(keep: set[int]) -> None:
@@ -224,7 +229,7 @@ def main(spec: WorkerSpec) -> None:
     if spec.options.subreaper:
         _linux.become_subreaper()
     if spec.isolation is not None and spec.isolation.enabled:
-        _isolate(spec.isolation, spec.slot, spec.result)
+        _isolate(spec)
     payload = b""
     if spec.control is not None:  # wait for the go frame (and the task, under spawn/forkserver)
         (length,) = protocol.LENGTH.unpack(_read_exactly(spec.control, protocol.LENGTH.size))

@@ -25,25 +25,20 @@ if os.environ.get("SANDBOXRUN_TEST_BACKEND"):
 KERNEL_BACKENDS = [name for name in AVAILABLE if name != "psutil"]
 
 
-_OWN_BASETEMP: list[Path] = []
-
-
 def pytest_configure(config: pytest.Config) -> None:
     """Under the default isolation a task's /tmp is private (a fresh tmpfs), as with systemd's
     PrivateTmp=: folders handed to tasks must live elsewhere or be declared. So the tests'
     tmp_path (and TMPDIR, for tempfile and the bench's subprocesses) live in the checkout."""
     if config.option.basetemp is None and sys.platform.startswith("linux"):
-        base = Path(__file__).resolve().parents[1] / ".pytest-tmp" / f"run-{os.getpid()}"
+        runs = Path(__file__).resolve().parents[1] / ".pytest-tmp"
+        for old in runs.glob("run-*"):  # earlier runs' (multiprocessing cleans its own at exit)
+            if not psutil.pid_exists(int(old.name[4:])):
+                shutil.rmtree(old, ignore_errors=True)
+        base = runs / f"run-{os.getpid()}"
         base.mkdir(parents=True, exist_ok=True)
         config.option.basetemp = str(base)
         os.environ["TMPDIR"] = str(base)
         tempfile.tempdir = None  # recomputed from TMPDIR
-        _OWN_BASETEMP.append(base)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    for base in _OWN_BASETEMP:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
