@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from sandboxrun import _transport as transport
 from sandboxrun._isolation import DEFAULT, NONE, STRICT, build_environment, probe, resolve
 from sandboxrun._isolation.profile import DEFAULT_UID_BASE, Isolation
 
@@ -543,6 +544,10 @@ def test_manager_secret_not_even_in_proc_environ(monkeypatch: pytest.MonkeyPatch
     assert pm.task_results[0].result == (None, False)
 
 
+@pytest.mark.skipif(
+    not transport.EXIT_BY_PIDFD,
+    reason="the portable transport closes only other jobs' fds (docs/security.md)",
+)
 def test_inherited_fd_and_listening_socket(tmp_path: Path) -> None:
     from sandboxrun import ProcessManager, Task
 
@@ -594,6 +599,7 @@ def test_strict_refused_where_unavailable() -> None:
 _AS_NOBODY = """
 import json, os, sys
 sys.path.insert(0, {root!r})
+from sandboxrun import _transport as transport
 from sandboxrun._isolation import DEFAULT, NONE, probe
 from tests.isolated import run_isolated
 from tests.test_isolation import connect_unix, leave_files
