@@ -176,6 +176,9 @@ def _out_of_memory(facts: _Facts, terms: Terms) -> bool:
 
 
 def _cpu_exceeded(facts: _Facts, terms: Terms) -> bool:
+    if facts.reason == KillReason.CPU_TIME:  # the tree's counter reached the budget
+        return True
+    # RLIMIT_CPU, per process: SIGXCPU at the soft limit, SIGKILL at the hard one.
     limit = terms.limits.cpu_time_seconds
     return (
         limit is not None
@@ -232,8 +235,10 @@ def _verdict_error(facts: _Facts, flags: Flags, terms: Terms, job: Job) -> BaseE
             f" (peak {peak}) and was killed"
         )
     if flags.cpu_time_limit_exceeded:
+        used = "" if facts.cpu_time is None else f" ({facts.cpu_time:.3f} s of CPU used)"
         return CpuTimeLimitExceeded(
             f"the task used more than cpu_time_limit_seconds={terms.cpu_time_limit_seconds}"
+            f"{used} and was killed with its whole process tree"
         )
     if flags.process_limit_exceeded:
         error = ProcessLimitExceeded(
@@ -314,6 +319,8 @@ def _build_result(job: Job, usage: Usage | None, exit_code: int, terms: Terms) -
         max_memory_used_in_gib=None if facts.peak_bytes is None else facts.peak_bytes / GIB,
         out_of_memory=flags.out_of_memory,
         cpu_time_used_seconds=cpu_time,
+        cpu_throttled_periods=facts.usage.cpu_throttled_periods,
+        cpu_throttled_seconds=facts.usage.cpu_throttled_seconds,
         cpu_time_limit_exceeded=flags.cpu_time_limit_exceeded,
         process_limit_exceeded=flags.process_limit_exceeded,
         **_common(job, exit_code, terms),
