@@ -135,6 +135,7 @@ class ProcessManager:
             max_processes=max_processes,
             backend=self.backend.name,
             memory_hit_known="memory" in self.backend.kernel_enforced,
+            cpu_time_known="cpu_time" in self.backend.kernel_enforced,
             result_types=result_types,
             max_result_bytes=self.max_result_bytes,
         )

@@ -10,6 +10,7 @@ mechanism guarantees plus slack, but every assertion can still fail (the unfixed
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,11 +24,18 @@ import pytest
 from typer.testing import CliRunner
 
 from sandboxrun import BackendUnavailable, CpuTimeLimitExceeded, ProcessManager
+from sandboxrun import _outcome as outcome
+from sandboxrun._backends.base import Sandbox, Usage
+from sandboxrun._cpu_budget import MIN_CHECK_SECONDS, CpuBudget
+from sandboxrun._limits import Limits
+from sandboxrun._reasons import KillReason
 from sandboxrun.cli import app
 
-from . import cpu_tasks
+from . import cpu_tasks, tasks
 from .conftest import SCALE, wait_until
 from .test_fault_matrix import run_one
+from .test_outcome import RETURNED_42, job_with
+from .test_outcome import terms as outcome_terms
 
 #: What a task may use beyond its budget before the kill: every core during one check
 #: interval (10 ms in the scheduler, 50 ms polled on psutil), the kill itself, and a loaded
@@ -118,6 +126,75 @@ def test_a_neighbour_without_a_quota_is_not_slowed(kernel_backend: str, tmp_path
     assert quotad_used <= 0.25 * 4.0 * (1 + TOLERANCE) + 0.1, quotad_used
 
 
+class _Counter(Sandbox):
+    """A sandbox whose CPU counter reads ``used``."""
+
+    def __init__(self, used: float | None) -> None:
+        self.used = used
+
+    def cpu_time_seconds(self) -> float | None:
+        return self.used
+
+    def kill(self) -> None: ...
+
+    def collect(self) -> Usage:
+        return Usage()
+
+    def remove(self) -> None: ...
+
+
+def test_the_cpu_deadline_is_the_soonest_the_budget_could_be_spent() -> None:
+    budget = CpuBudget(Limits(cpu_time_seconds=2.0), cpus=4)
+    assert budget.first_deadline(100.0) == 100.5  # 4 CPUs spend 2 s in 0.5 s at best
+    assert budget.check(_Counter(1.0), 10.0) == (False, 10.25)
+    assert budget.check(_Counter(1.9999), 10.0) == (False, 10.0 + MIN_CHECK_SECONDS)
+    assert budget.check(_Counter(2.0), 10.0) == (True, None)
+    assert budget.check(_Counter(None), 10.0) == (False, None)  # unmeasurable: RLIMIT_CPU only
+    quotad = CpuBudget(Limits(cpu_time_seconds=2.0, cpu_quota=0.5), cpus=4)
+    assert quotad.first_deadline(0.0) == 4.0  # half a CPU needs 4 s for 2 s of CPU
+    assert CpuBudget(Limits(), cpus=4).first_deadline(0.0) is None
+
+
+def test_a_waiting_task_costs_a_few_counter_reads(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No busy polling: a task that sleeps 1 s under a 1 s budget is read about once per
+    (budget left / CPUs), a handful of times, not every loop round."""
+    reads = []
+    check = CpuBudget.check
+
+    def counted(self: CpuBudget, sandbox: Sandbox, now: float) -> tuple[bool, float | None]:
+        reads.append(now)
+        return check(self, sandbox, now)
+
+    monkeypatch.setattr(CpuBudget, "check", counted)
+    result = run_one(backend, tasks.sleep_then, 1.0, "slept", cpu_time_limit_seconds=1)
+    assert result.success and result.result == "slept", result.exception
+    assert 1 <= len(reads) <= 2 * (os.cpu_count() or 1) + 2, reads
+
+
+@pytest.mark.parametrize(("known", "expected"), [(True, 0.1), (False, 0.25)])
+def test_the_kernels_cpu_count_wins_a_polled_sample_does_not(known: bool, expected: float) -> None:
+    """The worker's rusage (0.25 s) counts over a polled sample that missed the end (0.1 s),
+    never over the kernel's own counter."""
+    usage = Usage(cpu_time_seconds=0.1)
+    result = outcome.build_result(
+        job_with(RETURNED_42), usage, 0, dataclasses.replace(outcome_terms(), cpu_time_known=known)
+    )
+    assert result.cpu_time_used_seconds == expected
+
+
+def test_a_cpu_time_kill_is_classified_whatever_the_exit_code() -> None:
+    result = outcome.build_result(
+        job_with(None, KillReason.CPU_TIME), Usage(cpu_time_seconds=1.02), -9,
+        outcome_terms(cpu_time_limit_seconds=1),
+    )  # fmt: skip
+    assert (result.success, result.cpu_time_limit_exceeded) == (False, True)
+    assert isinstance(result.exception, CpuTimeLimitExceeded)
+    assert "1.020 s of CPU used" in str(result.exception)
+    assert outcome.classify(result) is outcome.Verdict.CPU_TIME_EXCEEDED
+
+
 def test_psutil_says_the_quota_is_not_available() -> None:
     with pytest.raises(BackendUnavailable, match=r"cpu_quota.*psutil"):
         ProcessManager(1, backend="psutil", cpu_quota=0.5)
@@ -151,7 +228,6 @@ def test_the_cpu_quota_is_in_the_limits() -> None:
 def test_cpuacct_only_when_a_cpu_limit_is_set() -> None:
     """The trivial-task path makes no cpuacct cgroup (where cpuacct is its own hierarchy)."""
     from sandboxrun._backends import create_backend
-    from sandboxrun._limits import Limits
 
     try:
         backend = create_backend("cgroup_v1")
