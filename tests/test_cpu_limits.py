@@ -291,3 +291,46 @@ def test_cli_cpu_time_counts_the_tree(backend: str) -> None:
         app, ["run", "--backend", backend, "--cpu-time", "1s", "--", PY, "-c", spin]
     )
     assert result.exit_code == 122, result.output
+
+
+# --------------------------------------------------------------------- cgroup v2 and systemd
+# Not runnable on this host (hybrid, no systemd): the files they write and read, on fake ones.
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the cgroup backends are Linux")
+def test_cgroup_v2_quota_and_counters_on_fake_files(tmp_path: Path) -> None:
+    from sandboxrun._backends.cgroup_v2 import counters
+
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # the kernel makes it; we only write
+    counters.write_cpu_max(tmp_path, 0.5)
+    assert (tmp_path / "cpu.max").read_text() == "50000 100000"
+    (tmp_path / "cpu.stat").write_text(
+        "usage_usec 1500000\nuser_usec 1000000\nsystem_usec 500000\n"
+        "nr_periods 40\nnr_throttled 12\nthrottled_usec 2500000\n"
+    )
+    assert counters.cpu_time_seconds(tmp_path) == 1.5
+    usage = counters.read_usage(tmp_path, sampled_peak=0)
+    assert (usage.cpu_time_seconds, usage.cpu_throttled_periods) == (1.5, 12)
+    assert usage.cpu_throttled_seconds == 2.5
+    # Without the cpu controller cpu.stat has only the three usage lines: no throttling known.
+    (tmp_path / "cpu.stat").write_text("usage_usec 7\nuser_usec 5\nsystem_usec 2\n")
+    usage = counters.read_usage(tmp_path, sampled_peak=0)
+    assert (usage.cpu_throttled_periods, usage.cpu_throttled_seconds) == (None, None)
+    files = dict.fromkeys(counters.PROBED_FILES, True)
+    assert "cpu_quota" in counters.enforced(files)
+    assert "cpu_quota" not in counters.enforced({**files, "cpu.max": False})
+    assert "cpu_time" in counters.enforced({**files, "cpu.max": False})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the cgroup backends are Linux")
+def test_systemd_task_scope_takes_the_tasks_quota() -> None:
+    from sandboxrun._backends.systemd import task_scope
+
+    def quota(limits: Limits, backend_quota: float | None) -> object:
+        found = task_scope.task_properties(limits, 1, "sandboxrun.slice", backend_quota)
+        return {name: value for name, _, value in found}.get("CPUQuotaPerSecUSec")
+
+    assert quota(Limits(cpu_quota=0.25), None) == 250_000
+    assert quota(Limits(cpu_quota=0.25), 1.5) == 250_000  # the task's own wins
+    assert quota(Limits(), 1.5) == 1_500_000  # else the backend-wide one
+    assert quota(Limits(), None) is None
