@@ -19,7 +19,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from .environment import build_environment, replace_environment
+from .environment import build_environment, matcher, replace_environment
 from .profile import DEFAULT, NONE, PROFILES, STRICT, Isolation, resolve
 
 if sys.platform.startswith("linux"):
@@ -99,6 +99,8 @@ def choose(value: str | Isolation | None) -> Isolation:
     profile = resolve(value)
     reason = unavailable_reason(profile)
     if reason is None:
+        if profile.environment is not None:
+            matcher(profile.environment)  # compiled here, inherited by every forked worker
         return profile
     if value is not None:
         raise ValueError(
