@@ -456,13 +456,8 @@ def _zygote_available() -> bool:
 
 #: (profile, start method) pairs where the manager's pid is out of a task's reach: the zygote's
 #: PID namespace (every profile), or under fork strict's other uid.
-_REACH = [
-    pytest.param("strict", "fork", id="strict-fork"),
-    pytest.param("default", "zygote", id="default-zygote",
-                 marks=pytest.mark.skipif(not _zygote_available(), reason="no zygote launcher")),
-    pytest.param("strict", "zygote", id="strict-zygote",
-                 marks=pytest.mark.skipif(not _zygote_available(), reason="no zygote launcher")),
-]  # fmt: skip
+_REACH = [("strict", "fork")] + ([("default", "zygote"), ("strict", "zygote")]
+                                 if _zygote_available() else [])  # fmt: skip
 
 _MANAGER = """
 import json, os, signal, sys
@@ -499,7 +494,7 @@ def test_manager_signalled_by_its_task(signame: str) -> None:
         "none", "fork", signame, timeout=15
     )  # the attack reaches its aim without isolation
     assert hit.returncode in (-999, -signal.SIGKILL), hit
-    for isolation, method in (p.values for p in _REACH if not p.marks):
+    for isolation, method in _REACH:
         run = _run_manager(isolation, method, signame)
         assert run.returncode == 0, run.stderr[-2000:]
         results = json.loads(run.stdout.splitlines()[-1])
