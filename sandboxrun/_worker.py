@@ -32,7 +32,7 @@ class WorkerSpec:
 
     control: Connection | None  # the go frame (and the task under spawn/forkserver); None: no wait
     result: Connection  # where the one result frame goes
-    task: Task | None  # fork only; otherwise it arrives pickled in the go frame
+    task: Task | None  # fork only; otherwise it arrives pickled in the go frame (or ``payload``)
     enter_files: tuple[str, ...]  # cgroup.procs files to write "0" into, first thing
     options: WorkerOptions
     cpu_time_seconds: float | None  # RLIMIT_CPU allowance for the task code
@@ -42,6 +42,9 @@ class WorkerSpec:
     # pidfd (a sentinel pipe's write end is one of the fds we inherited, and closing it would
     # tell the manager we ended). Elsewhere only foreign_fds are closed.
     close_inherited_fds: bool = False
+    # The pickled task, when it was read before this process existed (the zygote's reaper reads
+    # the go frame, then forks the task with it: control is None then).
+    payload: bytes = b""
 
 
 def _read_exactly(control: Connection, size: int) -> bytes:
@@ -49,6 +52,14 @@ def _read_exactly(control: Connection, size: int) -> bytes:
     if data is None:  # the manager is gone or gave up on us: nothing to do
         os._exit(protocol.EXIT_MANAGER_GONE)
     return data
+
+
+def read_go_frame(control: Connection) -> bytes:
+    """Wait for the go frame and return its payload (the pickled task, or nothing)."""
+    (length,) = protocol.LENGTH.unpack(_read_exactly(control, protocol.LENGTH.size))
+    payload = _read_exactly(control, length) if length else b""
+    control.close()
+    return payload
 
 
 def _die_with_manager(manager_pid: int | None) -> None:
@@ -131,7 +142,7 @@ def _describe(kind: str, value: object, error: BaseException) -> protocol.Header
     )
 
 
-def _enter(files: tuple[str, ...], result: Connection) -> None:
+def enter_sandbox(files: tuple[str, ...], result: Connection) -> None:
     """Move this process into its cgroups; on failure report it and stop before any task code."""
     for path in files:
         try:
@@ -198,14 +209,12 @@ def main(spec: WorkerSpec) -> None:
         keep = {result_fd} if spec.control is None else {result_fd, spec.control.fileno()}
         _close_inherited_fds(keep | _std_stream_fds())
     _die_with_manager(spec.manager_pid)
-    _enter(spec.enter_files, spec.result)
+    enter_sandbox(spec.enter_files, spec.result)
     if spec.options.subreaper:
         _linux.become_subreaper()
-    payload = b""
+    payload = spec.payload
     if spec.control is not None:  # wait for the go frame (and the task, under spawn/forkserver)
-        (length,) = protocol.LENGTH.unpack(_read_exactly(spec.control, protocol.LENGTH.size))
-        payload = _read_exactly(spec.control, length) if length else b""
-        spec.control.close()
+        payload = read_go_frame(spec.control)
     # From here on we are inside the sandbox.
     if spec.cpu_time_seconds is not None:
         _set_cpu_limit(spec.cpu_time_seconds)

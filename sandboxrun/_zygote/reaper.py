@@ -1,0 +1,99 @@
+"""PID 1 of a task's namespace: enter the sandbox, wait for the go frame, fork the task, reap.
+
+Why a reaper and not the task as PID 1 (pid_namespaces(7)): the kernel drops every signal PID 1
+has no handler for, also the ones it sends itself, so a task that is PID 1 survives its own
+``os.kill(os.getpid(), SIGKILL)``, ``os.abort()`` ends as SIGSEGV, and a default SIGTERM does
+nothing -- the fault matrix would change meaning. bubblewrap keeps a reaper as PID 1 for the same
+reason. Here the task is PID 2, with ordinary signal semantics; we wait for it, reaping the
+namespace's orphans on the way, and hand its status to the zygote before we exit. Our exit
+SIGKILLs whatever is left in the namespace: no setsid, double fork or subreaper trick outlives it.
+
+Order (each step before the next for a reason):
+  1. close the zygote's fds        the task must not talk to the zygote or read other statuses
+  2. PR_SET_PDEATHSIG              a dead zygote takes the namespace with it
+  3. enter the cgroups             before anything of the task's exists (PID 2 is born inside)
+  4. read the go frame             the manager has attached us (a parent-side placement)
+  5. fork PID 2 -> _worker.main    the task, with the pickled task in memory
+  6. wait; write PID 2's status; _exit
+"""
+
+from __future__ import annotations
+
+import sys
+
+assert sys.platform.startswith("linux")  # mypy --platform win32/darwin skips the rest
+
+import os
+import signal
+import traceback
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, NoReturn
+
+from .. import _linux, _worker
+from .. import _protocol as protocol
+from . import wire
+
+if TYPE_CHECKING:
+    from .server import Request
+
+
+
+def run(
+    request: Request, result_fd: int, control_fd: int, status_w: int, close: tuple[int, ...]
+) -> NoReturn:
+    code = protocol.EXIT_MANAGER_GONE
+    try:
+        for fd in close:
+            os.close(fd)
+        _linux.die_with_parent()
+        result = Connection(result_fd)
+        _worker.enter_sandbox(request.enter_files, result)
+        payload = _worker.read_go_frame(Connection(control_fd))
+        task = os.fork()
+        if task == 0:
+            _run_task(request, result, payload, status_w)
+        # Not before the fork: the task must keep Python's SIGINT handler (KeyboardInterrupt).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        result.close()
+        del payload
+        status = _wait_for(task)
+        os.write(status_w, wire.EXITED_BODY.pack(status))
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _run_task(request: Request, result: Connection, payload: bytes, status_w: int) -> NoReturn:
+    code = protocol.EXIT_MANAGER_GONE
+    try:
+        os.close(status_w)
+        spec = _worker.WorkerSpec(
+            control=None,
+            result=result,
+            task=None,
+            payload=payload,
+            enter_files=(),  # entered by the reaper: we were born inside
+            options=request.options,
+            cpu_time_seconds=request.cpu_time_seconds,
+            foreign_fds=(),
+            manager_pid=None,  # our parent is the reaper (dies with the zygote, with the manager)
+            close_inherited_fds=True,
+        )
+        del payload
+        _worker.main(spec)  # exits
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _wait_for(task: int) -> int:
+    """Reap until the task itself ends (orphans of the namespace come to us too)."""
+    while True:
+        pid, status = os.wait()
+        if pid == task:
+            return os.waitstatus_to_exitcode(status)
