@@ -119,6 +119,7 @@ class Launcher:
                 cpu_time_seconds=cpu_time_seconds,
                 modules=_modules_of(task),
                 needs_main=b"__main__" in payload,
+                fork_before_go=not sandbox.parent_attach,
             )
             assert child_control is not None  # a zygote's task always comes in the go frame
             process = ZygoteChild(

@@ -20,6 +20,7 @@ import pytest
 from sandboxrun import ProcessManager, Task, TaskResult
 from sandboxrun._backends import cgroupfs
 
+from . import tasks
 from .conftest import AVAILABLE, SCALE, gone, leftover_cgroups, wait_gone, wait_until
 
 BENIGN = [3, 5, 8, 13]
@@ -70,7 +71,7 @@ def _park_child(move: Callable[[], None], pid_file: Path) -> None:
     if os.fork() == 0:
         try:
             move()
-            pid_file.write_text(str(os.getpid()))
+            pid_file.write_text(str(tasks.host_pid()))
             time.sleep(60)
         finally:
             os._exit(0)

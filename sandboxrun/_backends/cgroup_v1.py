@@ -71,6 +71,13 @@ def _parent(pid: int) -> int | None:
     return int(stat.rsplit(b")", 1)[1].split()[1])  # after "(comm)": state, then ppid
 
 
+def _pid_namespace(pid: int) -> str | None:
+    try:
+        return os.readlink(cgroupfs.PROC / str(pid) / "ns" / "pid")
+    except OSError:
+        return None
+
+
 def _probe(directory: Path) -> str | None:
     probe = directory / cgroupfs.runner_dir_name()
     try:
@@ -85,9 +92,15 @@ def _probe(directory: Path) -> str | None:
 
 
 class CgroupV1Sandbox(Sandbox):
-    def __init__(self, dirs: dict[str, Path], limits: Limits) -> None:
+    def __init__(
+        self, dirs: dict[str, Path], limits: Limits, running: set[str] | None = None
+    ) -> None:
         self.dirs = dirs
         self.limits = limits
+        # PID namespaces of the backend's running tasks (shared by its sandboxes): a process in
+        # one of them that left its cgroup still dies with its task's PID 1.
+        self.running = set() if running is None else running
+        self.namespace: str | None = None
         self.event_fd = None
         self._removed = False
         # Co-mounted controllers (e.g. "cpu,cpuacct") share one directory.
@@ -138,6 +151,12 @@ class CgroupV1Sandbox(Sandbox):
     def enter_files(self) -> tuple[str, ...]:
         return tuple(str(path / "cgroup.procs") for path in self.paths)
 
+    def attach(self, pid: int) -> None:
+        namespace = _pid_namespace(pid)
+        if namespace is not None and namespace != _pid_namespace(os.getpid()):
+            self.namespace = namespace  # the zygote launcher's: a namespace of its own
+            self.running.add(namespace)
+
     def on_event(self) -> KillReason | None:
         if self.event_fd is None:
             return None
@@ -175,13 +194,19 @@ class CgroupV1Sandbox(Sandbox):
         # manager's cgroup straight into its task's): a process there moved itself out of a
         # task cgroup (cgroup.procs of the parent is writable by root). End it.
         # A worker (our own child) that escaped is left to its own deadline, which kills it by
-        # pid and classifies it; what is not our child is a task's orphan: nobody watches it.
+        # pid and classifies it; so is a process in a running task's PID namespace (its PID 1's
+        # kill takes it). Anything else is a task's orphan: nobody watches it.
         for path in self.paths:
-            escaped = [pid for pid in cgroupfs.pids(path.parent) if _parent(pid) != os.getpid()]
+            escaped = [pid for pid in cgroupfs.pids(path.parent) if not self._watched(pid)]
             if escaped:
                 log.warning("pids %s escaped into the runner cgroup %s: killed", escaped,
                             path.parent)  # fmt: skip
                 cgroupfs.kill_pids(escaped, path.parent)
+
+    def _watched(self, pid: int) -> bool:
+        return _parent(pid) == os.getpid() or (
+            bool(self.running) and _pid_namespace(pid) in self.running
+        )
 
     @staticmethod
     def _freeze(freezer: Path) -> bool:
@@ -245,6 +270,7 @@ class CgroupV1Sandbox(Sandbox):
         if self._removed:
             return
         self._removed = True
+        self.running.discard(self.namespace or "")
         self._close_event_fd()
         # Sub-cgroups the task made go first (remove_tree is deepest first). What still says
         # EBUSY is retried later (cgroupfs.LEFTOVERS): one task's cgroup never fails the batch.
@@ -262,6 +288,7 @@ class CgroupV1Backend(Backend):
         self.own = _hierarchies()
         self.runner: dict[str, Path] = {}
         self._counter = itertools.count(1)
+        self._running: set[str] = set()
 
     @property
     def kernel_enforced(self) -> frozenset[str]:
@@ -323,4 +350,5 @@ class CgroupV1Backend(Backend):
             raise RuntimeError("max_processes needs the cgroup v1 pids hierarchy, not mounted here")
         cgroupfs.LEFTOVERS.retry()  # only the ones whose back-off is over: a few rmdirs at most
         name = f"task-{next(self._counter)}"
-        return CgroupV1Sandbox({c: runner / name for c, runner in self.runner.items()}, limits)
+        dirs = {c: runner / name for c, runner in self.runner.items()}
+        return CgroupV1Sandbox(dirs, limits, self._running)

@@ -23,6 +23,7 @@ assert sys.platform.startswith("linux")  # mypy --platform win32/darwin skips th
 
 import atexit
 import contextlib
+import dataclasses
 import logging
 import os
 import pickle
@@ -122,19 +123,20 @@ class Zygote:
             raise ZygoteError(f"zygote pid {self.pid} ended (exit code {self.process.poll()})")
         return kind, body, fds
 
-    def launch(self, request: Request, result_fd: int, control_fd: int) -> tuple[int, int, int]:
-        """Start one task: its PID 1's ``(pid, pidfd, flags)``."""
+    def launch(self, request: Request, fds: tuple[int, ...]) -> tuple[int, int, int]:
+        """Start one task (``fds``: result, control, then ``request.stdio``): its PID 1's
+        ``(pid, pidfd, flags)``."""
         try:
-            wire.send(self.sock, wire.LAUNCH, pickle.dumps(request), (result_fd, control_fd))
+            wire.send(self.sock, wire.LAUNCH, pickle.dumps(request), fds)
         except OSError as error:
             self.broken = True
             raise ZygoteError(f"zygote pid {self.pid}: cannot send the task ({error})") from error
-        kind, body, fds = self.reply(REPLY_TIMEOUT)
-        if kind == wire.STARTED and len(body) == wire.STARTED_BODY.size and len(fds) == 1:
+        kind, body, received = self.reply(REPLY_TIMEOUT)
+        if kind == wire.STARTED and len(body) == wire.STARTED_BODY.size and len(received) == 1:
             pid, flags = wire.STARTED_BODY.unpack(body)
-            if _is_our_child(fds[0], pid, self.pid):
-                return pid, fds[0], flags
-        for fd in fds:
+            if _is_our_child(received[0], pid, self.pid):
+                return pid, received[0], flags
+        for fd in received:
             os.close(fd)
         self.broken = True
         if kind == wire.FAILED:
@@ -283,9 +285,11 @@ class ZygoteChild:
         self._joined = False
 
     def start(self) -> None:
+        stdio = _open_stdio()
+        request = dataclasses.replace(self._request, stdio=stdio, cwd=_cwd())
         zygote = POOL.acquire(self._environment)
         try:
-            self.pid, self.pidfd, flags = zygote.launch(self._request, *self._fds)
+            self.pid, self.pidfd, flags = zygote.launch(request, self._fds + stdio)
         except BaseException:
             zygote.kill()
             raise
@@ -319,6 +323,23 @@ class ZygoteChild:
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
+
+
+def _cwd() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:  # removed under us: the task starts where the zygote is
+        return None
+
+
+def _open_stdio() -> tuple[int, ...]:
+    """Our fds 1 and 2 where they are open (a daemon may have closed them)."""
+    found = []
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            os.fstat(fd)
+            found.append(fd)
+    return tuple(found)
 
 
 def _wait_readable(fd: int, timeout: float) -> bool:

@@ -12,9 +12,10 @@ Order (each step before the next for a reason):
   1. close the zygote's fds        the task must not talk to the zygote or read other statuses
   2. PR_SET_PDEATHSIG              a dead zygote takes the namespace with it
   3. enter the cgroups             before anything of the task's exists (PID 2 is born inside)
-  4. read the go frame             the manager has attached us (a parent-side placement)
-  5. fork PID 2 -> _worker.main    the task, with the pickled task in memory
-  6. wait; write PID 2's status; _exit
+  4. fork PID 2 -> _worker.main    the task, which waits for the go frame (the pickled task)
+                                   -- or, when the manager places PID 1 itself (a parent-side
+                                   attach), PID 1 reads the go frame first and forks after it
+  5. wait; write PID 2's status; _exit
 """
 
 from __future__ import annotations
@@ -38,23 +39,31 @@ if TYPE_CHECKING:
 
 
 
-def run(
-    request: Request, result_fd: int, control_fd: int, status_w: int, close: tuple[int, ...]
-) -> NoReturn:
+def run(request: Request, fds: list[int], status_w: int, close: tuple[int, ...]) -> NoReturn:
     code = protocol.EXIT_MANAGER_GONE
     try:
         for fd in close:
             os.close(fd)
+        result_fd, control_fd, *stdio = fds
+        for fd, target in zip(stdio, request.stdio, strict=True):
+            os.dup2(fd, target)  # the manager's stdout/stderr of now
+            os.close(fd)
+        if request.cwd is not None:
+            os.chdir(request.cwd)
         _linux.die_with_parent()
-        result = Connection(result_fd)
+        result, control = Connection(result_fd), Connection(control_fd)
         _worker.enter_sandbox(request.enter_files, result)
-        payload = _worker.read_go_frame(Connection(control_fd))
+        payload = b""
+        if not request.fork_before_go:
+            payload = _worker.read_go_frame(control)
         task = os.fork()
         if task == 0:
-            _run_task(request, result, payload, status_w)
+            _run_task(request, result, None if payload else control, payload, status_w)
         # Not before the fork: the task must keep Python's SIGINT handler (KeyboardInterrupt).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         result.close()
+        if not control.closed:
+            control.close()
         del payload
         status = _wait_for(task)
         os.write(status_w, wire.EXITED_BODY.pack(status))
@@ -65,12 +74,18 @@ def run(
         os._exit(code)
 
 
-def _run_task(request: Request, result: Connection, payload: bytes, status_w: int) -> NoReturn:
+def _run_task(
+    request: Request,
+    result: Connection,
+    control: Connection | None,
+    payload: bytes,
+    status_w: int,
+) -> NoReturn:
     code = protocol.EXIT_MANAGER_GONE
     try:
         os.close(status_w)
         spec = _worker.WorkerSpec(
-            control=None,
+            control=control,
             result=result,
             task=None,
             payload=payload,

@@ -56,6 +56,14 @@ class Request:
     cpu_time_seconds: float | None
     modules: tuple[str, ...]  # imported before the fork, so each task does not import them again
     needs_main: bool  # the pickled task names __main__: import the manager's main module first
+    # False when the manager places PID 1 itself (a parent-side attach): PID 2 may only be
+    # forked once that is done, i.e. after the go frame. Otherwise PID 2 is forked at once and
+    # waits for the go frame itself, so the fork is not on the task's critical path.
+    fork_before_go: bool = True
+    # Which of the manager's stdout/stderr (1, 2) follow the two pipes' fds, to become the
+    # task's: a zygote outlives the moment it was started, the manager's fds 1 and 2 may not.
+    stdio: tuple[int, ...] = ()
+    cwd: str | None = None  # the manager's working directory at launch (a zygote outlives it)
 
 
 class Server:
@@ -73,10 +81,11 @@ class Server:
             if not kind:  # the manager closed its end: it is done with us
                 return
             try:
-                if kind != wire.LAUNCH or len(fds) != 2:
+                request: Request | None = pickle.loads(body) if kind == wire.LAUNCH else None
+                if request is None or len(fds) != 2 + len(request.stdio):
                     wire.send(self.sock, wire.FAILED, f"unexpected message {kind!r}".encode())
                     continue
-                pid, flags = self.fork(pickle.loads(body), fds[0], fds[1])
+                pid, flags = self.fork(request, fds)
             except Exception as error:
                 wire.send(self.sock, wire.FAILED, f"{type(error).__name__}: {error}".encode())
                 continue
@@ -85,7 +94,7 @@ class Server:
                     os.close(fd)
             self.watch(pid, flags)
 
-    def fork(self, request: Request, result_fd: int, control_fd: int) -> tuple[int, int]:
+    def fork(self, request: Request, fds: list[int]) -> tuple[int, int]:
         self.import_modules(request)
         own_namespace = _single_threaded()
         if own_namespace:
@@ -96,7 +105,7 @@ class Server:
         pid = os.fork()
         if pid == 0:
             close = (self.sock.fileno(), self.status_r, self.pid_namespace_fd)
-            reaper.run(request, result_fd, control_fd, self.status_w, close)
+            reaper.run(request, fds, self.status_w, close)
         if own_namespace:
             # Must not fail: every later fork would go into the namespace of this task.
             _linux.setns(self.pid_namespace_fd, _linux.CLONE_NEWPID)
