@@ -24,6 +24,7 @@ import sys
 
 assert sys.platform.startswith("linux")  # mypy --platform win32/darwin skips the rest
 
+import dataclasses
 import os
 import signal
 import traceback
@@ -84,13 +85,18 @@ def _run_task(
     code = protocol.EXIT_MANAGER_GONE
     try:
         os.close(status_w)
+        options = request.options
+        if os.getpid() == 2:  # below our PID 1: its exit ends every descendant, the kernel's way
+            # (and psutil, reading the host's /proc with our namespace's pids, would signal
+            # the wrong processes).
+            options = dataclasses.replace(options, kill_descendants_on_exit=False)
         spec = _worker.WorkerSpec(
             control=control,
             result=result,
             task=None,
             payload=payload,
             enter_files=(),  # entered by the reaper: we were born inside
-            options=request.options,
+            options=options,
             cpu_time_seconds=request.cpu_time_seconds,
             foreign_fds=(),
             manager_pid=None,  # our parent is the reaper (dies with the zygote, with the manager)
