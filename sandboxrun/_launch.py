@@ -76,10 +76,20 @@ class Launcher:
         self.max_result_bytes = max_result_bytes  # each job's reader reads no longer a body
         self.environment = environment or {}  # the zygote's (and so every task's) environment
         self._zygote = start_method == "zygote"
+        self.born_in_place = self._zygote  # tasks can be born in a slot's cgroups
+        self._birthplaces: set[tuple[str, ...]] = set()
         self._context = None if self._zygote else multiprocessing.get_context(start_method)
         self._bare_fork = start_method == "fork" and transport.BARE_FORK
         # A forkserver child's parent is the server, not us: no pid to compare.
         self._manager_pid = None if start_method == "forkserver" else os.getpid()
+
+    def close(self) -> None:
+        """End the zygotes that live in the backend's slots: it removes them next."""
+        if sys.platform == "linux" and self._birthplaces - {()}:
+            from ._zygote.client import POOL
+
+            placed, self._birthplaces = self._birthplaces - {()}, set()
+            POOL.discard(placed.__contains__)
 
     def launch(
         self,
@@ -122,8 +132,14 @@ class Launcher:
                 fork_before_go=not sandbox.parent_attach,
             )
             assert child_control is not None  # a zygote's task always comes in the go frame
+            birthplace = sandbox.birthplace or ()
+            self._birthplaces.add(birthplace)
             process = ZygoteChild(
-                self.environment, request, child_result.fileno(), child_control.fileno()
+                self.environment,
+                request,
+                child_result.fileno(),
+                child_control.fileno(),
+                birthplace,
             )
         elif sys.platform != "win32" and self._bare_fork:
             process = ForkedProcess(_worker.main, spec)

@@ -155,7 +155,10 @@ class Scheduler:
         if not self._backend_open:
             self.backend.open()
             self._backend_open = True
-        sandbox = self.backend.sandbox(self.terms.limits)
+        if self.launcher.born_in_place:
+            sandbox = self.backend.slot_sandbox(self.terms.limits)
+        else:
+            sandbox = self.backend.sandbox(self.terms.limits)
         try:
             job = self.launcher.launch(
                 task, payload, sandbox, self.terms.limits.cpu_time_seconds, self._jobs.values()
@@ -321,4 +324,7 @@ class Scheduler:
             self._selector_made = None
         if self._backend_open:
             self._backend_open = False
-            self.backend.close()
+            try:
+                self.launcher.close()  # the zygotes living in the backend's slots go first
+            finally:
+                self.backend.close()

@@ -244,16 +244,18 @@ _CTRL_C_SCRIPT = textwrap.dedent(
         open(path, "a").write(" and finished")
 
     backend = create_backend(sys.argv[1])
-    make = backend.sandbox
 
-    def sandbox(limits):
-        box = make(limits)
-        def attach(pid):  # right after launch() returned: the worker is starting up
-            raise KeyboardInterrupt
-        box.attach = attach
-        return box
+    def interrupting(make):  # the zygote asks for slot_sandbox, the other launchers sandbox
+        def sandbox(limits):
+            box = make(limits)
+            def attach(pid):  # right after launch() returned: the worker is starting up
+                raise KeyboardInterrupt
+            box.attach = attach
+            return box
+        return sandbox
 
-    backend.sandbox = sandbox
+    backend.sandbox = interrupting(backend.sandbox)
+    backend.slot_sandbox = interrupting(backend.slot_sandbox)
     started = time.monotonic()
     try:
         with ProcessManager(2, backend=backend, worker_timeout_seconds=30) as pm:

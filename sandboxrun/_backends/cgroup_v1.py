@@ -33,11 +33,15 @@ import itertools
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .._limits import Limits
 from .._reasons import KillReason
 from . import cgroupfs
 from .base import Backend, Sandbox, Usage
+
+if TYPE_CHECKING:
+    from .cgroup_v1_slot import SlotSandbox
 
 log = cgroupfs.log
 _CONTROLLERS = ("memory", "pids", "freezer", "cpu", "cpuacct")
@@ -63,7 +67,7 @@ def _hierarchies() -> dict[str, Path]:
     return found
 
 
-def _parent(pid: int) -> int | None:
+def parent_pid(pid: int) -> int | None:
     try:
         stat = (cgroupfs.PROC / str(pid) / "stat").read_bytes()
     except OSError:
@@ -93,7 +97,11 @@ def _probe(directory: Path) -> str | None:
 
 class CgroupV1Sandbox(Sandbox):
     def __init__(
-        self, dirs: dict[str, Path], limits: Limits, running: set[str] | None = None
+        self,
+        dirs: dict[str, Path],
+        limits: Limits,
+        running: set[str] | None = None,
+        write_limits: bool = True,
     ) -> None:
         self.dirs = dirs
         self.limits = limits
@@ -112,12 +120,12 @@ class CgroupV1Sandbox(Sandbox):
                 log.debug("mkdir %s", path)
                 created.append(path)
             memory = dirs["memory"]
-            if limits.memory_bytes is not None:
+            if write_limits and limits.memory_bytes is not None:
                 cgroupfs.write(memory / "memory.limit_in_bytes", limits.memory_bytes)
                 if (memory / "memory.memsw.limit_in_bytes").exists():
                     cgroupfs.write(memory / "memory.memsw.limit_in_bytes", limits.memory_bytes)
                 self.event_fd = self._oom_eventfd(memory)
-            if limits.max_processes is not None and "pids" in dirs:
+            if write_limits and limits.max_processes is not None and "pids" in dirs:
                 cgroupfs.write(dirs["pids"] / "pids.max", limits.max_processes)
         except BaseException:
             for path in reversed(created):
@@ -204,7 +212,7 @@ class CgroupV1Sandbox(Sandbox):
                 cgroupfs.kill_pids(escaped, path.parent)
 
     def _watched(self, pid: int) -> bool:
-        return _parent(pid) == os.getpid() or (
+        return parent_pid(pid) == os.getpid() or (
             bool(self.running) and _pid_namespace(pid) in self.running
         )
 
@@ -289,6 +297,8 @@ class CgroupV1Backend(Backend):
         self.runner: dict[str, Path] = {}
         self._counter = itertools.count(1)
         self._running: set[str] = set()
+        self._slots: list[SlotSandbox] = []  # every slot made (born-in-place layout)
+        self._free_slots: list[SlotSandbox] = []
 
     @property
     def kernel_enforced(self) -> frozenset[str]:
@@ -340,6 +350,10 @@ class CgroupV1Backend(Backend):
             raise
 
     def close(self) -> None:
+        for slot in self._slots:  # their zygotes are gone: the launcher closed first
+            slot.destroy()
+        self._slots.clear()
+        self._free_slots.clear()
         cgroupfs.LEFTOVERS.retry(force=True)
         for runner in dict.fromkeys(self.runner.values()):
             cgroupfs.remove_or_defer(runner)  # else a later runner reaps it (reap_stale)
@@ -352,3 +366,18 @@ class CgroupV1Backend(Backend):
         name = f"task-{next(self._counter)}"
         dirs = {c: runner / name for c, runner in self.runner.items()}
         return CgroupV1Sandbox(dirs, limits, self._running)
+
+    def slot_sandbox(self, limits: Limits) -> Sandbox:
+        """A reused per-slot cgroup for a task born inside it (see ``cgroup_v1_slot``)."""
+        if limits.max_processes is not None and "pids" not in self.runner:
+            raise RuntimeError("max_processes needs the cgroup v1 pids hierarchy, not mounted here")
+        from .cgroup_v1_slot import SlotSandbox  # it subclasses CgroupV1Sandbox
+
+        if self._free_slots:
+            return self._free_slots.pop().begin(limits)
+        name = f"slot-{next(self._counter)}"
+        dirs = {c: r / name for c, r in self.runner.items() if c != "freezer"}
+        slot = SlotSandbox(dirs, limits, self._running, self._free_slots)
+        self._slots.append(slot)
+        return slot.begin(limits)
+

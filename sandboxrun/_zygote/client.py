@@ -31,7 +31,7 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from . import wire
 from .server import Preparation, Request
@@ -48,14 +48,14 @@ _BOOT = (
 )
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-Key = tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]
+Key = tuple[str, tuple[str, ...], tuple[tuple[str, str], ...], tuple[str, ...]]
 
 
 class ZygoteError(RuntimeError):
     """A zygote could not be started or broke its protocol."""
 
 
-def _preparation() -> Preparation:
+def _preparation(birthplace: tuple[str, ...]) -> Preparation:
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     name = getattr(spec, "name", None)
@@ -68,6 +68,7 @@ def _preparation() -> Preparation:
         cwd=os.getcwd(),
         main_path=None if name is not None else (os.path.abspath(path) if path else None),
         main_name=name,
+        birthplace=birthplace,
     )
 
 
@@ -94,7 +95,7 @@ class Zygote:
         self.broken = False
         log.debug("zygote pid %s started", self.process.pid)
         try:
-            wire.send(self.sock, wire.HELLO, pickle.dumps(_preparation()))
+            wire.send(self.sock, wire.HELLO, pickle.dumps(_preparation(key[3])))
             kind, _, fds = self.reply(START_TIMEOUT)
             for fd in fds:
                 os.close(fd)
@@ -224,8 +225,9 @@ class Pool:
         os.register_at_fork(after_in_child=self._forget)
         atexit.register(self.close)
 
-    def acquire(self, environment: Mapping[str, str]) -> Zygote:
-        key: Key = (sys.executable, tuple(sys.path), tuple(sorted(environment.items())))
+    def acquire(self, environment: Mapping[str, str], birthplace: tuple[str, ...] = ()) -> Zygote:
+        environ = tuple(sorted(environment.items()))
+        key: Key = (sys.executable, tuple(sys.path), environ, birthplace)
         with self._lock:
             idle = self._idle.get(key, [])
             while idle:
@@ -247,9 +249,14 @@ class Pool:
         zygote.close()
 
     def close(self) -> None:
+        self.discard(lambda _: True)
+
+    def discard(self, which: Callable[[tuple[str, ...]], bool]) -> None:
+        """End the idle zygotes whose birthplace ``which`` selects (a backend closing its slots)."""
         with self._lock:
-            zygotes = [z for idle in self._idle.values() for z in idle]
-            self._idle.clear()
+            zygotes = []
+            for key in [key for key in self._idle if which(key[3])]:
+                zygotes.extend(self._idle.pop(key))
         for zygote in zygotes:
             zygote.close()
 
@@ -272,9 +279,15 @@ class ZygoteChild:
     scheduler uses. ``pid`` is the host pid of the task's PID 1 (its reaper)."""
 
     def __init__(
-        self, environment: Mapping[str, str], request: Request, result_fd: int, control_fd: int
+        self,
+        environment: Mapping[str, str],
+        request: Request,
+        result_fd: int,
+        control_fd: int,
+        birthplace: tuple[str, ...] = (),
     ) -> None:
         self._environment = environment
+        self._birthplace = birthplace
         self._request = request
         self._fds = (result_fd, control_fd)
         self._zygote: Zygote | None = None
@@ -287,7 +300,7 @@ class ZygoteChild:
     def start(self) -> None:
         stdio = _open_stdio()
         request = dataclasses.replace(self._request, stdio=stdio, cwd=_cwd())
-        zygote = POOL.acquire(self._environment)
+        zygote = POOL.acquire(self._environment, self._birthplace)
         try:
             self.pid, self.pidfd, flags = zygote.launch(request, self._fds + stdio)
         except BaseException:

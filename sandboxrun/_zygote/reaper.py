@@ -51,6 +51,10 @@ def run(request: Request, fds: list[int], status_w: int, close: tuple[int, ...])
             os.close(fd)
         if request.cwd is not None:
             os.chdir(request.cwd)
+        # The zygote shares the task's cgroup and is the OOM killer's last choice (-1000):
+        # the task must be its first, not inherit that.
+        with open("/proc/self/oom_score_adj", "w") as adjust:
+            adjust.write("1000")
         _linux.die_with_parent()
         result, control = Connection(result_fd), Connection(control_fd)
         _worker.enter_sandbox(request.enter_files, result)

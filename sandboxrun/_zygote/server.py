@@ -45,6 +45,8 @@ class Preparation:
     cwd: str
     main_path: str | None  # the manager's __main__ file, imported as __mp_main__ if a task needs it
     main_name: str | None  # or its module name (python -m ...)
+    # cgroup.procs files to move into before READY (the slot the tasks are born in), or ().
+    birthplace: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +172,17 @@ def _prepare(preparation: Preparation) -> None:
     from .. import _worker  # noqa: F401
 
 
+def _move_into(birthplace: tuple[str, ...]) -> None:
+    """Live in the slot's cgroups (the tasks are born there), out of the OOM killer's choice."""
+    for path in birthplace:
+        with open(path, "w") as procs:
+            procs.write("0")
+    if birthplace:
+        # -1000 needs CAP_SYS_RESOURCE; without it the tasks' 1000 still makes them the choice.
+        with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as adj:
+            adj.write("-1000")
+
+
 def main(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     kind, body, fds = wire.receive(sock, wire.MAX_MESSAGE)
@@ -182,6 +195,7 @@ def main(fd: int) -> None:
     if os.getppid() != preparation.manager_pid:  # the manager died before prctl
         return
     _prepare(preparation)
+    _move_into(preparation.birthplace)
     server = Server(sock, preparation)
     wire.send(sock, wire.READY, wire.FLAGS.pack(0))
     server.serve()
