@@ -139,7 +139,11 @@ def test_escaped_grandchild_dies_with_its_task(backend: str, tmp_path: Path) -> 
 def sub_cgroup_parker(pid_file: Path) -> int:
     subs = []
     for controllers, directory in _v1_dirs().items():
-        if set(controllers.split(",")) & {"memory", "pids", "freezer"}:
+        # Only inside a sandbox of ours: never in the manager's own cgroup (born in place, a
+        # task has no freezer cgroup of its own).
+        if set(controllers.split(",")) & {"memory", "pids", "freezer"} and "sandboxrun-" in str(
+            directory
+        ):
             sub = directory / "hostile-sub"
             sub.mkdir()
             nested = sub / "deeper"

@@ -137,6 +137,11 @@ class SlotSandbox(CgroupV1Sandbox):
         self._removed = True
         self.running.discard(self.namespace or "")
         self.namespace = self.zygote = None
+        # Sub-cgroups the task made (collect() has emptied them): the next task starts clean.
+        for path in self.paths:
+            for sub in (child for child in path.iterdir() if child.is_dir()):
+                with contextlib.suppress(OSError):
+                    cgroupfs.remove_tree(sub, attempts=50)
         self._free.append(self)
 
     def destroy(self) -> None:
