@@ -17,7 +17,8 @@ files again:
 - what is charged to the slot then (the zygote's own allocations since it moved, page cache a
   previous task left) is the *baseline*: the limit written is the task's limit plus it, and the
   peak reported is the maximum minus it -- the zygote never eats into a task's allowance;
-- ``oom_kill`` (``memory.oom_control``) and ``max`` (``pids.events``) cannot be reset: deltas;
+- ``oom_kill`` (``memory.oom_control``), ``max`` (``pids.events``) and ``cpu.stat``'s
+  throttling counters cannot be reset: deltas;
 - ``pids.max`` is the task's ``max_processes`` plus two (the zygote and the task's PID 1 reaper),
   so a task may start exactly as many processes as under the per-task layout;
 - the zygote's ``oom_score_adj`` is -1000 and the task's PID 1 raises its own to 1000: under an
@@ -55,6 +56,7 @@ class SlotSandbox(CgroupV1Sandbox):
         self._limit_written: int | None = None
         self.baseline = 0
         self._oom_base = self._pids_base = 0
+        self._throttle_base: dict[str, int] = {}
         self.zygote: int | None = None
         super().__init__(dirs, limits, running, write_limits=False)
         self.birthplace = self.enter_files()
@@ -79,6 +81,7 @@ class SlotSandbox(CgroupV1Sandbox):
                       " is the task's plus it", memory, self.baseline)  # fmt: skip
             self._write_memory_limit(memory, limits.memory_bytes + self.baseline)
         self._oom_base = cgroupfs.read_keyed(memory / "memory.oom_control").get("oom_kill", 0)
+        self._throttle_base = self._throttling()
         if "pids" in self.dirs and limits.max_processes is not None:
             cgroupfs.write(
                 self.dirs["pids"] / "pids.max", limits.max_processes + SLOT_OVERHEAD_PROCESSES
@@ -123,7 +126,17 @@ class SlotSandbox(CgroupV1Sandbox):
         usage.oom_killed = oom > self._oom_base
         if usage.peak_memory_bytes is not None:
             usage.peak_memory_bytes = max(0, usage.peak_memory_bytes - self.baseline)
+        if usage.cpu_throttled_periods is not None:  # cpu.stat counts since the slot was made
+            usage.cpu_throttled_periods -= self._throttle_base.get("nr_throttled", 0)
+        if usage.cpu_throttled_seconds is not None:
+            base = self._throttle_base.get("throttled_time", 0) / 1e9
+            usage.cpu_throttled_seconds = max(0.0, usage.cpu_throttled_seconds - base)
         return usage
+
+    def _throttling(self) -> dict[str, int]:
+        if self.limits.cpu_quota is None or "cpu" not in self.dirs:
+            return {}
+        return cgroupfs.read_keyed(self.dirs["cpu"] / "cpu.stat")
 
     def _forks_refused(self) -> bool:
         if "pids" not in self.dirs or self.limits.max_processes is None:

@@ -66,6 +66,7 @@ def make_manager(
     cpu_time: str | None,
     max_processes: int | None,
     backend: str,
+    cpus: float | None = None,
 ) -> ProcessManager:
     """One parser for sizes and durations (the library's); a bad value is a one-line error."""
     try:
@@ -76,6 +77,7 @@ def make_manager(
             cpu_time_limit_seconds=_duration("--cpu-time", cpu_time),
             max_processes=_processes(max_processes),
             backend=cast(BackendName, backend),  # checked by ProcessManager itself
+            cpu_quota=cpus,  # --cpus 0.5: validated (and refused on psutil) by the manager
         )
     except (ValueError, TypeError, OverflowError, SandboxrunError) as error:
         raise fail_usage(str(error)) from None

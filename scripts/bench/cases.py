@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import GIB, MIB
+from .cpu_limit import CPU_CASES
 from .tasks import allocator, big_result, hostile, sleeper, toucher, trivial
 from .tools import Run, runner
 
@@ -324,4 +325,5 @@ CASES: dict[str, Callable[[str, Params], Result]] = {
     "timeout": case_timeout,
     "bigresult": case_bigresult,
     "profile": case_profile,
+    **CPU_CASES,  # cpu_overhead, cpu_kill (sandboxrun only)
 }
