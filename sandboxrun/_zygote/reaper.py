@@ -56,6 +56,8 @@ def run(request: Request, fds: list[int], status_w: int, close: tuple[int, ...])
         with open("/proc/self/oom_score_adj", "w") as adjust:
             adjust.write("1000")
         _linux.die_with_parent()
+        if os.getpid() != 1:  # no PID namespace (no privilege for one): keep orphans in our tree
+            _linux.become_subreaper()
         result, control = Connection(result_fd), Connection(control_fd)
         _worker.enter_sandbox(request.enter_files, result)
         payload = b""
