@@ -22,8 +22,10 @@ from ._errors import (
     ResultTransferError,
     ResultTypeRefused,
     SandboxrunError,
+    TaskCancelled,
     WorkerDied,
 )
+from ._executor import ManagerOptions, SandboxExecutor, SandboxFuture, task_result
 from ._limits import parse_duration, parse_size
 from ._manager import ProcessManager
 from ._task import Task, TaskResult
@@ -39,6 +41,7 @@ __all__ = [
     "CpuTimeLimitExceeded",
     "ExceptionNotPicklable",
     "GlasswallProcessManager",
+    "ManagerOptions",
     "ProcessLimitExceeded",
     "ProcessManager",
     "ProtocolError",
@@ -49,12 +52,16 @@ __all__ = [
     "ResultTooLarge",
     "ResultTransferError",
     "ResultTypeRefused",
+    "SandboxExecutor",
+    "SandboxFuture",
     "SandboxrunError",
     "Task",
+    "TaskCancelled",
     "TaskResult",
     "WorkerDied",
     "detect",
     "parse_duration",
     "parse_size",
+    "task_result",
 ]
 __version__ = "0.1.0"
