@@ -5,6 +5,7 @@ Drop-in for the Glasswall process manager: change the import, keep the code::
     from sandboxrun import ProcessManager, Task
 """
 
+from ._async import AsyncSandbox, run_async
 from ._backends import NAMES as BACKEND_NAMES
 from ._backends import detect
 from ._command import CommandFailed, CommandResult, CommandTask
@@ -34,6 +35,7 @@ GlasswallProcessManager = ProcessManager  # the name Glasswall users already imp
 
 __all__ = [
     "BACKEND_NAMES",
+    "AsyncSandbox",
     "BackendUnavailable",
     "CommandFailed",
     "CommandResult",
@@ -62,6 +64,7 @@ __all__ = [
     "detect",
     "parse_duration",
     "parse_size",
+    "run_async",
     "task_result",
 ]
 __version__ = "0.1.0"
