@@ -16,6 +16,7 @@ from typing import cast
 import typer
 
 from .._errors import SandboxrunError
+from .._executor import ManagerOptions
 from .._limits import GIB, parse_duration, parse_size
 from .._manager import BackendName, ProcessManager
 from .verdicts import EXIT_USAGE
@@ -69,15 +70,42 @@ def make_manager(
 ) -> ProcessManager:
     """One parser for sizes and durations (the library's); a bad value is a one-line error."""
     try:
-        return ProcessManager(
-            max_workers=workers,
+        return ProcessManager(workers, **_limits(memory, timeout, cpu_time, max_processes, backend))
+    except (ValueError, TypeError, OverflowError, SandboxrunError) as error:
+        raise fail_usage(str(error)) from None
+
+
+def limit_options(
+    memory: str | None,
+    timeout: str | None,
+    cpu_time: str | None,
+    max_processes: int | None,
+    backend: str,
+) -> ManagerOptions:
+    """The limits as ``ProcessManager`` options, for a cluster's workers to build their own
+    manager with; checked here by building one (so a bad value is a usage line, not a failure
+    of every task on every worker)."""
+    options = _limits(memory, timeout, cpu_time, max_processes, backend)
+    make_manager(1, memory, timeout, cpu_time, max_processes, backend)
+    return options
+
+
+def _limits(
+    memory: str | None,
+    timeout: str | None,
+    cpu_time: str | None,
+    max_processes: int | None,
+    backend: str,
+) -> ManagerOptions:
+    try:
+        return ManagerOptions(
             worker_timeout_seconds=_duration("--timeout", timeout),
             memory_limit_in_gib=_memory(memory),
             cpu_time_limit_seconds=_duration("--cpu-time", cpu_time),
             max_processes=_processes(max_processes),
             backend=cast(BackendName, backend),  # checked by ProcessManager itself
         )
-    except (ValueError, TypeError, OverflowError, SandboxrunError) as error:
+    except (ValueError, TypeError, OverflowError) as error:
         raise fail_usage(str(error)) from None
 
 
