@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import GIB, MIB
+from .scaleout import case_dask, case_executor
 from .tasks import allocator, big_result, hostile, sleeper, toucher, trivial
 from .tools import Run, runner
 
@@ -324,4 +325,6 @@ CASES: dict[str, Callable[[str, Params], Result]] = {
     "timeout": case_timeout,
     "bigresult": case_bigresult,
     "profile": case_profile,
+    "executor": case_executor,
+    "dask": case_dask,
 }

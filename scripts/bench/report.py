@@ -8,6 +8,7 @@ from __future__ import annotations
 import statistics
 
 from .figures import fmt, median_or_none, ratio, rounds_of, section, unit
+from .scaleout import section as scale_out_section
 from .sections import Sections
 
 
@@ -51,6 +52,7 @@ class Report(Sections):
             self.timeout, self.bigresult, self.restricted_decoding, self.scale, self.floor,
         ):  # fmt: skip
             lines += part()
+        lines += scale_out_section(self)
         return "\n".join(lines).rstrip() + "\n"
 
     def _snapshot_line(self) -> str:
