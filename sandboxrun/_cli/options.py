@@ -70,7 +70,8 @@ def make_manager(
 ) -> ProcessManager:
     """One parser for sizes and durations (the library's); a bad value is a one-line error."""
     try:
-        return ProcessManager(workers, **_limits(memory, timeout, cpu_time, max_processes, backend))
+        options = limit_options(memory, timeout, cpu_time, max_processes, backend, check=False)
+        return ProcessManager(workers, **options)
     except (ValueError, TypeError, OverflowError, SandboxrunError) as error:
         raise fail_usage(str(error)) from None
 
@@ -81,24 +82,14 @@ def limit_options(
     cpu_time: str | None,
     max_processes: int | None,
     backend: str,
+    *,
+    check: bool = True,
 ) -> ManagerOptions:
-    """The limits as ``ProcessManager`` options, for a cluster's workers to build their own
-    manager with; checked here by building one (so a bad value is a usage line, not a failure
-    of every task on every worker)."""
-    options = _limits(memory, timeout, cpu_time, max_processes, backend)
-    make_manager(1, memory, timeout, cpu_time, max_processes, backend)
-    return options
-
-
-def _limits(
-    memory: str | None,
-    timeout: str | None,
-    cpu_time: str | None,
-    max_processes: int | None,
-    backend: str,
-) -> ManagerOptions:
+    """The limits as ``ProcessManager`` options (for a cluster's workers to build their own
+    manager with). ``check``: also build one here, so a bad value is a usage line, not a
+    failure of every task on every worker."""
     try:
-        return ManagerOptions(
+        options = ManagerOptions(
             worker_timeout_seconds=_duration("--timeout", timeout),
             memory_limit_in_gib=_memory(memory),
             cpu_time_limit_seconds=_duration("--cpu-time", cpu_time),
@@ -107,6 +98,9 @@ def _limits(
         )
     except (ValueError, TypeError, OverflowError) as error:
         raise fail_usage(str(error)) from None
+    if check:
+        make_manager(1, memory, timeout, cpu_time, max_processes, backend)
+    return options
 
 
 def parse_output_limit(text: str) -> int:
