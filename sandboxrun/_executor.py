@@ -152,8 +152,7 @@ class SandboxExecutor(concurrent.futures.Executor):
         self._scheduler.set_wakeup(self._wake_r.fileno(), self._on_wakeup)
         self._thread = threading.Thread(target=self._loop, name="sandboxrun-executor", daemon=True)
         self._thread.start()
-        # Like the stdlib executors, an executor never shut down finishes its work at exit.
-        atexit.register(_shutdown_at_exit, weakref.ref(self))
+        _live.add(self)  # one atexit hook for all, not one per executor (run_async makes many)
 
     # ------------------------------------------------------------------ the caller's side
 
@@ -282,7 +281,11 @@ class SandboxExecutor(concurrent.futures.Executor):
                 future.set_exception(failure)
 
 
-def _shutdown_at_exit(reference: weakref.ref[SandboxExecutor]) -> None:
-    executor = reference()
-    if executor is not None:
+_live: weakref.WeakSet[SandboxExecutor] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_at_exit() -> None:
+    """Like the stdlib executors, one never shut down finishes its queued work at exit."""
+    for executor in list(_live):
         executor.shutdown(wait=True)
