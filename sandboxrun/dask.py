@@ -25,7 +25,6 @@ unpickler on the worker first (docs/security.md).
 from __future__ import annotations
 
 import concurrent.futures
-import copyreg
 import multiprocessing
 import threading
 from collections.abc import Callable
@@ -60,34 +59,15 @@ def _executor(max_workers: int | None, options: ManagerOptions) -> SandboxExecut
         return executor
 
 
-def _with_plain_exception_pickling(fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-    """Runs in the sandboxed process: drop the exception reducers ``distributed`` installs.
-
-    distributed registers tblib's reducer for every exception class (copyreg), and the
-    sandboxed process inherits it (it imports the worker's ``__main__``, hence distributed):
-    its exception would then name ``tblib.pickling_support.unpickle_exception_with_attrs``,
-    a function the manager's restricted unpickler rightly refuses (ResultTypeRefused).
-    """
-    for cls, reducer in list(copyreg.dispatch_table.items()):
-        foreign = str(getattr(reducer, "__module__", "")).startswith("tblib")
-        if foreign and isinstance(cls, type) and issubclass(cls, BaseException):
-            del copyreg.dispatch_table[cls]
-    return fn(*args, **kwargs)
-
-
 def run_task(task: Task, max_workers: int | None, options: ManagerOptions) -> TaskResult:
-    """Run ``task`` sandboxed in this (Dask worker) process; its ``TaskResult`` (whose
-    ``task`` is ``task``), never raises for what the task did. What ``sandboxrun batch
-    --scheduler`` submits for each file."""
-    inner = Task(_with_plain_exception_pickling, (task.func, task.args, task.kwargs))
-    future = _executor(max_workers, options).submit_task(inner)
+    """Run ``task`` sandboxed in this (Dask worker) process; its ``TaskResult``, never raises
+    for what the task did. What ``sandboxrun batch --scheduler`` submits for each file."""
+    future = _executor(max_workers, options).submit_task(task)
     concurrent.futures.wait([future])
-    result = future.task_result
-    if result is None:  # cancelled while pending: only a shutdown does that
+    if future.task_result is None:  # cancelled while pending: only a shutdown does that
         error = concurrent.futures.CancelledError("the worker's executor was shut down")
-        result = TaskResult(task=task, success=False, exception=error)
-    result.task = task
-    return result
+        return TaskResult(task=task, success=False, exception=error)
+    return future.task_result
 
 
 class Sandboxed:

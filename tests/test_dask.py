@@ -4,6 +4,9 @@ here as processes (each in its own session, killed by process group at teardown)
 from __future__ import annotations
 
 import contextlib
+import copyreg
+import importlib
+import importlib.util
 import os
 import signal
 import socket
@@ -16,15 +19,18 @@ from typing import Any
 import psutil
 import pytest
 
-distributed = pytest.importorskip("distributed")
+from sandboxrun.dask import sandboxed, sandboxed_result
 
-from sandboxrun.dask import sandboxed, sandboxed_result  # noqa: E402
+from . import tasks
+from .conftest import SCALE, wait_until
+from .test_cli import CONVERTER, journal
 
-from . import tasks  # noqa: E402
-from .conftest import SCALE, wait_until  # noqa: E402
-from .test_cli import CONVERTER, journal  # noqa: E402
-
-pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("distributed") is None,
+                       reason="distributed is not installed (pip install 'sandboxrun[dask]')"),
+]  # fmt: skip
 
 REPO = Path(__file__).resolve().parent.parent
 DASK = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
@@ -61,6 +67,19 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
+    # Imported here, not at collection: distributed registers tblib's exception reducers in
+    # copyreg for the whole process, which the other test files' in-process pickles (and fork
+    # workers) would inherit. They are put back as they were once the cluster is gone.
+    reducers = dict(copyreg.dispatch_table)
+    try:
+        yield from _cluster(tmp_path_factory)
+    finally:
+        copyreg.dispatch_table.clear()
+        copyreg.dispatch_table.update(reducers)
+
+
+def _cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
+    distributed = importlib.import_module("distributed")
     logs = tmp_path_factory.mktemp("dask-logs")
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"

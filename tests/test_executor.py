@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copyreg
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -209,3 +211,25 @@ def test_fork_is_refused_and_the_default_is_not_fork() -> None:
         assert executor.submit(tasks.double, 1).result(timeout=30) == 2
     finally:
         executor.shutdown()
+
+
+def _foreign_reducer(error: BaseException) -> tuple[Any, ...]:
+    """What tblib (installed by distributed) registers for every exception class."""
+    return (_rebuild, (type(error), error.args))
+
+
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...]) -> BaseException:
+    return cls(*args)
+
+
+def test_exception_reducers_installed_in_the_manager_do_not_break_results(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # distributed calls tblib.pickling_support.install(): copyreg reducers for every exception
+    # class, which fork (and forkserver's __main__ import) children inherit. A task's exception
+    # then named tblib's function, which the restricted unpickler refuses: ResultTypeRefused.
+    monkeypatch.setitem(copyreg.dispatch_table, ValueError, _foreign_reducer)
+    with sandboxrun.ProcessManager(1, start_method="fork") as manager:
+        manager.queue_task(sandboxrun.Task(tasks.raise_value_error, ("still a ValueError",)))
+    error = manager.task_results[0].exception
+    assert type(error) is ValueError and str(error) == "still a ValueError"
