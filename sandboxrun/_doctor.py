@@ -19,7 +19,11 @@ LIMITS = {
     "peak_memory": "peak-memory measurement",
     "oom_detection": "out-of-memory detection",
     "cpu_time": "CPU-time accounting",
+    "cpu_quota": "per-task CPU quota",
 }
+#: What no poll can stand in for: without the kernel it is not there at all (the manager
+#: refuses it at construction).
+KERNEL_ONLY = ("cpu_quota",)
 
 
 def _pid1() -> str:
@@ -104,7 +108,12 @@ def doctor_report() -> dict[str, Any]:
             "systemd": systemd,
             "pystemd": importlib.util.find_spec("pystemd") is not None,
             "kernel_enforced": [text for key, text in LIMITS.items() if key in enforced],
-            "polled": [text for key, text in LIMITS.items() if key not in enforced],
+            "polled": [
+                text
+                for key, text in LIMITS.items()
+                if key not in enforced and key not in KERNEL_ONLY
+            ],
+            "unavailable": [LIMITS[key] for key in KERNEL_ONLY if key not in enforced],
             "fixes": _fixes(report, systemd, v2_controllers),
             "leftover_cgroups": leftover_cgroups(),
         }
@@ -132,6 +141,8 @@ def render(report: dict[str, Any]) -> str:
         "enforced by the kernel here: " + (", ".join(report["kernel_enforced"]) or "nothing"),
     ]
     lines.append("polled here: " + (", ".join(report["polled"]) or "nothing"))
+    if report["unavailable"]:
+        lines.append("not available here: " + ", ".join(report["unavailable"]))
     lines.append("leftover cgroups: " + (" ".join(report["leftover_cgroups"]) or "none"))
     if report["fixes"]:
         lines += ["", "to get stronger enforcement:"] + [f"  - {fix}" for fix in report["fixes"]]

@@ -68,7 +68,8 @@ class ResultTransferError(SandboxrunError):
 
 
 class CpuTimeLimitExceeded(TimeoutError, SandboxrunError):
-    """The task used more CPU time than ``cpu_time_limit_seconds`` (RLIMIT_CPU)."""
+    """The task used more CPU time than ``cpu_time_limit_seconds`` (its whole process tree, or
+    one process under RLIMIT_CPU)."""
 
 
 class ProcessLimitExceeded(SandboxrunError):

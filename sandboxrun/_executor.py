@@ -57,6 +57,7 @@ class ManagerOptions(TypedDict, total=False):
     allowed_result_types: Iterable[type]
     trusted_results: bool
     max_result_bytes: int | None
+    cpu_quota: float | None
 
 
 class SandboxFuture(concurrent.futures.Future[Any]):

@@ -38,11 +38,13 @@ class Job:
 
     ``exit_fd`` (a pidfd, or a dup of the multiprocessing sentinel) keys the job in the scheduler;
     an fd of -1 is closed. ``go_frame`` is what is left to write of the control frame, None once
-    written (or when there is no handshake). ``deadline``/``next_poll`` are None until armed.
+    written (or when there is no handshake). ``deadline``/``cpu_deadline``/``next_poll`` are None
+    until armed.
     """
 
     __slots__ = (
         "control_fd",
+        "cpu_deadline",
         "deadline",
         "end_time",
         "error",
@@ -70,6 +72,7 @@ class Job:
         self.start_time = 0.0
         self.end_time = 0.0
         self.deadline: float | None = None
+        self.cpu_deadline: float | None = None  # when to read the tree's CPU time next
         self.next_poll: float | None = None
         self.kill_reason: KillReason | None = None
         self.error: BaseException | None = None

@@ -17,6 +17,10 @@ Every maximum below is where a value stops meaning what the user asked for:
                             it with EINVAL (checked on a v1 pids cgroup: 4194304 is accepted,
                             4194305 and 10**7 are not).
     MAX_WORKERS             the same: each worker is a process.
+    cpu_quota               MIN_CPU_QUOTA (0.01 CPU) .. the machine's CPU count. CFS bandwidth
+                            control refuses a quota under 1 ms per period (EINVAL below
+                            cpu.cfs_quota_us=1000); a quota above the CPUs there are caps
+                            nothing and is a slip.
 
 Glasswall compatibility: ``0`` means "no limit" for ``worker_timeout_seconds`` and
 ``memory_limit_in_gib`` (its watcher tests ``if self.timeout_seconds:``), and ``max_workers=0``
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 
 GIB = 1024**3
@@ -39,6 +44,10 @@ MAX_CPU_TIME_SECONDS = 1_000_000_000.0
 MAX_PROCESSES = 4_194_304
 MAX_WORKERS = MAX_PROCESSES
 MAX_POLL_INTERVAL_SECONDS = MAX_WALL_TIME_SECONDS
+#: CFS bandwidth period used for a task's quota (the kernel's default, 100 ms) and the least
+#: runtime per period it accepts (1 ms): ``cpu.max`` = "<quota * period> <period>".
+CPU_PERIOD_USEC = 100_000
+MIN_CPU_QUOTA = 1_000 / CPU_PERIOD_USEC
 DEFAULT_MAX_RESULT_BYTES = GIB  # see sandboxrun/_header.py for the reasoning
 
 _SIZE_UNITS = {
@@ -107,6 +116,28 @@ def validate_cpu_time(value: float | None) -> float | None:
     """``cpu_time_limit_seconds`` -> seconds or None (0 is refused: sandboxrun's own option)."""
     what = "RLIMIT_CPU seconds, counted in u64 nanoseconds by the kernel"
     return _limit("cpu_time_limit_seconds", value, MAX_CPU_TIME_SECONDS, what, zero_is_none=False)
+
+
+def validate_cpu_quota(value: float | None) -> float | None:
+    """``cpu_quota`` (CPUs, e.g. 0.5 = half a CPU) -> float or None; at least MIN_CPU_QUOTA,
+    at most the CPUs of this machine (``os.cpu_count()``)."""
+    if value is None:
+        return None
+    quota = _number("cpu_quota", value)
+    if quota <= 0:
+        raise ValueError(f"cpu_quota must be positive, got {value!r} (None means no quota)")
+    if quota < MIN_CPU_QUOTA:
+        raise ValueError(
+            f"cpu_quota={value!r} is too small: it must be at least {MIN_CPU_QUOTA} CPU (the"
+            " kernel's CFS bandwidth control takes no less than 1 ms per 100 ms period)"
+        )
+    cpus = os.cpu_count() or 1
+    if quota > cpus:
+        raise ValueError(
+            f"cpu_quota={value!r} is more CPUs than this machine has ({cpus}): a quota that"
+            " high caps nothing (None means no quota)"
+        )
+    return quota
 
 
 def _integer(name: str, value: object, *, integral_float: bool) -> int:
@@ -222,6 +253,7 @@ class Limits:
     memory_bytes: int | None = None
     cpu_time_seconds: float | None = None
     max_processes: int | None = None
+    cpu_quota: float | None = None  # CPUs (0.5 = half a CPU), for the whole task tree
 
     @classmethod
     def from_arguments(
@@ -230,6 +262,7 @@ class Limits:
         memory_limit_in_gib: float | None,
         cpu_time_limit_seconds: float | None,
         max_processes: int | None,
+        cpu_quota: float | None = None,
     ) -> Limits:
         """The limits from ``ProcessManager``'s arguments; TypeError/ValueError naming the
         argument and its maximum for anything the kernel or Python could not represent."""
@@ -238,4 +271,5 @@ class Limits:
             memory_bytes=validate_memory(memory_limit_in_gib),
             cpu_time_seconds=validate_cpu_time(cpu_time_limit_seconds),
             max_processes=validate_max_processes(max_processes),
+            cpu_quota=validate_cpu_quota(cpu_quota),
         )

@@ -24,6 +24,7 @@ from . import _transport as transport
 from ._backends import create_backend
 from ._backends.base import Backend
 from ._cpus import available_cpus
+from ._errors import BackendUnavailable
 from ._launch import Launcher, StartMethod
 from ._limits import Limits, validate_max_result_bytes, validate_max_workers, validate_poll_interval
 from ._outcome import Terms
@@ -32,6 +33,18 @@ from ._scheduler import Scheduler
 from ._task import Task, TaskResult
 
 BackendName = Literal["auto", "cgroup_v2", "systemd", "cgroup_v1", "psutil"]
+
+
+def _check_cpu_quota(limits: Limits, backend: Backend) -> None:
+    if limits.cpu_quota is None or "cpu_quota" in backend.kernel_enforced:
+        return
+    raise BackendUnavailable(
+        f"cpu_quota={limits.cpu_quota} is not available with the {backend.name} backend: a"
+        " per-task CPU quota needs the kernel's CFS bandwidth control, a cgroup with the cpu"
+        " controller (backends cgroup_v2, systemd, cgroup_v1; `sandboxrun doctor` says what"
+        " this host has). The psutil monitor does not fake one with SIGSTOP/SIGCONT: a task"
+        " could undo it"
+    )
 
 
 class ProcessManager:
@@ -52,6 +65,11 @@ class ProcessManager:
     ``backend`` (``"auto"``, ``"cgroup_v2"``, ``"systemd"``, ``"cgroup_v1"``, ``"psutil"``, or a
     ``Backend`` instance), ``start_method`` (``"fork"``, ``"forkserver"``, ``"spawn"``; default:
     multiprocessing's default) and ``poll_interval_seconds`` (psutil backend only).
+
+    ``cpu_time_limit_seconds`` counts the CPU of the whole process tree (the cgroup's counter,
+    checked by the event loop; RLIMIT_CPU stays on each process as the kernel's floor).
+    ``cpu_quota`` caps the CPUs a task may use at once (0.5 = half a CPU, over its whole tree;
+    CFS bandwidth control, so the kernel backends only: a ``BackendUnavailable`` on psutil).
 
     Results cross a trust boundary (see docs/security.md): a result or exception may contain
     builtin value types and exception classes of modules the manager has imported, plus the
@@ -78,12 +96,14 @@ class ProcessManager:
         allowed_result_types: Iterable[type] = (),
         trusted_results: bool = False,
         max_result_bytes: int | None = None,
+        cpu_quota: float | None = None,
     ) -> None:
         workers = validate_max_workers(max_workers)
         poll_interval_seconds = validate_poll_interval(poll_interval_seconds)
         self.limits = Limits.from_arguments(
-            worker_timeout_seconds, memory_limit_in_gib, cpu_time_limit_seconds, max_processes
-        )
+            worker_timeout_seconds, memory_limit_in_gib, cpu_time_limit_seconds, max_processes,
+            cpu_quota,
+        )  # fmt: skip
         methods = multiprocessing.get_all_start_methods()
         if start_method is not None and start_method not in methods:
             raise ValueError(f"start_method must be one of {methods}, got {start_method!r}")
@@ -102,6 +122,7 @@ class ProcessManager:
             if isinstance(backend, Backend)
             else create_backend(backend, poll_interval_seconds=poll_interval_seconds)
         )
+        _check_cpu_quota(self.limits, self.backend)
         self.task_results: list[TaskResult] = []
         memory = self.limits.memory_bytes
         self.max_result_bytes = validate_max_result_bytes(max_result_bytes, memory)
@@ -114,6 +135,7 @@ class ProcessManager:
             max_processes=max_processes,
             backend=self.backend.name,
             memory_hit_known="memory" in self.backend.kernel_enforced,
+            cpu_time_known="cpu_time" in self.backend.kernel_enforced,
             result_types=result_types,
             max_result_bytes=self.max_result_bytes,
         )

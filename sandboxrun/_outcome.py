@@ -65,6 +65,9 @@ class Terms:
     #: The backend really knows whether the memory limit was hit (``Usage.memory_limit_hit``);
     #: False for the psutil backend, which only samples.
     memory_hit_known: bool = False
+    #: The backend's CPU time is the kernel's count for the whole tree (else a polled sample,
+    #: which misses what a process used after the last poll before it ended).
+    cpu_time_known: bool = False
     #: How a result body is decoded (the restricted unpickler unless trusted_results=True).
     result_types: ResultTypes = dataclasses.field(default_factory=ResultTypes)
     #: The longest result body the manager reads (the reader's cap, for the record).
@@ -177,6 +180,9 @@ def _out_of_memory(facts: _Facts, terms: Terms) -> bool:
 
 
 def _cpu_exceeded(facts: _Facts, terms: Terms) -> bool:
+    if facts.reason == KillReason.CPU_TIME:  # the tree's counter reached the budget
+        return True
+    # RLIMIT_CPU, per process: SIGXCPU at the soft limit, SIGKILL at the hard one.
     limit = terms.limits.cpu_time_seconds
     return (
         limit is not None
@@ -233,8 +239,10 @@ def _verdict_error(facts: _Facts, flags: Flags, terms: Terms, job: Job) -> BaseE
             f" (peak {peak}) and was killed"
         )
     if flags.cpu_time_limit_exceeded:
+        used = "" if facts.cpu_time is None else f" ({facts.cpu_time:.3f} s of CPU used)"
         return CpuTimeLimitExceeded(
             f"the task used more than cpu_time_limit_seconds={terms.cpu_time_limit_seconds}"
+            f"{used} and was killed with its whole process tree"
         )
     if flags.process_limit_exceeded:
         error = ProcessLimitExceeded(
@@ -281,11 +289,20 @@ def _common(job: Job, exit_code: int, terms: Terms) -> dict[str, Any]:
     }
 
 
+def _cpu_time(usage: Usage | None, header: protocol.Header | None, terms: Terms) -> float | None:
+    """The kernel's count where there is one; else the larger of the polled tree and the
+    worker's own rusage (itself + its waited children), which the task could only inflate."""
+    measured = None if usage is None else usage.cpu_time_seconds
+    if measured is not None and terms.cpu_time_known:
+        return measured
+    reported = None if header is None else header.cpu_time_seconds
+    found = [value for value in (measured, reported) if value is not None]
+    return max(found) if found else None
+
+
 def _build_result(job: Job, usage: Usage | None, exit_code: int, terms: Terms) -> TaskResult:
     header, value, exception = decode(job, terms.result_types)
-    cpu_time = None if usage is None else usage.cpu_time_seconds
-    if cpu_time is None and header is not None:
-        cpu_time = header.cpu_time_seconds
+    cpu_time = _cpu_time(usage, header, terms)
     facts = _Facts(
         header=header,
         exception=exception,
@@ -317,6 +334,8 @@ def _build_result(job: Job, usage: Usage | None, exit_code: int, terms: Terms) -
         max_memory_used_in_gib=None if facts.peak_bytes is None else facts.peak_bytes / GIB,
         out_of_memory=flags.out_of_memory,
         cpu_time_used_seconds=cpu_time,
+        cpu_throttled_periods=facts.usage.cpu_throttled_periods,
+        cpu_throttled_seconds=facts.usage.cpu_throttled_seconds,
         cpu_time_limit_exceeded=flags.cpu_time_limit_exceeded,
         process_limit_exceeded=flags.process_limit_exceeded,
         **_common(job, exit_code, terms),

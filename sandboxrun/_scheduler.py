@@ -17,9 +17,9 @@ Life of one job (the names are this module's methods)::
 
     any state, exit fd readable (the process ended) --> _finish --> build_result --> TaskResult
 
-ARMED means the deadline and the polling run (``job.deadline``/``job.next_poll`` set; a kill
-clears them). Every path ends in ``_finish``, whoever ended the process, which builds exactly
-one ``TaskResult``.
+ARMED means the deadline, the CPU-time check (``_cpu_budget``) and the polling run
+(``job.deadline``/``job.cpu_deadline``/``job.next_poll`` set; a kill clears them). Every path
+ends in ``_finish``, whoever ended the process, which builds exactly one ``TaskResult``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import psutil
 from . import _outcome as outcome
 from . import _transport as transport
 from ._backends.base import Backend, Usage
+from ._cpu_budget import CpuBudget
 from ._job import Job
 from ._launch import Launcher
 from ._reasons import KillReason
@@ -81,6 +82,7 @@ class Scheduler:
         self.launcher = launcher
         self.terms = terms
         self.max_workers = max_workers
+        self.cpu_budget = CpuBudget(terms.limits)
         self.pending: collections.deque[tuple[Task, bytes]] = collections.deque()
         self._jobs: dict[int, Job] = {}  # keyed by exit fd
         self._ready: collections.deque[TaskResult] = collections.deque()
@@ -131,6 +133,10 @@ class Scheduler:
         for job in list(self._jobs.values()):
             if job.deadline is not None and now >= job.deadline:
                 self._kill(job, KillReason.TIMEOUT)
+            elif job.cpu_deadline is not None and now >= job.cpu_deadline:
+                spent, job.cpu_deadline = self.cpu_budget.check(job.sandbox, now)
+                if spent:
+                    self._kill(job, KillReason.CPU_TIME)
             elif job.next_poll is not None and now >= job.next_poll:
                 reason = job.sandbox.poll()
                 if reason is not None:
@@ -143,7 +149,7 @@ class Scheduler:
         moments = [
             moment
             for job in self._jobs.values()
-            for moment in (job.deadline, job.next_poll)
+            for moment in (job.deadline, job.cpu_deadline, job.next_poll)
             if moment is not None
         ]
         if not moments:
@@ -237,9 +243,10 @@ class Scheduler:
         self._arm(job, now)
 
     def _arm(self, job: Job, now: float) -> None:
-        """The worker may now run task code: start its clock and its polling."""
+        """The worker may now run task code: start its clocks and its polling."""
         if self.terms.limits.wall_time_seconds is not None:
             job.deadline = now + self.terms.limits.wall_time_seconds
+        job.cpu_deadline = self.cpu_budget.first_deadline(now)
         if job.sandbox.poll_interval_seconds is not None:
             job.next_poll = now
 
@@ -269,6 +276,7 @@ class Scheduler:
             job.kill_reason = KillReason(reason)
         log.debug("%r: killing pid %s (%s)", job.task, job.process.pid, job.kill_reason)
         job.deadline = None
+        job.cpu_deadline = None
         job.next_poll = None
         # The tree is read before anything dies: once the worker is gone its orphans move to
         # init, out of reach. The sandbox kill alone is not enough: a process that wrote itself

@@ -161,6 +161,10 @@ class TaskResult:
     cpu_time_limit_exceeded: bool = False
     process_limit_exceeded: bool = False
     backend: str = ""
+    # Under a cpu_quota, where the kernel counts it (cpu.stat): the CFS periods in which the
+    # task was throttled, and for how long in all. None: not measured.
+    cpu_throttled_periods: int | None = None
+    cpu_throttled_seconds: float | None = None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TaskResult):

@@ -2,8 +2,9 @@
 
 Exit codes of ``run`` (like ``timeout(1)``, the runner's own verdicts sit above 120):
 the command's own status when it ended by itself, 128+N when a signal N killed it,
-124 timed out, 123 out of memory, 122 CPU-time limit, 121 process limit, 125 sandboxrun itself
-failed, 126 the command cannot be executed, 127 command not found, 2 bad arguments.
+124 timed out, 123 out of memory, 122 CPU-time limit (the whole tree's), 121 process limit,
+125 sandboxrun itself failed, 126 the command cannot be executed, 127 command not found,
+2 bad arguments.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from ._cli import journal as journaling
 from ._cli.batch import Batch, Interrupted, JournalUnusable, Runner, run_batch
 from ._cli.cluster import ClusterUnavailable, DaskBatch
 from ._cli.options import (
+    cluster_options,
     fail_usage,
-    limit_options,
     make_manager,
     parse_output_limit,
     set_verbosity,
@@ -57,7 +58,12 @@ TimeoutOpt = Annotated[
     str | None, typer.Option("--timeout", "-t", help="Wall-clock limit: 500ms, 5s, 2m, seconds.")
 ]
 CpuOpt = Annotated[
-    str | None, typer.Option("--cpu-time", help="CPU-time limit (RLIMIT_CPU): 10s, 1m.")
+    str | None,
+    typer.Option("--cpu-time", help="CPU-time limit of the whole process tree: 10s, 1m."),
+]
+CpusOpt = Annotated[
+    float | None,
+    typer.Option("--cpus", help="CPU quota: at most this many CPUs at once (0.5 = half of one)."),
 ]
 ProcsOpt = Annotated[
     int | None, typer.Option("--max-processes", help="Process-count limit (fork bombs).")
@@ -83,6 +89,7 @@ def run(
     timeout: TimeoutOpt = None,
     cpu_time: CpuOpt = None,
     max_processes: ProcsOpt = None,
+    cpus: CpusOpt = None,
     backend: BackendOpt = "auto",
     stdin: Annotated[Path | None, typer.Option(help="Feed this file (or - for our stdin).")] = None,
     json_output: JsonOpt = False,
@@ -94,7 +101,7 @@ def run(
 
     Output streams through as it comes (with --json it is captured, capped, and put in the record).
     """
-    manager = make_manager(1, memory, timeout, cpu_time, max_processes, backend)
+    manager = make_manager(1, memory, timeout, cpu_time, max_processes, backend, cpus)
     limit = parse_output_limit(output_limit)
     stdin_file = None
     if stdin is not None:
@@ -143,6 +150,7 @@ def batch(
     timeout: TimeoutOpt = None,
     cpu_time: CpuOpt = None,
     max_processes: ProcsOpt = None,
+    cpus: CpusOpt = None,
     backend: BackendOpt = "auto",
     journal: Annotated[
         Path | None,
@@ -185,12 +193,11 @@ def batch(
         raise fail_usage(str(error)) from None
     if workers is not None and workers < 1:
         raise fail_usage("--workers must be at least 1")
-    manager: Runner
-    if scheduler is None:
-        manager = make_manager(workers, memory, timeout, cpu_time, max_processes, backend)
-    else:  # the workers see the paths from their own working folder: make them absolute
+    local = make_manager(workers, memory, timeout, cpu_time, max_processes, backend, cpus)
+    manager: Runner = local
+    if scheduler is not None:  # the workers' working folder is not ours: absolute paths
         input_dir, out = input_dir.absolute(), out.absolute()
-        limits = limit_options(memory, timeout, cpu_time, max_processes, backend)
+        limits = cluster_options(local, backend)
         try:
             manager = DaskBatch(scheduler, workers, limits)
         except ClusterUnavailable as error:

@@ -27,6 +27,7 @@ SECTIONS = [
     "## 5. Timeout enforcement",
     "## 6. A ",
     "## 7. Cost as work grows",
+    "## 8. CPU-time limit",
     "## Physical floor",
 ]
 NUMBER = r"-?\d[\d ]*(?:\.\d+)?"

@@ -198,7 +198,7 @@ SEED_BYTES_LINE = (
 )
 OWN_FIELDS = (
     ", cpu_time_used_seconds=None, cpu_time_limit_exceeded=False, process_limit_exceeded=False,"
-    " backend='')"
+    " backend='', cpu_throttled_periods=None, cpu_throttled_seconds=None)"
 )
 
 

@@ -6,6 +6,7 @@ each sandbox through the same life cycle::
     sandbox = backend.sandbox(limits)   # limits exist before the task does
     sandbox.attach(pid)                 # the worker is inside; only then may it run task code
     sandbox.poll()                      # polled backends only, every poll_interval_seconds
+    sandbox.cpu_time_seconds()          # under a CPU-time limit: the tree's CPU so far
     sandbox.kill()                      # timeout / polled limit / abort: everything inside, at once
     usage = sandbox.collect()           # the task's process has ended: end leftovers, read counters
     sandbox.remove()                    # always, also after errors
@@ -32,7 +33,11 @@ class Usage:
     # never reached is the task's own, not out_of_memory.
     memory_limit_hit: bool = False
     process_limit_hit: bool = False  # a fork was refused by pids.max at least once
-    cpu_time_seconds: float | None = None
+    cpu_time_seconds: float | None = None  # the whole tree's, where a counter keeps it
+    # CFS bandwidth control (a CPU quota): periods in which the task was throttled, and for how
+    # long in all (cpu.stat nr_throttled, throttled_usec on v2 / throttled_time on v1).
+    cpu_throttled_periods: int | None = None
+    cpu_throttled_seconds: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +79,12 @@ class Sandbox(abc.ABC):
     def poll(self) -> KillReason | None:
         """Polled backends: sample; ``KillReason.MEMORY`` or ``KillReason.PROCESSES`` when over
         that limit (a ``str`` enum: the bare strings ``"memory"``/``"processes"`` still work)."""
+        return None
+
+    def cpu_time_seconds(self) -> float | None:
+        """CPU time used so far by every process of the task (user + system), for the
+        scheduler's CPU-time check; ``None``: not measurable here (then only the worker's
+        RLIMIT_CPU, per process, applies). Called while the task runs: must be cheap."""
         return None
 
     def on_event(self) -> KillReason | None:

@@ -3,7 +3,8 @@
 Read against Documentation/admin-guide/cgroup-v1/{memory,pids,freezer-subsystem,cpuacct}.rst
 and scheduler/sched-design-CFS.rst (group scheduling).
 
-Layout, per hierarchy (memory always; pids, freezer, cpu, cpuacct when mounted)::
+Layout, per hierarchy (memory always; pids, freezer, cpu when mounted; cpuacct when mounted
+and the task has a CPU-time limit or quota, or when it shares the cpu hierarchy's directory)::
 
     <mount>/<own cgroup>/sandboxrun-<pid>-<rand>/task-<n>
 
@@ -16,10 +17,15 @@ of its own cgroup. Limits and counters, all kernel-kept:
   an OOM event the whole task is killed, the v1 stand-in for v2's ``memory.oom.group=1``.
 - ``pids.max`` for ``max_processes``.
 - tree kill: freeze (``freezer.state`` = FROZEN, so nothing can fork), SIGKILL every pid, thaw.
-- CPU time from ``cpuacct.usage`` (nanoseconds).
-- ``cpu``: no limit is written, but a task cgroup is one CFS scheduling entity, so a task running
-  hundreds of busy processes gets one share of the CPU, not hundreds: the manager's timers stay
-  on time while a fork bomb spins.
+- CPU time from ``cpuacct.usage`` (nanoseconds, the whole tree), read while the task runs
+  under ``cpu_time_limit_seconds`` (``cpu_time_seconds()``). Without a limit or quota a separate
+  cpuacct hierarchy costs a mkdir, an enter and an rmdir per task for a figure the worker's
+  rusage (its own + its waited children) gives nearly as well, so it is left out then.
+- ``cpu``: a task cgroup is one CFS scheduling entity, so a task running hundreds of busy
+  processes gets one share of the CPU, not hundreds: the manager's timers stay on time while a
+  fork bomb spins. Under ``cpu_quota``: ``cpu.cfs_period_us`` = 100000 and ``cpu.cfs_quota_us``
+  = quota * period (sched-bwc.rst); throttling from ``cpu.stat`` ``nr_throttled`` and
+  ``throttled_time`` (ns).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import os
 import time
 from pathlib import Path
 
-from .._limits import Limits
+from .._limits import CPU_PERIOD_USEC, Limits
 from .._reasons import KillReason
 from . import cgroupfs
 from .base import Backend, Sandbox, Usage
@@ -42,7 +48,7 @@ from .base import Backend, Sandbox, Usage
 log = cgroupfs.log
 _CONTROLLERS = ("memory", "pids", "freezer", "cpu", "cpuacct")
 KERNEL_ENFORCED = frozenset(
-    {"memory", "processes", "tree_kill", "peak_memory", "oom_detection", "cpu_time"}
+    {"memory", "processes", "tree_kill", "peak_memory", "oom_detection", "cpu_time", "cpu_quota"}
 )
 _FREEZE_WAIT_SECONDS = 2.0
 _EMPTY_WAIT_SECONDS = 5.0
@@ -84,6 +90,20 @@ def _probe(directory: Path) -> str | None:
     return None
 
 
+def _write_quota(cpu: Path, quota: float) -> None:
+    """CFS bandwidth: ``quota`` CPUs = that share of every 100 ms period, summed over CPUs."""
+    cgroupfs.write(cpu / "cpu.cfs_period_us", CPU_PERIOD_USEC)
+    try:
+        cgroupfs.write(cpu / "cpu.cfs_quota_us", round(quota * CPU_PERIOD_USEC))
+    except OSError as error:
+        # v1 refuses a child's quota above an ancestor's (EINVAL in tg_cfs_schedulable_down).
+        raise OSError(
+            error.errno,
+            f"cannot set cpu_quota={quota} in {cpu} ({error.strerror}): an enclosing cgroup "
+            "(the manager's own) may have a smaller CPU quota; ask for at most that much",
+        ) from error
+
+
 class CgroupV1Sandbox(Sandbox):
     def __init__(self, dirs: dict[str, Path], limits: Limits) -> None:
         self.dirs = dirs
@@ -106,6 +126,8 @@ class CgroupV1Sandbox(Sandbox):
                 self.event_fd = self._oom_eventfd(memory)
             if limits.max_processes is not None and "pids" in dirs:
                 cgroupfs.write(dirs["pids"] / "pids.max", limits.max_processes)
+            if limits.cpu_quota is not None:
+                _write_quota(dirs["cpu"], limits.cpu_quota)
         except BaseException:
             for path in reversed(created):
                 with contextlib.suppress(OSError):
@@ -137,6 +159,11 @@ class CgroupV1Sandbox(Sandbox):
 
     def enter_files(self) -> tuple[str, ...]:
         return tuple(str(path / "cgroup.procs") for path in self.paths)
+
+    def cpu_time_seconds(self) -> float | None:
+        cpuacct = self.dirs.get("cpuacct")
+        usage = None if cpuacct is None else cgroupfs.read_int(cpuacct / "cpuacct.usage")
+        return None if usage is None else usage / 1e9
 
     def on_event(self) -> KillReason | None:
         if self.event_fd is None:
@@ -216,17 +243,21 @@ class CgroupV1Sandbox(Sandbox):
             self._kill_escaped()
         memory = self.dirs["memory"]
         oom = cgroupfs.read_keyed(memory / "memory.oom_control")
-        cpu_ns = (
-            cgroupfs.read_int(self.dirs["cpuacct"] / "cpuacct.usage")
-            if "cpuacct" in self.dirs
-            else None
+        # Read only under a quota: without one a task cgroup is never throttled.
+        throttle = (
+            cgroupfs.read_keyed(self.dirs["cpu"] / "cpu.stat")
+            if self.limits.cpu_quota is not None
+            else {}
         )
+        throttled_ns = throttle.get("throttled_time")
         return Usage(
             peak_memory_bytes=cgroupfs.read_int(memory / "memory.max_usage_in_bytes"),
             oom_killed=oom.get("oom_kill", 0) > 0,
             memory_limit_hit=(cgroupfs.read_int(memory / "memory.failcnt") or 0) > 0,
             process_limit_hit=self._forks_refused(),
-            cpu_time_seconds=None if cpu_ns is None else cpu_ns / 1e9,
+            cpu_time_seconds=self.cpu_time_seconds(),
+            cpu_throttled_periods=throttle.get("nr_throttled"),
+            cpu_throttled_seconds=None if throttled_ns is None else throttled_ns / 1e9,
         )
 
     def _forks_refused(self) -> bool:
@@ -265,8 +296,9 @@ class CgroupV1Backend(Backend):
 
     @property
     def kernel_enforced(self) -> frozenset[str]:
-        """Without a pids hierarchy no process limit, without cpuacct no CPU time."""
-        missing = {"processes": "pids", "cpu_time": "cpuacct"}
+        """Without a pids hierarchy no process limit, without cpuacct no CPU time, without cpu
+        no quota."""
+        missing = {"processes": "pids", "cpu_time": "cpuacct", "cpu_quota": "cpu"}
         return frozenset(k for k in KERNEL_ENFORCED if missing.get(k, "memory") in self.own)
 
     @property
@@ -295,6 +327,9 @@ class CgroupV1Backend(Backend):
             "process_limit": "pids.max"
             if "pids" in self.own
             else "unavailable (no pids hierarchy)",
+            "cpu_quota": "cpu.cfs_quota_us"
+            if "cpu" in self.own
+            else "unavailable (no cpu hierarchy)",
         }
 
     def open(self) -> None:
@@ -322,5 +357,13 @@ class CgroupV1Backend(Backend):
         if limits.max_processes is not None and "pids" not in self.runner:
             raise RuntimeError("max_processes needs the cgroup v1 pids hierarchy, not mounted here")
         cgroupfs.LEFTOVERS.retry()  # only the ones whose back-off is over: a few rmdirs at most
+        if limits.cpu_quota is not None and "cpu" not in self.runner:
+            raise RuntimeError("cpu_quota needs the cgroup v1 cpu hierarchy, not mounted here")
         name = f"task-{next(self._counter)}"
-        return CgroupV1Sandbox({c: runner / name for c, runner in self.runner.items()}, limits)
+        dirs = {c: runner / name for c, runner in self.runner.items() if self._wanted(c, limits)}
+        return CgroupV1Sandbox(dirs, limits)
+
+    def _wanted(self, controller: str, limits: Limits) -> bool:
+        if controller != "cpuacct" or self.runner["cpuacct"] == self.runner.get("cpu"):
+            return True  # co-mounted with cpu ("cpu,cpuacct"): one directory, no extra cost
+        return limits.cpu_time_seconds is not None or limits.cpu_quota is not None

@@ -1,7 +1,9 @@
 """The portable backend: a psutil monitor, polled from the manager's event loop.
 
 Used on macOS and Windows, and on Linux without cgroup rights (or with ``backend="psutil"``).
-Memory is the summed RSS of the task's process tree, sampled every ``poll_interval_seconds``;
+Memory is the summed RSS of the task's process tree, sampled every ``poll_interval_seconds``,
+and so is its CPU time (``cpu_time_seconds()`` is the last sample: a process that ended between
+two samples counts with what it had used at the last one);
 nothing here is enforced by the kernel, so a fast allocator can overshoot the limit by its
 allocation rate times the interval. The tree kill stops every process first, then kills them,
 so a fork bomb cannot outrun it.
@@ -70,6 +72,9 @@ class PsutilSandbox(Sandbox):
             return KillReason.CPU_TIME
         return None
 
+    def cpu_time_seconds(self) -> float | None:
+        return sum(self.cpu_seconds.values())
+
     def _alive(self) -> list[psutil.Process]:
         found = dict(self.known)
         for process in _tree(self.root) if self.root is not None else []:
@@ -110,6 +115,11 @@ class PsutilSandbox(Sandbox):
 
 
 class PsutilBackend(Backend):
+    """No ``cpu_quota`` here (the manager refuses it at construction): without CFS bandwidth
+    control the only lever is a SIGSTOP/SIGCONT duty cycle of the polled tree, which a task sees,
+    can undo (SIGCONT to itself from a forked helper) and which misses every process forked
+    between two polls."""
+
     name = "psutil"
     enforceable = frozenset()
     worker_options = WorkerOptions(subreaper=True, kill_descendants_on_exit=True)

@@ -67,40 +67,34 @@ def make_manager(
     cpu_time: str | None,
     max_processes: int | None,
     backend: str,
+    cpus: float | None = None,
 ) -> ProcessManager:
     """One parser for sizes and durations (the library's); a bad value is a one-line error."""
     try:
-        options = limit_options(memory, timeout, cpu_time, max_processes, backend, check=False)
-        return ProcessManager(workers, **options)
-    except (ValueError, TypeError, OverflowError, SandboxrunError) as error:
-        raise fail_usage(str(error)) from None
-
-
-def limit_options(
-    memory: str | None,
-    timeout: str | None,
-    cpu_time: str | None,
-    max_processes: int | None,
-    backend: str,
-    *,
-    check: bool = True,
-) -> ManagerOptions:
-    """The limits as ``ProcessManager`` options (for a cluster's workers to build their own
-    manager with). ``check``: also build one here, so a bad value is a usage line, not a
-    failure of every task on every worker."""
-    try:
-        options = ManagerOptions(
+        return ProcessManager(
+            max_workers=workers,
             worker_timeout_seconds=_duration("--timeout", timeout),
             memory_limit_in_gib=_memory(memory),
             cpu_time_limit_seconds=_duration("--cpu-time", cpu_time),
             max_processes=_processes(max_processes),
             backend=cast(BackendName, backend),  # checked by ProcessManager itself
+            cpu_quota=cpus,  # --cpus 0.5: validated (and refused on psutil) by the manager
         )
-    except (ValueError, TypeError, OverflowError) as error:
+    except (ValueError, TypeError, OverflowError, SandboxrunError) as error:
         raise fail_usage(str(error)) from None
-    if check:
-        make_manager(1, memory, timeout, cpu_time, max_processes, backend)
-    return options
+
+
+def cluster_options(manager: ProcessManager, backend: str) -> ManagerOptions:
+    """The limits of a manager made (so checked) here, as options for a cluster's workers to
+    make their own with; ``backend`` as asked (``auto``: each worker's own choice)."""
+    return ManagerOptions(
+        worker_timeout_seconds=manager.worker_timeout_seconds,
+        memory_limit_in_gib=manager.memory_limit_in_gib,
+        cpu_time_limit_seconds=manager.cpu_time_limit_seconds,
+        max_processes=manager.max_processes,
+        backend=cast(BackendName, backend),
+        cpu_quota=manager.limits.cpu_quota,
+    )
 
 
 def parse_output_limit(text: str) -> int:

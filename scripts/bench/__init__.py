@@ -16,12 +16,15 @@ The package, one concern per module (the entry point first, the leaves last)::
     run        the orchestrator: sizes, rounds, one fresh interpreter per measurement
     child      the measuring interpreter (``--one``): imports, then one case or floor
     cases      one measurement of one tool (throughput, cpu, strict, peak, timeout, ...)
+    cpu_limit  sandboxrun's CPU-time limit: its overhead on trivial tasks, its kill accuracy
+    scaleout   SandboxExecutor next to ProcessManager, Dask one worker vs two (section 9)
     tools      the adapters: each tool runs a batch of calls and returns one outcome per task
     tasks      the task functions (module level, picklable, stdlib only, cheap to import)
     floor      the physical floor: bare fork, cgroup v1 mkdir/enter/rmdir (no sandboxrun)
     figures    reading rounds out of the raw data and typesetting numbers and tables
     report     docs/benchmarks.md: the header, the targets and their verdicts
     sections   the measured sections of the report (1-7, the floor) and their data accessors
+    cpu_section  section 8 (the cpu_limit cases)
     plots      the two PNGs (matplotlib, optional)
 
 Keep this file and ``tasks`` light (stdlib only): under ``forkserver`` every task process of

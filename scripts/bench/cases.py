@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import GIB, MIB
+from .cpu_limit import CPU_CASES
 from .scaleout import case_dask, case_executor
 from .tasks import allocator, big_result, hostile, sleeper, toucher, trivial
 from .tools import Run, runner
@@ -325,6 +326,7 @@ CASES: dict[str, Callable[[str, Params], Result]] = {
     "timeout": case_timeout,
     "bigresult": case_bigresult,
     "profile": case_profile,
+    **CPU_CASES,  # cpu_overhead, cpu_kill (sandboxrun only)
     "executor": case_executor,
     "dask": case_dask,
 }

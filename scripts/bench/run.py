@@ -36,6 +36,8 @@ def sizes(quick: bool) -> dict[str, Any]:
             "scale": [20, 50],
             "floor_n": 30,
             "idle_n": 2,
+            "cpu_overhead": {"n": 20, "rounds": 2},
+            "cpu_kill": {"runs": 1},
         }
     return {
         "rounds": 3,
@@ -49,6 +51,8 @@ def sizes(quick: bool) -> dict[str, Any]:
         "scale": [100, 1000, 10000],
         "floor_n": 300,
         "idle_n": 5,
+        "cpu_overhead": {"n": 300, "rounds": 10},
+        "cpu_kill": {"runs": 20},
     }
 
 
@@ -171,6 +175,9 @@ class Runner:
             if importlib.util.find_spec("distributed") is not None:
                 self.measure("dask", "dask", {"n": 12, "cpu_s": 0.5}, rounds, ours)
         self.measure("cpu", "cpu", {"sleep": s["cpu_sleep"]}, rounds)
+        if ours:  # its rounds are inside the case (interleaved): one measurement each
+            self.measure("cpu_overhead", "cpu_overhead", s["cpu_overhead"], 1, ours)
+            self.measure("cpu_kill", "cpu_kill", s["cpu_kill"], 1, ours)
         self.measure("strict", "strict", s["strict"], rounds)
         for mib in s["peak_mib"]:
             for hold in (0.0, s["peak_hold"]):

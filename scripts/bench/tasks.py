@@ -74,3 +74,26 @@ def hostile(pid_path: str) -> None:
 def big_result(size: int) -> tuple[float, bytes]:
     data = b"x" * size
     return time.monotonic(), data
+
+
+def cpu_spinner(children: int, seconds: float) -> int:
+    """Spin ``seconds`` of CPU in each of ``children`` forked processes (0: in this one)."""
+    if children == 0:
+        _spin_cpu(seconds)
+        return 0
+    pids = []
+    for _ in range(children):
+        pid = os.fork()
+        if pid == 0:
+            _spin_cpu(seconds)
+            os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    return children
+
+
+def _spin_cpu(seconds: float) -> None:
+    start = time.process_time()
+    while time.process_time() - start < seconds:
+        pass

@@ -4,7 +4,8 @@ File names are the kernel's (Documentation/admin-guide/cgroup-v2.rst). Where it 
 ``place.py``; the runner cgroup: ``runner.py``; a task's counters: ``counters.py``. Per task::
 
     <root>/sandboxrun-<pid>-<rand>/task-<n>    memory.max, memory.swap.max, memory.oom.group,
-                                               pids.max; removed once its counters are read
+                                               pids.max, cpu.max (under cpu_quota); removed
+                                               once its counters are read
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .counters import (
     enforced,
     peak_source,
     probe_files,
+    write_cpu_max,
 )
 from .place import ROOT_ENV, Place, locate
 from .runner import Runner
@@ -59,6 +61,8 @@ class CgroupV2Sandbox(Sandbox):
                 cgroupfs.write(path / "memory.oom.group", 1)
             processes = limits.max_processes
             cgroupfs.write(path / "pids.max", "max" if processes is None else processes)
+            if limits.cpu_quota is not None:
+                write_cpu_max(path, limits.cpu_quota)
         except BaseException:
             cgroupfs.remove(path)
             raise
@@ -73,6 +77,9 @@ class CgroupV2Sandbox(Sandbox):
 
     def kill(self) -> None:
         self.cgroup.kill()
+
+    def cpu_time_seconds(self) -> float | None:
+        return self.cgroup.cpu_time_seconds()
 
     def collect(self) -> Usage:
         return self.cgroup.collect()
@@ -116,6 +123,12 @@ class RunnerSession:
     def sandbox(self, limits: Limits, owner: str) -> CgroupV2Sandbox:
         if self.runner is None:
             raise RuntimeError(f"{owner}.sandbox() before open()")
+        if limits.cpu_quota is not None and not self.files.get("cpu.max"):
+            raise RuntimeError(
+                f"cpu_quota needs the cgroup v2 cpu controller in {self.runner.path}: enable it"
+                f" in {self.place.root}/cgroup.subtree_control (it refuses while a realtime"
+                " thread is inside)"
+            )
         path = self.runner.path / f"task-{next(_task_numbers)}"
         return CgroupV2Sandbox(path, limits, self.files)
 

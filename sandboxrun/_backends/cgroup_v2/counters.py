@@ -6,7 +6,9 @@ scope (``members`` = ``<scope>/task``, ``counters`` = ``<scope>``) are a ``TaskC
     kill()    -> cgroup.kill (5.14+) or freeze / SIGKILL / thaw    on members
     collect() -> wait for populated 0, then read                   on counters:
                  memory.peak (5.19+; else the sampled memory.current), memory.events oom_kill
-                 and oom_group_kill, pids.events max, cpu.stat usage_usec
+                 and oom_group_kill, pids.events max, cpu.stat usage_usec (and nr_throttled,
+                 throttled_usec where the cpu controller is enabled)
+    cpu_time_seconds() -> cpu.stat usage_usec                      on counters, while it runs
     remove_members() -> rmdir members (kill again when it is still populated)
 """
 
@@ -20,15 +22,20 @@ import platform
 from collections.abc import Mapping
 from pathlib import Path
 
-from .. import cgroupfs
+from ... import _limits
+from .. import cgroupfs, hosts
 from ..base import Usage
 from .place import Place
 from .runner import EMPTY_TIMEOUT, kill_all, wait_empty
 
 log = cgroupfs.log
-PROBED_FILES = ("memory.peak", "cgroup.kill", "memory.oom.group", "memory.swap.max")
+PROBED_FILES = ("memory.peak", "cgroup.kill", "memory.oom.group", "memory.swap.max", "cpu.max")
 PEAK_SAMPLE_SECONDS = 0.05
-KERNEL_ENFORCED = frozenset({"memory", "processes", "tree_kill", "peak_memory", "oom_detection"})
+# cpu.stat usage_usec is in every non-root cgroup, cpu controller or not ("cpu_time"); the
+# quota (cpu.max) needs the cpu controller, so "cpu_quota" is added where it is (enforced()).
+KERNEL_ENFORCED = frozenset(
+    {"memory", "processes", "tree_kill", "peak_memory", "oom_detection", "cpu_time"}
+)
 
 
 def kernel_at_least(major: int, minor: int, release: str | None = None) -> bool:
@@ -52,12 +59,26 @@ def probe_files(place: Place, below: Path | None) -> dict[str, bool]:
         "cgroup.kill": kernel_at_least(5, 14),
         "memory.oom.group": kernel_at_least(4, 19),
         "memory.swap.max": (place.root / "memory.swap.max").is_file() or kernel_at_least(4, 18),
+        "cpu.max": "cpu" in hosts.controllers(place.root),
     }
 
 
 def enforced(files: Mapping[str, bool]) -> frozenset[str]:
-    """What the kernel keeps with these files: no memory.peak means a sampled peak."""
-    return KERNEL_ENFORCED if files["memory.peak"] else KERNEL_ENFORCED - {"peak_memory"}
+    """What the kernel keeps with these files: no memory.peak means a sampled peak, no
+    cpu.max no quota."""
+    found = KERNEL_ENFORCED if files["memory.peak"] else KERNEL_ENFORCED - {"peak_memory"}
+    return (found | {"cpu_quota"}) if files.get("cpu.max") else found
+
+
+def write_cpu_max(path: Path, quota: float) -> None:
+    """``cpu.max`` = "<quota * period> <period>": ``quota`` CPUs over the whole subtree."""
+    period = _limits.CPU_PERIOD_USEC
+    cgroupfs.write(path / "cpu.max", f"{round(quota * period)} {period}")
+
+
+def cpu_time_seconds(counters: Path) -> float | None:
+    usage = cgroupfs.read_keyed(counters / "cpu.stat").get("usage_usec")
+    return None if usage is None else usage / 1e6
 
 
 def peak_source(files: Mapping[str, bool]) -> str:
@@ -74,7 +95,8 @@ def read_usage(counters: Path, sampled_peak: int | None) -> Usage:
     """
     peak = cgroupfs.read_int(counters / "memory.peak") if sampled_peak is None else sampled_peak
     events = cgroupfs.read_keyed(counters / "memory.events")
-    cpu = cgroupfs.read_keyed(counters / "cpu.stat").get("usage_usec")
+    cpu_stat = cgroupfs.read_keyed(counters / "cpu.stat")
+    cpu, throttled = cpu_stat.get("usage_usec"), cpu_stat.get("throttled_usec")
     if peak is None or not events:
         log.warning(
             "cannot read the counters of %s (peak %s, memory.events %s): the result lacks them",
@@ -89,6 +111,8 @@ def read_usage(counters: Path, sampled_peak: int | None) -> Usage:
         memory_limit_hit=events.get("max", 0) > 0 or events.get("oom", 0) > 0,
         process_limit_hit=cgroupfs.read_keyed(counters / "pids.events").get("max", 0) > 0,
         cpu_time_seconds=None if cpu is None else cpu / 1e6,
+        cpu_throttled_periods=cpu_stat.get("nr_throttled"),
+        cpu_throttled_seconds=None if throttled is None else throttled / 1e6,
     )
 
 
@@ -112,6 +136,9 @@ class TaskCgroup:
 
     def kill(self) -> None:
         kill_all(self.members, self.files["cgroup.kill"])
+
+    def cpu_time_seconds(self) -> float | None:
+        return cpu_time_seconds(self.counters)
 
     def collect(self) -> Usage:
         if cgroupfs.pids(self.members):

@@ -20,7 +20,7 @@ from .. import cgroupfs, hosts
 
 ROOT_ENV = "SANDBOXRUN_CGROUP_ROOT"
 REQUIRED = ("memory", "pids")
-OPTIONAL = ("cpu",)  # for cpu.stat's user/system split and a later cpu.max; never required
+OPTIONAL = ("cpu",)  # for cpu.max (cpu_quota) and cpu.stat's throttling; never required
 
 
 @dataclasses.dataclass(frozen=True)

@@ -168,8 +168,8 @@ class Runner:
                     self.enabled_in_root.append(name)
                 except OSError as error:  # cpu refuses while realtime threads are inside
                     log.warning(
-                        "cannot enable the %s controller in %s (%s): cpu.stat keeps only "
-                        "usage_usec (no user/system split)",
+                        "cannot enable the %s controller in %s (%s): no cpu_quota (cpu.max) "
+                        "for tasks; cpu.stat keeps usage_usec, so the CPU-time limit holds",
                         name,
                         root,
                         error,

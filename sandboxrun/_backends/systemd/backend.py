@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..._errors import BackendUnavailable
-from ..._limits import Limits
+from ..._limits import Limits, validate_cpu_quota
 from .. import hosts
 from ..base import Backend, Sandbox
 from ..cgroup_v2 import RunnerSession
@@ -108,8 +108,7 @@ class SystemdBackend(Backend):
         mode = scope_mode or os.environ.get(MODE_ENV) or "runner"
         if mode not in MODES:
             raise ValueError(f"scope_mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if cpu_quota is not None and not (isinstance(cpu_quota, (int, float)) and cpu_quota > 0):
-            raise ValueError(f"cpu_quota must be a positive number of CPUs, got {cpu_quota!r}")
+        cpu_quota = validate_cpu_quota(cpu_quota)  # every task scope's, unless the task has one
         self.scope_mode = mode
         self.slice = check_slice(slice_name or os.environ.get(SLICE_ENV) or DEFAULT_SLICE)
         self.cpu_quota = cpu_quota

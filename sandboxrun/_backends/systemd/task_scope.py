@@ -1,6 +1,8 @@
 """``scope_mode="task"``: one transient scope per task, the limits as unit properties::
 
-    <slice>/sandboxrun-<pid>-<rand>-<n>.scope   MemoryMax, MemorySwapMax=0, TasksMax, CPUQuota,
+    <slice>/sandboxrun-<pid>-<rand>-<n>.scope   MemoryMax, MemorySwapMax=0, TasksMax,
+    │                                           CPUQuotaPerSecUSec (cpu_quota: systemd
+    │                                           writes cpu.max and enables the cpu controller),
     │                                           RuntimeMaxUSec (backstop), OOMPolicy=continue,
     │                                           Delegate=yes; counters are read here
     ├── (keeper)                                `cat` reading a pipe we hold, our child: PIDs=
@@ -30,7 +32,7 @@ from typing import Any
 from ..._errors import SandboxrunError
 from ..._limits import Limits
 from ..._reasons import KillReason
-from .. import cgroupfs
+from .. import cgroupfs, hosts
 from ..base import Sandbox, Usage
 from ..cgroup_v2.counters import PEAK_SAMPLE_SECONDS, TaskCgroup, enforced, probe_files
 from ..cgroup_v2.place import Place
@@ -109,8 +111,9 @@ def task_properties(
         properties += [("MemoryMax", "t", limits.memory_bytes), ("MemorySwapMax", "t", 0)]
     if limits.max_processes is not None:
         properties.append(("TasksMax", "t", limits.max_processes + 1))  # + the keeper
-    if cpu_quota is not None:
-        properties.append(("CPUQuotaPerSecUSec", "t", round(cpu_quota * 1_000_000)))
+    quota = limits.cpu_quota if limits.cpu_quota is not None else cpu_quota  # the task's first
+    if quota is not None:
+        properties.append(("CPUQuotaPerSecUSec", "t", round(quota * 1_000_000)))
     if limits.wall_time_seconds is not None:
         backstop = limits.wall_time_seconds * 1.1 + RUNTIME_GRACE_SECONDS
         properties.append(("RuntimeMaxUSec", "t", round(backstop * 1_000_000)))
@@ -137,7 +140,9 @@ class TaskScopes:
 
     @property
     def kernel_enforced(self) -> frozenset[str]:
-        return enforced(self.files)
+        # CPUQuotaPerSecUSec: systemd enables the cpu controller down to the scope itself.
+        quota = {"cpu_quota"} if "cpu" in hosts.controllers(self.mount) else set()
+        return enforced(self.files) | quota
 
     def open(self) -> None:
         bus = Bus(self.target)
@@ -260,6 +265,9 @@ class SystemdScopeSandbox(Sandbox):
 
     def kill(self) -> None:
         self.cgroup.kill()
+
+    def cpu_time_seconds(self) -> float | None:
+        return self.cgroup.cpu_time_seconds()  # the scope's cpu.stat: the keeper uses ~none
 
     def collect(self) -> Usage:
         return self.cgroup.collect()
