@@ -189,11 +189,10 @@ class SandboxExecutor(concurrent.futures.Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
             self._shutdown = True
-            if cancel_futures:
-                for future in self._inbox:
-                    future.cancel()
-                self._inbox.clear()
+            dropped, self._inbox = (self._inbox, []) if cancel_futures else ([], self._inbox)
             self._idle.notify()
+        for future in dropped:  # outside the lock: a done-callback may call submit (and fail)
+            future.cancel()
         self._wake()
         if wait and threading.current_thread() is not self._thread:
             self._thread.join()

@@ -233,3 +233,21 @@ def test_exception_reducers_installed_in_the_manager_do_not_break_results(
         manager.queue_task(sandboxrun.Task(tasks.raise_value_error, ("still a ValueError",)))
     error = manager.task_results[0].exception
     assert type(error) is ValueError and str(error) == "still a ValueError"
+
+
+def test_a_done_callback_that_submits_does_not_deadlock_shutdown(tmp_path: Path) -> None:
+    executor = SandboxExecutor(1)
+    running = executor.submit(tasks.sleep_then, 0.5)
+    pending = executor.submit(tasks.double, 1)
+    refused: list[BaseException] = []
+
+    def resubmit(_: object) -> None:
+        try:
+            executor.submit(tasks.double, 2)
+        except RuntimeError as error:
+            refused.append(error)
+
+    pending.add_done_callback(resubmit)
+    assert wait_until(running.running, 10)
+    executor.shutdown(wait=True, cancel_futures=True)  # the callback runs inside: no deadlock
+    assert pending.cancelled() and len(refused) == 1
