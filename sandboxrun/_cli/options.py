@@ -16,6 +16,7 @@ from typing import cast
 import typer
 
 from .._errors import SandboxrunError
+from .._executor import ManagerOptions
 from .._limits import GIB, parse_duration, parse_size
 from .._manager import BackendName, ProcessManager
 from .verdicts import EXIT_USAGE
@@ -81,6 +82,19 @@ def make_manager(
         )
     except (ValueError, TypeError, OverflowError, SandboxrunError) as error:
         raise fail_usage(str(error)) from None
+
+
+def cluster_options(manager: ProcessManager, backend: str) -> ManagerOptions:
+    """The limits of a manager made (so checked) here, as options for a cluster's workers to
+    make their own with; ``backend`` as asked (``auto``: each worker's own choice)."""
+    return ManagerOptions(
+        worker_timeout_seconds=manager.worker_timeout_seconds,
+        memory_limit_in_gib=manager.memory_limit_in_gib,
+        cpu_time_limit_seconds=manager.cpu_time_limit_seconds,
+        max_processes=manager.max_processes,
+        backend=cast(BackendName, backend),
+        cpu_quota=manager.limits.cpu_quota,
+    )
 
 
 def parse_output_limit(text: str) -> int:

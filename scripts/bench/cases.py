@@ -17,6 +17,7 @@ from typing import Any
 from . import GIB, MIB
 from .cpu_limit import CPU_CASES
 from .launcher import LAUNCHER_CASES
+from .scaleout import case_dask, case_executor
 from .tasks import allocator, big_result, hostile, sleeper, toucher, trivial
 from .tools import Run, runner
 
@@ -333,4 +334,6 @@ CASES: dict[str, Callable[[str, Params], Result]] = {
     "profile": case_profile,
     **CPU_CASES,  # cpu_overhead, cpu_kill (sandboxrun only)
     **LAUNCHER_CASES,  # launch: zygote vs fork launcher vs Glasswall, small and server manager
+    "executor": case_executor,
+    "dask": case_dask,
 }

@@ -10,6 +10,7 @@ import statistics
 from .cpu_section import cpu_limit_section
 from .figures import fmt, median_or_none, ratio, rounds_of, section, unit
 from .launcher_section import launcher_section
+from .scaleout import section as scale_out_section
 from .sections import Sections
 
 
@@ -54,6 +55,7 @@ class Report(Sections):
             self.cpu_limits, self.launcher, self.floor,
         ):  # fmt: skip
             lines += part()
+        lines += scale_out_section(self)
         return "\n".join(lines).rstrip() + "\n"
 
     def cpu_limits(self) -> list[str]:

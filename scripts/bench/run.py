@@ -4,6 +4,7 @@ interpreter (``child``), retried when another engineer's qemu VM overlapped it."
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -176,6 +177,10 @@ class Runner:
         ours = [t for t in self.tools if t.startswith("sandboxrun-")][:1]
         if ours:
             self.measure("profile", "profile", {"n": s["throughput"]}, 1, ours)
+        if ours and not self.args.quick:  # scripts/bench/scaleout.py; Dask only when installed
+            self.measure("executor", "executor", {"n": s["throughput"] // 3}, rounds, ours)
+            if importlib.util.find_spec("distributed") is not None:
+                self.measure("dask", "dask", {"n": 12, "cpu_s": 0.5}, rounds, ours)
         self.measure("cpu", "cpu", {"sleep": s["cpu_sleep"]}, rounds)
         if ours:  # its rounds are inside the case (interleaved): one measurement each
             self.measure("cpu_overhead", "cpu_overhead", s["cpu_overhead"], 1, ours)
