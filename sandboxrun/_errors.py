@@ -76,6 +76,11 @@ class ProcessLimitExceeded(SandboxrunError):
     """The task tried to run more processes than ``max_processes``."""
 
 
+class TaskCancelled(SandboxrunError):
+    """The task was cancelled while it ran (an asyncio cancellation, ``SandboxExecutor.kill``):
+    its process tree was killed."""
+
+
 class RemoteTraceback(Exception):
     """Set as ``__cause__`` of a task's exception: the traceback text from the worker."""
 

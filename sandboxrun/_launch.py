@@ -7,7 +7,9 @@ never needs the scheduler, and the outcome never needs either)::
     Launcher.launch(task, payload, sandbox, cpu_time_seconds, siblings)
         result pipe  (worker writes, we read; bigger pipe = fewer wake-ups)
         control pipe (only with a handshake: a task payload or a parent-side attach)
-        process.start()  -- ForkedProcess (fork + pidfd) or multiprocessing's Process
+        process.start()  -- ZygoteChild (the default on Linux: a per-slot zygote forks the
+                            task into its own PID namespace, see _zygote), ForkedProcess
+                            (fork + pidfd) or multiprocessing's Process (spawn, forkserver)
         exit fd      (pidfd, else a dup of the multiprocessing sentinel)
       -> Job(result_fd, control_fd, exit_fd, go_frame ready to write or None)
 """
@@ -35,7 +37,13 @@ from ._worker import WorkerSpec
 if sys.platform != "win32":
     from ._forked import ForkedProcess
 
-StartMethod = Literal["fork", "forkserver", "spawn"]
+if sys.platform == "linux" and transport.EXIT_BY_PIDFD:
+    from ._zygote.client import ZygoteChild
+    from ._zygote.server import Request
+
+StartMethod = Literal["zygote", "fork", "forkserver", "spawn"]
+#: The zygote needs pidfds (Linux 5.3) and the posix transport (its fds are real pipes).
+ZYGOTE_AVAILABLE = sys.platform == "linux" and transport.EXIT_BY_PIDFD
 
 log = logging.getLogger("sandboxrun.launch")
 
@@ -49,6 +57,12 @@ def _kill_started(process: Any) -> None:
     log.debug("killed pid %s: its launch was interrupted", process.pid)
 
 
+def _modules_of(task: Task) -> tuple[str, ...]:
+    """The module the zygote imports before forking, so each task finds it loaded."""
+    name = getattr(task.func, "__module__", None)
+    return (name,) if isinstance(name, str) and name != "__main__" else ()
+
+
 class Launcher:
     """Chooses how workers start (once per manager) and starts one per call."""
 
@@ -57,6 +71,7 @@ class Launcher:
         start_method: StartMethod,
         options: WorkerOptions,
         max_result_bytes: int = protocol.DEFAULT_MAX_RESULT_BYTES,
+        environment: dict[str, str] | None = None,
         isolation: Isolation = NONE,
     ) -> None:
         self.start_method = start_method
@@ -64,7 +79,15 @@ class Launcher:
         self._slots: dict[int, int] = {}  # id(job) -> its worker slot (its uid under strict)
         self.options = options
         self.max_result_bytes = max_result_bytes  # each job's reader reads no longer a body
-        self._context = multiprocessing.get_context(start_method)
+        self.environment = environment or {}  # the zygote's (and so every task's) environment
+        self._zygote = start_method == "zygote"
+        self.born_in_place = self._zygote  # tasks can be born in a slot's cgroups
+        self._birthplaces: set[tuple[str, ...]] = set()
+        self._context = None if self._zygote else multiprocessing.get_context(start_method)
+        if start_method == "forkserver" and self._context is not None:
+            # Else every worker imports sandboxrun after its fork (measured 7x slower). Only
+            # takes effect before the process's forkserver starts.
+            self._context.set_forkserver_preload(["sandboxrun._worker"])
         self._bare_fork = start_method == "fork" and transport.BARE_FORK
         # A forkserver child's parent is the server, not us: no pid to compare.
         self._manager_pid = None if start_method == "forkserver" else os.getpid()
@@ -75,6 +98,14 @@ class Launcher:
         self._slots = {key: slot for key, slot in self._slots.items() if key in running}
         taken = set(self._slots.values())
         return next(slot for slot in range(len(taken) + 1) if slot not in taken)
+
+    def close(self) -> None:
+        """End the zygotes that live in the backend's slots: it removes them next."""
+        if sys.platform == "linux" and self._birthplaces - {()}:
+            from ._zygote.client import POOL
+
+            placed, self._birthplaces = self._birthplaces - {()}, set()
+            POOL.discard(placed.__contains__)
 
     def launch(
         self,
@@ -109,10 +140,31 @@ class Launcher:
             slot=self._free_slot(siblings),
         )
         process: Any
-        if sys.platform != "win32" and self._bare_fork:
+        if sys.platform == "linux" and self._zygote:
+            request = Request(
+                enter_files=spec.enter_files,
+                options=self.options,
+                cpu_time_seconds=cpu_time_seconds,
+                modules=_modules_of(task),
+                needs_main=b"__main__" in payload,
+                fork_before_go=not sandbox.parent_attach,
+                isolation=self.isolation if self.isolation.enabled else None,
+                slot=spec.slot,
+            )
+            assert child_control is not None  # a zygote's task always comes in the go frame
+            birthplace = sandbox.birthplace or ()
+            self._birthplaces.add(birthplace)
+            process = ZygoteChild(
+                self.environment,
+                request,
+                child_result.fileno(),
+                child_control.fileno(),
+                birthplace,
+            )
+        elif sys.platform != "win32" and self._bare_fork:
             process = ForkedProcess(_worker.main, spec)
         else:
-            process = self._context.Process(target=_worker.main, args=(spec,))  # type: ignore[attr-defined]
+            process = self._context.Process(target=_worker.main, args=(spec,))  # type: ignore[union-attr]
         job = Job(task, sandbox, process)
         self._slots[id(job)] = spec.slot
         job.reader = protocol.ResultReader(self.max_result_bytes)
@@ -133,7 +185,10 @@ class Launcher:
             if child_control is not None:
                 child_control.close()
         job.result_fd, job.control_fd = result_r, control_w
-        job.exit_fd = transport.exit_handle(process)
+        if sys.platform == "linux" and self._zygote:
+            job.exit_fd = os.dup(process.pidfd)  # pidfd_open(pid) could hit a reused pid
+        else:
+            job.exit_fd = transport.exit_handle(process)
         if handshake:
             job.go_frame = memoryview(protocol.LENGTH.pack(len(payload)) + payload)
         log.debug("launched %r as pid %s (%s)", task, process.pid, self.start_method)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import signal
 import sys
 
@@ -30,3 +31,22 @@ def die_with_parent() -> None:
 def become_subreaper() -> None:
     """Orphaned descendants get re-parented to this process instead of init."""
     prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+
+
+def unshare(flags: int) -> None:
+    """``unshare(2)`` (``os.unshare`` exists only from Python 3.12); raises ``OSError``."""
+    if _LIBC is None or _LIBC.unshare(flags) != 0:
+        error = ctypes.get_errno() if _LIBC is not None else 38  # ENOSYS
+        raise OSError(error, f"unshare({flags:#x}): {os.strerror(error)}")
+
+
+def setns(fd: int, nstype: int) -> None:
+    """``setns(2)`` (``os.setns`` exists only from Python 3.12); raises ``OSError``."""
+    if _LIBC is None or _LIBC.setns(fd, nstype) != 0:
+        error = ctypes.get_errno() if _LIBC is not None else 38
+        raise OSError(error, f"setns({fd}, {nstype:#x}): {os.strerror(error)}")

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Literal, cast
 
+from . import _environment as environment
 from . import _transport as transport
 from ._backends import create_backend
 from ._backends.base import Backend
 from ._cpus import available_cpus
 from ._errors import BackendUnavailable
 from ._isolation import Isolation, choose
-from ._launch import Launcher, StartMethod
+from ._launch import ZYGOTE_AVAILABLE, Launcher, StartMethod
 from ._limits import Limits, validate_max_result_bytes, validate_max_workers, validate_poll_interval
 from ._outcome import Terms
 from ._result_types import ResultTypes
@@ -64,8 +65,16 @@ class ProcessManager:
     of ``None`` or ``0`` mean no limit. Keyword-only extras: ``cpu_time_limit_seconds``
     (RLIMIT_CPU), ``max_processes`` (fork-bomb limit, ``pids.max`` on the kernel backends),
     ``backend`` (``"auto"``, ``"cgroup_v2"``, ``"systemd"``, ``"cgroup_v1"``, ``"psutil"``, or a
-    ``Backend`` instance), ``start_method`` (``"fork"``, ``"forkserver"``, ``"spawn"``; default:
-    multiprocessing's default) and ``poll_interval_seconds`` (psutil backend only).
+    ``Backend`` instance), ``start_method`` (``"zygote"``, ``"fork"``, ``"forkserver"``,
+    ``"spawn"``; default: ``"zygote"`` on Linux, else multiprocessing's default),
+    ``poll_interval_seconds`` (psutil backend only) and ``env`` (variables the tasks get on top
+    of the allowlisted ones of this process, see ``_environment``; zygote and spawn only).
+
+    The zygote (docs/guide.md, "Start methods"): a fresh interpreter per worker slot that forks
+    each task into a PID namespace of its own; like spawn and forkserver (Python 3.14's POSIX
+    default), tasks arrive pickled, so their functions must be importable. ``"fork"`` keeps
+    closures and state built in ``main()`` working, at the price of the manager's heap, fds and
+    environment in every task.
 
     ``cpu_time_limit_seconds`` counts the CPU of the whole process tree (the cgroup's counter,
     checked by the event loop; RLIMIT_CPU stays on each process as the kernel's floor).
@@ -103,6 +112,7 @@ class ProcessManager:
         poll_interval_seconds: float = 0.05,
         allowed_result_types: Iterable[type] = (),
         trusted_results: bool = False,
+        env: Mapping[str, str] | None = None,
         max_result_bytes: int | None = None,
         cpu_quota: float | None = None,
         isolation: Literal["none", "default", "strict"] | Isolation | None = None,
@@ -113,7 +123,7 @@ class ProcessManager:
             worker_timeout_seconds, memory_limit_in_gib, cpu_time_limit_seconds, max_processes,
             cpu_quota,
         )  # fmt: skip
-        methods = multiprocessing.get_all_start_methods()
+        methods = (["zygote"] if ZYGOTE_AVAILABLE else []) + multiprocessing.get_all_start_methods()
         if start_method is not None and start_method not in methods:
             raise ValueError(f"start_method must be one of {methods}, got {start_method!r}")
         self.max_workers: int = workers or available_cpus()
@@ -124,8 +134,11 @@ class ProcessManager:
         self.cpu_time_limit_seconds = cpu_time_limit_seconds
         self.max_processes = max_processes
         self.start_method: StartMethod = start_method or cast(  # portable transport: spawn
-            StartMethod, transport.DEFAULT_START_METHOD or multiprocessing.get_start_method()
+            StartMethod,
+            transport.DEFAULT_START_METHOD
+            or ("zygote" if ZYGOTE_AVAILABLE else multiprocessing.get_start_method()),
         )
+        self.env = environment.validate(env)
         self.backend: Backend = (
             backend
             if isinstance(backend, Backend)
@@ -151,7 +164,11 @@ class ProcessManager:
             isolation=self.isolation.name,
         )
         launcher = Launcher(
-            self.start_method, self.backend.worker_options, self.max_result_bytes, self.isolation
+            self.start_method,
+            self.backend.worker_options,
+            self.max_result_bytes,
+            environment.build(self.env),
+            self.isolation,
         )
         self._scheduler = Scheduler(self.backend, launcher, terms, self.max_workers)
         self._aborted_by: str | None = None  # set once: why this manager was aborted

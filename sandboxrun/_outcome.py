@@ -38,6 +38,7 @@ from ._errors import (
     ResultTransferError,
     ResultTypeRefused,
     SandboxrunError,
+    TaskCancelled,
     WorkerDied,
 )
 from ._job import Job
@@ -253,6 +254,8 @@ def _verdict_error(facts: _Facts, flags: Flags, terms: Terms, job: Job) -> BaseE
         return error
     if flags.attach_failed:
         return SandboxrunError(f"could not place the worker in its sandbox: {job.error}")
+    if facts.reason == KillReason.CANCELLED:
+        return TaskCancelled("the task was cancelled while it ran; its process tree was killed")
     return None
 
 

@@ -19,6 +19,7 @@ ignores that, is ended by its limits like any other task): the manager never blo
 
 from __future__ import annotations
 
+import copyreg
 import errno
 import mmap
 import pickle
@@ -78,7 +79,16 @@ class Chunks:
 
 def pickle_parts(value: Any) -> Chunks:
     chunks = Chunks()
-    pickle.Pickler(chunks, protocol=5).dump(value)
+    pickler = pickle.Pickler(chunks, protocol=5)
+    # Exceptions pickle the stdlib way, whatever reducers a library registered in copyreg
+    # (distributed installs tblib's for every exception class, inherited by our workers): those
+    # name a module function, which the manager's restricted unpickler refuses.
+    pickler.dispatch_table = {
+        cls: reducer
+        for cls, reducer in copyreg.dispatch_table.items()
+        if not (isinstance(cls, type) and issubclass(cls, BaseException))
+    }
+    pickler.dump(value)
     return chunks
 
 

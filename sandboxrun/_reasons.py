@@ -15,6 +15,7 @@ class KillReason(str, enum.Enum):
     TIMEOUT = "timeout"  # wall-clock deadline passed
     ATTACH = "attach"  # the sandbox could not take the worker in; no task code ran
     ABORT = "abort"  # the with-body raised: every running task is killed
+    CANCELLED = "cancelled"  # its caller cancelled it while it ran (SandboxExecutor, asyncio)
 
     def __str__(self) -> str:
         return self.value

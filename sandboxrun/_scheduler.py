@@ -31,7 +31,7 @@ import selectors
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psutil
 
@@ -88,12 +88,15 @@ class Scheduler:
         self._ready: collections.deque[TaskResult] = collections.deque()
         self._selector_made: selectors.BaseSelector | None = None
         self._backend_open = False
+        self._wakeup: tuple[int, Callable[[], None]] | None = None  # see set_wakeup
 
     @property
     def _selector(self) -> selectors.BaseSelector:
         # Made on first use: a manager that never runs a task holds no epoll fd.
         if self._selector_made is None:
             self._selector_made = transport.Selector()
+            if self._wakeup is not None:
+                self._selector_made.register(self._wakeup[0], selectors.EVENT_READ, None)
         return self._selector_made
 
     # ------------------------------------------------------------------ the loop
@@ -113,6 +116,9 @@ class Scheduler:
         done: list[TaskResult] = []
         now = time.monotonic()
         for key, mask in events:
+            if key.data is None:  # the wake-up fd: new tasks or kills from another thread
+                self._woken()
+                continue
             job: Job = key.data
             if key.fd == job.exit_fd and job.exit_fd in self._jobs:
                 done.append(self._finish(job))
@@ -150,6 +156,29 @@ class Scheduler:
             return None
         return max(0.0, min(moments) - time.monotonic())
 
+    def set_wakeup(self, fd: int, callback: Callable[[], None]) -> None:
+        """Also watch ``fd``: another thread (``SandboxExecutor.submit``) writes a byte to it
+        to end a ``select()``; the loop then calls ``callback`` in its own thread, which
+        drains the fd and may queue tasks (``pending``) or ``cancel`` one. Before ``results()``.
+        """
+        self._wakeup = (fd, callback)
+
+    def _woken(self) -> None:
+        assert self._wakeup is not None
+        self._wakeup[1]()  # the callback drains the fd: only its owner knows what it is
+
+    def cancel(self, task: Task) -> bool:
+        """Kill the running job of ``task`` (``KillReason.CANCELLED``); False if none runs it.
+
+        From the loop's own thread only (the executor's wake-up callback): its result still
+        comes out of ``results()``, classified as cancelled.
+        """
+        for job in self._jobs.values():
+            if job.task is task:
+                self._kill(job, KillReason.CANCELLED)
+                return True
+        return False
+
     # ------------------------------------------------------------------ launching
 
     def _fill_slots(self) -> None:
@@ -161,7 +190,10 @@ class Scheduler:
         if not self._backend_open:
             self.backend.open()
             self._backend_open = True
-        sandbox = self.backend.sandbox(self.terms.limits)
+        if self.launcher.born_in_place:
+            sandbox = self.backend.slot_sandbox(self.terms.limits)
+        else:
+            sandbox = self.backend.sandbox(self.terms.limits)
         try:
             job = self.launcher.launch(
                 task, payload, sandbox, self.terms.limits.cpu_time_seconds, self._jobs.values()
@@ -329,4 +361,7 @@ class Scheduler:
             self._selector_made = None
         if self._backend_open:
             self._backend_open = False
-            self.backend.close()
+            try:
+                self.launcher.close()  # the zygotes living in the backend's slots go first
+            finally:
+                self.backend.close()

@@ -33,7 +33,7 @@ class WorkerSpec:
 
     control: Connection | None  # the go frame (and the task under spawn/forkserver); None: no wait
     result: Connection  # where the one result frame goes
-    task: Task | None  # fork only; otherwise it arrives pickled in the go frame
+    task: Task | None  # fork only; otherwise it arrives pickled in the go frame (or ``payload``)
     enter_files: tuple[str, ...]  # cgroup.procs files to write "0" into, first thing
     options: WorkerOptions
     cpu_time_seconds: float | None  # RLIMIT_CPU allowance for the task code
@@ -49,6 +49,9 @@ class WorkerSpec:
     # True under the zygote: PID 1 (the reaper) built the namespaces and mounts, and the
     # zygote's environment is the allowlisted one; only the privileges are dropped here.
     isolation_prepared: bool = False
+    # The pickled task, when it was read before this process existed (the zygote's reaper reads
+    # the go frame, then forks the task with it: control is None then).
+    payload: bytes = b""
 
 
 def _read_exactly(control: Connection, size: int) -> bytes:
@@ -56,6 +59,14 @@ def _read_exactly(control: Connection, size: int) -> bytes:
     if data is None:  # the manager is gone or gave up on us: nothing to do
         os._exit(protocol.EXIT_MANAGER_GONE)
     return data
+
+
+def read_go_frame(control: Connection) -> bytes:
+    """Wait for the go frame and return its payload (the pickled task, or nothing)."""
+    (length,) = protocol.LENGTH.unpack(_read_exactly(control, protocol.LENGTH.size))
+    payload = _read_exactly(control, length) if length else b""
+    control.close()
+    return payload
 
 
 def _die_with_manager(manager_pid: int | None) -> None:
@@ -146,7 +157,7 @@ def _refuse(text: str, result: Connection) -> None:
     os._exit(protocol.EXIT_ENTER_FAILED)
 
 
-def _enter(files: tuple[str, ...], result: Connection) -> None:
+def enter_sandbox(files: tuple[str, ...], result: Connection) -> None:
     """Move this process into its cgroups; on failure report it and stop before any task code."""
     for path in files:
         try:
@@ -157,6 +168,18 @@ def _enter(files: tuple[str, ...], result: Connection) -> None:
                 os.close(fd)
         except OSError as error:
             _refuse(f"{path}: {error}", result)
+
+
+def isolate_namespaces(profile: Isolation, result: Connection) -> None:
+    """The zygote's PID 1 (root, in the task's cgroups and pid namespace): namespaces and mounts
+    for the task it forks next; on failure report it and stop before any task code."""
+    if sys.platform.startswith("linux"):
+        from . import _isolation
+
+        try:
+            _isolation.setup_namespaces_and_mounts(profile)
+        except OSError as error:
+            _refuse(str(error), result)
 
 
 def _isolate(spec: WorkerSpec) -> None:
@@ -225,16 +248,14 @@ def main(spec: WorkerSpec) -> None:
         keep = {result_fd} if spec.control is None else {result_fd, spec.control.fileno()}
         _close_inherited_fds(keep | _std_stream_fds())
     _die_with_manager(spec.manager_pid)
-    _enter(spec.enter_files, spec.result)
+    enter_sandbox(spec.enter_files, spec.result)
     if spec.options.subreaper:
         _linux.become_subreaper()
     if spec.isolation is not None and spec.isolation.enabled:
         _isolate(spec)
-    payload = b""
+    payload = spec.payload
     if spec.control is not None:  # wait for the go frame (and the task, under spawn/forkserver)
-        (length,) = protocol.LENGTH.unpack(_read_exactly(spec.control, protocol.LENGTH.size))
-        payload = _read_exactly(spec.control, length) if length else b""
-        spec.control.close()
+        payload = read_go_frame(spec.control)
     # From here on we are inside the sandbox.
     if spec.cpu_time_seconds is not None:
         _set_cpu_limit(spec.cpu_time_seconds)

@@ -20,8 +20,15 @@ import typer
 
 from ._backends import NAMES
 from ._cli import journal as journaling
-from ._cli.batch import Batch, Interrupted, JournalUnusable, run_batch
-from ._cli.options import fail_usage, make_manager, parse_output_limit, set_verbosity
+from ._cli.batch import Batch, Interrupted, JournalUnusable, Runner, run_batch
+from ._cli.cluster import ClusterUnavailable, DaskBatch
+from ._cli.options import (
+    cluster_options,
+    fail_usage,
+    make_manager,
+    parse_output_limit,
+    set_verbosity,
+)
 from ._cli.records import record
 from ._cli.template import parse_template
 from ._cli.verdicts import (
@@ -176,9 +183,15 @@ def batch(
         typer.Option("--follow-symlinks", help="Run symlinked files too (skipped by default)."),
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(help="Dask scheduler (tcp://HOST:8786): run the tasks on its workers."),
+    ] = None,
 ) -> None:
     """Run the command once per file in INPUT_DIR, with a journal, progress and a summary.
 
+    With --scheduler the tasks run on a Dask cluster (each worker enforces the limits with its
+    own backend; INPUT_DIR and OUT must be the same paths on every worker: shared storage).
     Exits 0 when every file succeeded, 1 when some failed, 130 when interrupted (Ctrl-C).
     """
     from rich.console import Console
@@ -192,9 +205,17 @@ def batch(
     if workers is not None and workers < 1:
         raise fail_usage("--workers must be at least 1")
     paths = (str(input_dir.resolve()), str(out.resolve()))
-    manager = make_manager(
+    local = make_manager(
         workers, memory, timeout, cpu_time, max_processes, backend, cpus, isolation, paths
     )
+    manager: Runner = local
+    if scheduler is not None:  # the workers' working folder is not ours: absolute paths
+        input_dir, out = input_dir.absolute(), out.absolute()
+        limits = cluster_options(local, backend)
+        try:
+            manager = DaskBatch(scheduler, workers, limits)
+        except ClusterUnavailable as error:
+            raise fail_usage(str(error)) from None
     journal_path = journal or out / "sandboxrun-journal.jsonl"
     if journal_path.exists() and not (resume or overwrite):
         raise fail_usage(f"{journal_path} exists: add --resume to continue it or --overwrite")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Create (or refresh) the project's venv in .venv and install sandboxrun with its dev tools, and
-# on a systemd host the [systemd] extra (pystemd builds from source: libsystemd-dev, pkg-config
-# and gcc come from apt when missing). Prints the venv's python path on stdout, all else on stderr.
+# Create (or refresh) the project's venv in .venv and install sandboxrun with its dev tools, the
+# [dask] extra (so the Dask tests run rather than skip), and on a systemd host the [systemd] extra
+# (pystemd builds from source: libsystemd-dev, pkg-config and gcc come from apt when missing). Prints the venv's python path on stdout, all else on stderr.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="$repo/.venv"
@@ -22,11 +22,11 @@ if ! "$python" -c 'import sys; assert sys.version_info >= (3, 10)' 2>/dev/null; 
 fi
 "$python" -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
 
-extras=dev
+extras=dev,dask
 if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
-  extras=dev,systemd
+  extras=dev,dask,systemd
   if ! pkg-config --exists libsystemd 2>/dev/null || ! command -v gcc >/dev/null; then
-    apt_install libsystemd-dev pkg-config gcc || extras=dev
+    apt_install libsystemd-dev pkg-config gcc || extras=dev,dask
   fi
 fi
 

@@ -17,11 +17,36 @@ MIB = 1024 * 1024
 T = TypeVar("T")
 
 
+def host_pid() -> int:
+    """This process's pid as the test (outside the task's PID namespace) sees it: /proc numbers
+    processes in the namespace of whoever mounted it, os.getpid() in the task's own."""
+    try:
+        return int(os.readlink("/proc/self"))
+    except (OSError, ValueError):  # no /proc (macOS)
+        return os.getpid()
+
+
+def host_pid_of_child(pid: int) -> int:
+    """The /proc pid of our child ``pid`` (a pid of the task's namespace)."""
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as children:
+                for child in children.read().split():
+                    with open(f"/proc/{child}/status") as status:
+                        for line in status:
+                            if line.startswith("NSpid:") and int(line.split()[-1]) == pid:
+                                return int(child)
+    except (OSError, ValueError):
+        pass
+    return pid
+
+
 def write_pid(path: str, pid: int | None = None) -> None:
     """Write a pid file atomically (a temporary file renamed over it): whoever sees the file
-    can read the whole pid, never an empty or half-written one."""
+    can read the whole pid, never an empty or half-written one. ``pid`` (a child's) and our own
+    are written as the test sees them (``host_pid``)."""
     temporary = f"{path}.{os.getpid()}.tmp"
-    pathlib.Path(temporary).write_text(str(os.getpid() if pid is None else pid))
+    pathlib.Path(temporary).write_text(str(host_pid() if pid is None else host_pid_of_child(pid)))
     os.replace(temporary, path)
 
 
@@ -34,7 +59,7 @@ def identity(x: T) -> T:
 
 
 def pid_and_value(x: T) -> tuple[int, T]:
-    return os.getpid(), x
+    return host_pid(), x
 
 
 def convert_file(input_file: str, output_file: str) -> None:
@@ -118,7 +143,7 @@ def spawn_grandchild(pid_file: str, then_sleep: float = 0.0) -> int:
     child = subprocess.Popen(["sleep", "300"], start_new_session=True)
     write_pid(pid_file, child.pid)
     time.sleep(then_sleep)
-    return child.pid
+    return host_pid_of_child(child.pid)
 
 
 def fork_grandchild_and_exit(pid_file: str) -> int:
@@ -134,7 +159,7 @@ def fork_grandchild_and_exit(pid_file: str) -> int:
     deadline = time.monotonic() + 10
     while not pathlib.Path(pid_file).exists() and time.monotonic() < deadline:
         time.sleep(0.001)
-    return os.getpid()
+    return host_pid()
 
 
 def big_result(size: int) -> bytes:
@@ -207,12 +232,13 @@ def killed_while_sending_result(size: int) -> bytes:
     """Return a big result, and SIGKILL ourselves while the worker is writing it to the pipe."""
     import threading
 
-    main = threading.get_native_id()
+    # As /proc numbers it (threading.get_native_id() answers in the task's PID namespace).
+    main = os.readlink("/proc/thread-self")
 
     def killer() -> None:
         # /proc/<tid>/syscall names the syscall a thread is blocked in (write: 1 on x86-64),
         # which the main thread only enters to send the result frame.
-        status = pathlib.Path(f"/proc/self/task/{main}/syscall")
+        status = pathlib.Path(f"/proc/{main}/syscall")
         write = {"x86_64": "1", "aarch64": "64"}[platform.machine()]
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -28,6 +28,7 @@ SECTIONS = [
     "## 6. A ",
     "## 7. Cost as work grows",
     "## 8. CPU-time limit",
+    "## 9. The launcher",
     "## Physical floor",
 ]
 NUMBER = r"-?\d[\d ]*(?:\.\d+)?"

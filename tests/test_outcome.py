@@ -139,6 +139,12 @@ CASES: dict[str, tuple[Any, ...]] = {
         dict(timed_out=True, process_limit_exceeded=True), TimeoutError),
     "attach failed": (None, KillReason.ATTACH, Usage(), -9, terms(),
                       dict(success=False, timed_out=False), errors.SandboxrunError),
+    "cancelled while running": (None, KillReason.CANCELLED, Usage(), -9, terms(),
+                                dict(success=False, timed_out=False, out_of_memory=False),
+                                errors.TaskCancelled),
+    "cancelled after it returned: still cancelled": (
+        RETURNED_42, KillReason.CANCELLED, Usage(), -9, terms(),
+        dict(success=False, result=None), errors.TaskCancelled),
     "died without a frame": (None, None, Usage(), 3, terms(),
                              dict(success=False, exit_code=3), errors.WorkerDied),
     "could not enter its sandbox": (

@@ -66,6 +66,10 @@ class Sandbox(abc.ABC):
     #: frame); False when the worker enters by itself through ``enter_files``.
     parent_attach: bool = False
 
+    #: ``cgroup.procs`` files the launcher's zygote lives in, so that the task is born inside
+    #: its cgroups (no migration per task: see ``cgroup_v1_slot``); None: it enters them.
+    birthplace: tuple[str, ...] | None = None
+
     def enter_files(self) -> tuple[str, ...]:
         """``cgroup.procs`` files the worker writes ``0`` into, first thing, before task code.
 
@@ -137,3 +141,8 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def sandbox(self, limits: Limits) -> Sandbox:
         """A fresh sandbox for one task, with the limits in force before the task starts."""
+
+    def slot_sandbox(self, limits: Limits) -> Sandbox:
+        """For a launcher whose tasks can be born in place (the zygote): a sandbox that may be
+        a reused slot with a ``birthplace``. By default the same as ``sandbox``."""
+        return self.sandbox(limits)

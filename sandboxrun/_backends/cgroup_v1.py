@@ -39,11 +39,15 @@ import itertools
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .._limits import CPU_PERIOD_USEC, Limits
 from .._reasons import KillReason
 from . import cgroupfs
 from .base import Backend, Sandbox, Usage
+
+if TYPE_CHECKING:
+    from .cgroup_v1_slot import SlotSandbox
 
 log = cgroupfs.log
 _CONTROLLERS = ("memory", "pids", "freezer", "cpu", "cpuacct")
@@ -69,12 +73,19 @@ def _hierarchies() -> dict[str, Path]:
     return found
 
 
-def _parent(pid: int) -> int | None:
+def parent_pid(pid: int) -> int | None:
     try:
         stat = (cgroupfs.PROC / str(pid) / "stat").read_bytes()
     except OSError:
         return None
     return int(stat.rsplit(b")", 1)[1].split()[1])  # after "(comm)": state, then ppid
+
+
+def _pid_namespace(pid: int) -> str | None:
+    try:
+        return os.readlink(cgroupfs.PROC / str(pid) / "ns" / "pid")
+    except OSError:
+        return None
 
 
 def _probe(directory: Path) -> str | None:
@@ -105,9 +116,19 @@ def _write_quota(cpu: Path, quota: float) -> None:
 
 
 class CgroupV1Sandbox(Sandbox):
-    def __init__(self, dirs: dict[str, Path], limits: Limits) -> None:
+    def __init__(
+        self,
+        dirs: dict[str, Path],
+        limits: Limits,
+        running: set[str] | None = None,
+        write_limits: bool = True,
+    ) -> None:
         self.dirs = dirs
         self.limits = limits
+        # PID namespaces of the backend's running tasks (shared by its sandboxes): a process in
+        # one of them that left its cgroup still dies with its task's PID 1.
+        self.running = set() if running is None else running
+        self.namespace: str | None = None
         self.event_fd = None
         self._removed = False
         # Co-mounted controllers (e.g. "cpu,cpuacct") share one directory.
@@ -119,12 +140,12 @@ class CgroupV1Sandbox(Sandbox):
                 log.debug("mkdir %s", path)
                 created.append(path)
             memory = dirs["memory"]
-            if limits.memory_bytes is not None:
+            if write_limits and limits.memory_bytes is not None:
                 cgroupfs.write(memory / "memory.limit_in_bytes", limits.memory_bytes)
                 if (memory / "memory.memsw.limit_in_bytes").exists():
                     cgroupfs.write(memory / "memory.memsw.limit_in_bytes", limits.memory_bytes)
                 self.event_fd = self._oom_eventfd(memory)
-            if limits.max_processes is not None and "pids" in dirs:
+            if write_limits and limits.max_processes is not None and "pids" in dirs:
                 cgroupfs.write(dirs["pids"] / "pids.max", limits.max_processes)
             if limits.cpu_quota is not None:
                 _write_quota(dirs["cpu"], limits.cpu_quota)
@@ -159,6 +180,12 @@ class CgroupV1Sandbox(Sandbox):
 
     def enter_files(self) -> tuple[str, ...]:
         return tuple(str(path / "cgroup.procs") for path in self.paths)
+
+    def attach(self, pid: int) -> None:
+        namespace = _pid_namespace(pid)
+        if namespace is not None and namespace != _pid_namespace(os.getpid()):
+            self.namespace = namespace  # the zygote launcher's: a namespace of its own
+            self.running.add(namespace)
 
     def cpu_time_seconds(self) -> float | None:
         cpuacct = self.dirs.get("cpuacct")
@@ -202,13 +229,19 @@ class CgroupV1Sandbox(Sandbox):
         # manager's cgroup straight into its task's): a process there moved itself out of a
         # task cgroup (cgroup.procs of the parent is writable by root). End it.
         # A worker (our own child) that escaped is left to its own deadline, which kills it by
-        # pid and classifies it; what is not our child is a task's orphan: nobody watches it.
+        # pid and classifies it; so is a process in a running task's PID namespace (its PID 1's
+        # kill takes it). Anything else is a task's orphan: nobody watches it.
         for path in self.paths:
-            escaped = [pid for pid in cgroupfs.pids(path.parent) if _parent(pid) != os.getpid()]
+            escaped = [pid for pid in cgroupfs.pids(path.parent) if not self._watched(pid)]
             if escaped:
                 log.warning("pids %s escaped into the runner cgroup %s: killed", escaped,
                             path.parent)  # fmt: skip
                 cgroupfs.kill_pids(escaped, path.parent)
+
+    def _watched(self, pid: int) -> bool:
+        return parent_pid(pid) == os.getpid() or (
+            bool(self.running) and _pid_namespace(pid) in self.running
+        )
 
     @staticmethod
     def _freeze(freezer: Path) -> bool:
@@ -276,6 +309,7 @@ class CgroupV1Sandbox(Sandbox):
         if self._removed:
             return
         self._removed = True
+        self.running.discard(self.namespace or "")
         self._close_event_fd()
         # Sub-cgroups the task made go first (remove_tree is deepest first). What still says
         # EBUSY is retried later (cgroupfs.LEFTOVERS): one task's cgroup never fails the batch.
@@ -293,6 +327,9 @@ class CgroupV1Backend(Backend):
         self.own = _hierarchies()
         self.runner: dict[str, Path] = {}
         self._counter = itertools.count(1)
+        self._running: set[str] = set()
+        self._slots: list[SlotSandbox] = []  # every slot made (born-in-place layout)
+        self._free_slots: list[SlotSandbox] = []
 
     @property
     def kernel_enforced(self) -> frozenset[str]:
@@ -348,6 +385,10 @@ class CgroupV1Backend(Backend):
             raise
 
     def close(self) -> None:
+        for slot in self._slots:  # their zygotes are gone: the launcher closed first
+            slot.destroy()
+        self._slots.clear()
+        self._free_slots.clear()
         cgroupfs.LEFTOVERS.retry(force=True)
         for runner in dict.fromkeys(self.runner.values()):
             cgroupfs.remove_or_defer(runner)  # else a later runner reaps it (reap_stale)
@@ -361,9 +402,25 @@ class CgroupV1Backend(Backend):
             raise RuntimeError("cpu_quota needs the cgroup v1 cpu hierarchy, not mounted here")
         name = f"task-{next(self._counter)}"
         dirs = {c: runner / name for c, runner in self.runner.items() if self._wanted(c, limits)}
-        return CgroupV1Sandbox(dirs, limits)
+        return CgroupV1Sandbox(dirs, limits, self._running)
 
     def _wanted(self, controller: str, limits: Limits) -> bool:
         if controller != "cpuacct" or self.runner["cpuacct"] == self.runner.get("cpu"):
             return True  # co-mounted with cpu ("cpu,cpuacct"): one directory, no extra cost
         return limits.cpu_time_seconds is not None or limits.cpu_quota is not None
+
+    def slot_sandbox(self, limits: Limits) -> Sandbox:
+        """A reused per-slot cgroup for a task born inside it (see ``cgroup_v1_slot``)."""
+        if limits.max_processes is not None and "pids" not in self.runner:
+            raise RuntimeError("max_processes needs the cgroup v1 pids hierarchy, not mounted here")
+        if limits.cpu_quota is not None and "cpu" not in self.runner:
+            raise RuntimeError("cpu_quota needs the cgroup v1 cpu hierarchy, not mounted here")
+        from .cgroup_v1_slot import SlotSandbox  # it subclasses CgroupV1Sandbox
+
+        if self._free_slots:
+            return self._free_slots.pop().begin(limits)
+        name = f"slot-{next(self._counter)}"
+        dirs = {c: r / name for c, r in self.runner.items() if c != "freezer"}
+        slot = SlotSandbox(dirs, limits, self._running, self._free_slots)
+        self._slots.append(slot)
+        return slot.begin(limits)

@@ -17,10 +17,10 @@ import dataclasses
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .._command import CommandTask
-from .._manager import ProcessManager
+from .._task import Task, TaskResult
 from . import journal as journaling
 from .inputs import Inputs, list_inputs
 from .records import record, summary
@@ -43,6 +43,26 @@ class Batch:
     progress: bool
 
 
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class Runner(Protocol):
+    """What the batch needs of its manager: a ``ProcessManager``, or ``cluster.DaskBatch``."""
+
+    @property
+    def backend(self) -> _Named: ...
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None: ...
+
+    def queue_task(self, task: Task) -> None: ...
+
+    def as_completed(self) -> Iterator[TaskResult]: ...
+
+
 class JournalUnusable(Exception):
     """The journal or its key cannot be opened (e.g. a symlink where the journal should be)."""
 
@@ -55,7 +75,7 @@ class Interrupted(Exception):
         self.finished = finished
 
 
-def run_batch(batch: Batch, manager: ProcessManager, console: Any) -> bool:
+def run_batch(batch: Batch, manager: Runner, console: Any) -> bool:
     """Run every file not yet done; True when every file of the whole journal is ``ok``."""
     inputs = list_inputs(batch.input_dir, follow_symlinks=batch.follow_symlinks)
     _report_skipped(inputs, console)
@@ -132,7 +152,7 @@ def tasks_for(
 
 def _run(
     batch: Batch,
-    manager: ProcessManager,
+    manager: Runner,
     files: list[Path],
     writer: journaling.Journal,
     console: Any,

@@ -16,6 +16,7 @@ from typing import cast
 import typer
 
 from .._errors import SandboxrunError
+from .._executor import ManagerOptions
 from .._isolation import Isolation, choose, resolve
 from .._limits import GIB, parse_duration, parse_size
 from .._manager import BackendName, ProcessManager
@@ -93,6 +94,19 @@ def make_manager(
 def _isolation(name: str | None, paths: tuple[str, ...]) -> Isolation:
     profile = choose(None) if name is None else resolve(name)  # None: default, else "none"
     return profile.with_paths(paths) if profile.enabled and paths else profile
+
+
+def cluster_options(manager: ProcessManager, backend: str) -> ManagerOptions:
+    """The limits of a manager made (so checked) here, as options for a cluster's workers to
+    make their own with; ``backend`` as asked (``auto``: each worker's own choice)."""
+    return ManagerOptions(
+        worker_timeout_seconds=manager.worker_timeout_seconds,
+        memory_limit_in_gib=manager.memory_limit_in_gib,
+        cpu_time_limit_seconds=manager.cpu_time_limit_seconds,
+        max_processes=manager.max_processes,
+        backend=cast(BackendName, backend),
+        cpu_quota=manager.limits.cpu_quota,
+    )
 
 
 def parse_output_limit(text: str) -> int:

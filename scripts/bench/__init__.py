@@ -17,6 +17,7 @@ The package, one concern per module (the entry point first, the leaves last)::
     child      the measuring interpreter (``--one``): imports, then one case or floor
     cases      one measurement of one tool (throughput, cpu, strict, peak, timeout, ...)
     cpu_limit  sandboxrun's CPU-time limit: its overhead on trivial tasks, its kill accuracy
+    scaleout   SandboxExecutor next to ProcessManager, Dask one worker vs two (section 9)
     tools      the adapters: each tool runs a batch of calls and returns one outcome per task
     tasks      the task functions (module level, picklable, stdlib only, cheap to import)
     floor      the physical floor: bare fork, cgroup v1 mkdir/enter/rmdir (no sandboxrun)

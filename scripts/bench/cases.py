@@ -16,6 +16,8 @@ from typing import Any
 
 from . import GIB, MIB
 from .cpu_limit import CPU_CASES
+from .launcher import LAUNCHER_CASES
+from .scaleout import case_dask, case_executor
 from .tasks import allocator, big_result, hostile, sleeper, toucher, trivial
 from .tools import Run, runner
 
@@ -60,9 +62,14 @@ def case_tasks(tool: str, p: Params) -> Result:
         "per_task_ms": clock.wall / n * 1000,
         "maxrss_mib": _maxrss_mib(),
         "parent_cpu_ms": clock.parent / n * 1000,
-        # ProcessPoolExecutor's task processes are the forkserver's children, not ours.
-        "children_cpu_ms": None if tool == "ppe" else clock.children / n * 1000,
+        # ProcessPoolExecutor's task processes are the forkserver's children, the zygote's
+        # are the zygotes' (section 9 measures the machine's CPU instead).
+        "children_cpu_ms": None if tool == "ppe" or _zygote(tool) else clock.children / n * 1000,
     }
+
+
+def _zygote(tool: str) -> bool:
+    return tool.startswith("sandboxrun-") and tool != "sandboxrun-fork"
 
 
 # The buckets name sandboxrun's private modules and methods: keep them true to the code.
@@ -326,4 +333,7 @@ CASES: dict[str, Callable[[str, Params], Result]] = {
     "bigresult": case_bigresult,
     "profile": case_profile,
     **CPU_CASES,  # cpu_overhead, cpu_kill (sandboxrun only)
+    **LAUNCHER_CASES,  # launch: zygote vs fork launcher vs Glasswall, small and server manager
+    "executor": case_executor,
+    "dask": case_dask,
 }

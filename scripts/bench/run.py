@@ -4,6 +4,7 @@ interpreter (``child``), retried when another engineer's qemu VM overlapped it."
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -15,6 +16,7 @@ from typing import Any
 from . import GIB, MIB
 from .child import RESULT_MARK
 from .figures import values
+from .launcher import LAUNCHER_TOOLS
 from .tools import CANNOT, select, unavailable
 
 SCALE_BUDGET_S = 120  # per tool and size in "cost as work grows"
@@ -37,6 +39,7 @@ def sizes(quick: bool) -> dict[str, Any]:
             "idle_n": 2,
             "cpu_overhead": {"n": 20, "rounds": 2},
             "cpu_kill": {"runs": 1},
+            "launch": {"n": 30, "heap_mib": 50},
         }
     return {
         "rounds": 3,
@@ -52,6 +55,7 @@ def sizes(quick: bool) -> dict[str, Any]:
         "idle_n": 5,
         "cpu_overhead": {"n": 300, "rounds": 10},
         "cpu_kill": {"runs": 20},
+        "launch": {"n": 1000, "heap_mib": 200},
     }
 
 
@@ -166,9 +170,17 @@ class Runner:
         ]
         self.log(f"floor: {self.data['floor']}")
         self.measure("throughput", "throughput", {"n": s["throughput"]}, rounds)
+        launch = [t for t in LAUNCHER_TOOLS if t in self.tools]
+        for name, heap in (("small", 0), ("server", s["launch"]["heap_mib"])):
+            params = {"n": s["launch"]["n"], "heap_mib": heap}
+            self.measure(f"launch-{name}", "launch", params, rounds, launch)
         ours = [t for t in self.tools if t.startswith("sandboxrun-")][:1]
         if ours:
             self.measure("profile", "profile", {"n": s["throughput"]}, 1, ours)
+        if ours and not self.args.quick:  # scripts/bench/scaleout.py; Dask only when installed
+            self.measure("executor", "executor", {"n": s["throughput"] // 3}, rounds, ours)
+            if importlib.util.find_spec("distributed") is not None:
+                self.measure("dask", "dask", {"n": 12, "cpu_s": 0.5}, rounds, ours)
         self.measure("cpu", "cpu", {"sleep": s["cpu_sleep"]}, rounds)
         if ours:  # its rounds are inside the case (interleaved): one measurement each
             self.measure("cpu_overhead", "cpu_overhead", s["cpu_overhead"], 1, ours)

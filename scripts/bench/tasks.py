@@ -62,13 +62,32 @@ def hostile(pid_path: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     import subprocess  # after the entry time, as the deadline is measured from it
 
-    child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    subprocess.Popen(["sleep", "300"], start_new_session=True)
     temporary = pid_path + ".tmp"
     with open(temporary, "w") as out:
-        out.write(f"{os.getpid()} {child.pid} {entered}\n")
+        out.write(f"{_proc_pid()} {_proc_child()} {entered}\n")
     os.rename(temporary, pid_path)
     while True:
         time.sleep(1)
+
+
+def _proc_pid() -> int:
+    """Our pid as /proc numbers it: the measuring process is outside the task's PID namespace
+    (os.getpid() answers inside it)."""
+    try:
+        return int(os.readlink("/proc/self"))
+    except (OSError, ValueError):
+        return os.getpid()
+
+
+def _proc_child() -> int:
+    """Our one child's pid as /proc numbers it."""
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/children") as children:
+            found = children.read().split()
+            if found:
+                return int(found[0])
+    raise RuntimeError("no child")
 
 
 def big_result(size: int) -> tuple[float, bytes]:

@@ -24,6 +24,7 @@ LABELS = {
     "sandboxrun-cgroup_v1": "sandboxrun (cgroup_v1)",
     "sandboxrun-psutil": "sandboxrun (psutil)",
     "sandboxrun-trusted": "sandboxrun (cgroup_v1, trusted_results=True)",
+    "sandboxrun-fork": "sandboxrun (cgroup_v1, start_method=\"fork\": before the zygote)",
     "glasswall": "Glasswall manager 5.12",
     "pebble": "pebble ProcessPool(max_tasks=1)",
     "ppe": "ProcessPoolExecutor(forkserver, max_tasks_per_child=1)",
@@ -33,6 +34,7 @@ SHORT = {  # for the plots
     "sandboxrun-cgroup_v1": "sandboxrun\ncgroup_v1",
     "sandboxrun-psutil": "sandboxrun\npsutil",
     "sandboxrun-trusted": "sandboxrun\ntrusted",
+    "sandboxrun-fork": "sandboxrun\nfork",
     "glasswall": "Glasswall\nmanager 5.12",
     "pebble": "pebble\nmax_tasks=1",
     "ppe": "ProcessPool-\nExecutor\nforkserver",
@@ -47,6 +49,12 @@ CANNOT = {  # (tool, case) -> why the tool cannot take part
 CANNOT.update(
     ((TRUSTED, case), "only the security comparison's cases (throughput, bigresult)")
     for case in ("scale", "cpu", "strict", "peak", "timeout", "profile")
+)
+# The launcher before the zygote: only in the launcher comparison (section 9) and throughput.
+FORK = "sandboxrun-fork"
+CANNOT.update(
+    ((FORK, case), "only the launcher comparison (section 9) and throughput")
+    for case in ("scale", "cpu", "strict", "peak", "timeout", "profile", "bigresult")
 )
 IMPORTS = {"glasswall": ("glasswall.multiprocessing",), "pebble": ("pebble",),
            "ppe": ("concurrent.futures", "multiprocessing")}  # fmt: skip
@@ -91,11 +99,13 @@ def run_sandboxrun(
     memory_gib: float | None = None,
     workers: int = 2,
     trusted: bool = False,
+    start_method: str | None = None,
 ) -> list[Outcome]:
     from sandboxrun import ProcessManager, Task
 
-    manager = ProcessManager(workers, timeout, memory_gib, backend=backend, start_method="fork",
-                             trusted_results=trusted)  # fmt: skip
+    # start_method None: the default (the zygote on Linux).
+    manager = ProcessManager(workers, timeout, memory_gib, backend=backend,  # type: ignore[arg-type]
+                             start_method=start_method, trusted_results=trusted)  # fmt: skip
     return _managed(manager, Task, calls)
 
 
@@ -161,6 +171,8 @@ def run_ppe(
 def runner(tool: str) -> Run:
     if tool == TRUSTED:  # the same backend as its restricted twin, full pickle: the ratio
         return functools.partial(run_sandboxrun, TRUSTED_TWIN, trusted=True)
+    if tool == FORK:
+        return functools.partial(run_sandboxrun, "cgroup_v1", start_method="fork")
     if tool.startswith("sandboxrun-"):
         backend = tool.split("-", 1)[1]
         return lambda *a, **k: run_sandboxrun(backend, *a, **k)
@@ -176,7 +188,7 @@ def unavailable(tool: str) -> str | None:
             return "sandboxrun is not installed"
         from sandboxrun import detect
 
-        backend = TRUSTED_TWIN if tool == TRUSTED else tool.split("-", 1)[1]
+        backend = TRUSTED_TWIN if tool in (TRUSTED, FORK) else tool.split("-", 1)[1]
         entry = detect()["backends"].get(backend)
         if entry is None or not entry["available"]:
             return f"backend unavailable here: {entry and entry['reason']}"
@@ -189,7 +201,7 @@ def unavailable(tool: str) -> str | None:
 
 def select(only: list[str] | None) -> list[str]:
     """Every tool, or those ``--only`` names (``sandboxrun`` means all its backends)."""
-    tools = [f"sandboxrun-{b}" for b in SANDBOXRUN_BACKENDS] + [TRUSTED] + list(PEERS)
+    tools = [f"sandboxrun-{b}" for b in SANDBOXRUN_BACKENDS] + [TRUSTED, FORK] + list(PEERS)
     if only:
         wanted: set[str] = set()
         for name in only:

@@ -1,0 +1,205 @@
+"""The zygote: a fresh interpreter per worker slot that forks one task at a time on request.
+
+Started by the manager (``client.Zygote``) as ``python -I -c ...`` with an allowlisted environment
+(``_environment``), no fd but its socket and stdio, in a session of its own (a terminal's Ctrl-C
+reaches the manager, which kills the tasks; not the zygotes). It holds nothing of the manager's:
+no heap, no open files, no secrets. Per task::
+
+    LAUNCH  --> import the task's module (once: later tasks find it in sys.modules)
+            --> unshare(CLONE_NEWPID); fork(); setns(back)    the child is PID 1 of a new namespace
+            --> STARTED pid + pidfd                           opened before we can reap: no reuse
+            --> waitpid(PID 1)                                PID 1 reports PID 2's status first
+            --> EXITED code
+
+Why ``unshare`` + ``os.fork`` + ``setns`` and not a raw ``clone(CLONE_NEWPID)``: ``os.fork`` does
+CPython's and glibc's fork bookkeeping (at-fork hooks, the GIL, the TID cache), and ``unshare``
+may be repeated once ``setns`` has put our children's PID namespace back to our own
+(``copy_pid_ns`` refuses only while they differ). It costs two syscalls per task, and no fork
+more than a bare fork. The namespace needs a single-threaded caller; a zygote that an imported
+module gave a thread forks without one (and says so in STARTED's flags).
+"""
+
+from __future__ import annotations
+
+import sys
+
+assert sys.platform.startswith("linux")  # mypy --platform win32/darwin skips the rest
+
+import contextlib
+import dataclasses
+import os
+import pickle
+import socket
+from typing import Any
+
+from .. import _linux
+from . import reaper, wire
+
+
+@dataclasses.dataclass(frozen=True)
+class Preparation:
+    """What the zygote needs of the manager's interpreter to import the tasks' modules."""
+
+    manager_pid: int
+    sys_path: tuple[str, ...]
+    cwd: str
+    main_path: str | None  # the manager's __main__ file, imported as __mp_main__ if a task needs it
+    main_name: str | None  # or its module name (python -m ...)
+    # cgroup.procs files to move into before READY (the slot the tasks are born in), or ().
+    birthplace: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One task's launch (what the reaper and the worker need besides the two fds)."""
+
+    enter_files: tuple[str, ...]
+    options: Any  # a _backends.base.WorkerOptions (not imported here: the zygote stays small)
+    cpu_time_seconds: float | None
+    modules: tuple[str, ...]  # imported before the fork, so each task does not import them again
+    needs_main: bool  # the pickled task names __main__: import the manager's main module first
+    # False when the manager places PID 1 itself (a parent-side attach): PID 2 may only be
+    # forked once that is done, i.e. after the go frame. Otherwise PID 2 is forked at once and
+    # waits for the go frame itself, so the fork is not on the task's critical path.
+    fork_before_go: bool = True
+    # Which of the manager's stdout/stderr (1, 2) follow the two pipes' fds, to become the
+    # task's: a zygote outlives the moment it was started, the manager's fds 1 and 2 may not.
+    stdio: tuple[int, ...] = ()
+    cwd: str | None = None  # the manager's working directory at launch (a zygote outlives it)
+    # The task's isolation profile (a sandboxrun._isolation.Isolation; None: none) and worker
+    # slot: PID 1 builds the namespaces and mounts, PID 2 drops the privileges (its uid: slot).
+    isolation: Any = None
+    slot: int = 0
+
+
+class Server:
+    def __init__(self, sock: socket.socket, preparation: Preparation) -> None:
+        self.sock = sock
+        self.preparation = preparation
+        self.main_ready = False
+        self.pid_namespace_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.status_r, self.status_w = os.pipe()
+        os.set_blocking(self.status_r, False)
+
+    def serve(self) -> None:
+        while True:
+            kind, body, fds = wire.receive(self.sock, wire.MAX_MESSAGE)
+            if not kind:  # the manager closed its end: it is done with us
+                return
+            try:
+                request: Request | None = pickle.loads(body) if kind == wire.LAUNCH else None
+                if request is None or len(fds) != 2 + len(request.stdio):
+                    wire.send(self.sock, wire.FAILED, f"unexpected message {kind!r}".encode())
+                    continue
+                pid, flags = self.fork(request, fds)
+            except Exception as error:
+                wire.send(self.sock, wire.FAILED, f"{type(error).__name__}: {error}".encode())
+                continue
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            self.watch(pid, flags)
+
+    def fork(self, request: Request, fds: list[int]) -> tuple[int, int]:
+        self.import_modules(request)
+        own_namespace = _single_threaded()
+        if own_namespace:
+            try:
+                _linux.unshare(_linux.CLONE_NEWPID)
+            except OSError:  # no CAP_SYS_ADMIN, a seccomp filter: fork without one
+                own_namespace = False
+        pid = os.fork()
+        if pid == 0:
+            close = (self.sock.fileno(), self.status_r, self.pid_namespace_fd)
+            reaper.run(request, fds, self.status_w, close)
+        if own_namespace:
+            # Must not fail: every later fork would go into the namespace of this task.
+            _linux.setns(self.pid_namespace_fd, _linux.CLONE_NEWPID)
+        return pid, wire.FLAG_PID_NAMESPACE if own_namespace else 0
+
+    def watch(self, pid: int, flags: int) -> None:
+        pidfd = os.pidfd_open(pid)  # before waitpid: the pid cannot be reused yet
+        try:
+            wire.send(self.sock, wire.STARTED, wire.STARTED_BODY.pack(pid, flags), (pidfd,))
+        finally:
+            os.close(pidfd)
+        _, status = os.waitpid(pid, 0)
+        code = self.reported_status()
+        if code is None:  # PID 1 itself was killed (timeout, OOM, the manager's abort)
+            code = os.waitstatus_to_exitcode(status)
+        wire.send(self.sock, wire.EXITED, wire.EXITED_BODY.pack(code))
+
+    def reported_status(self) -> int | None:
+        data = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self.status_r, 64):
+                data += chunk
+        if len(data) != wire.EXITED_BODY.size:  # nothing, or not one record: not PID 2's status
+            return None
+        (code,) = wire.EXITED_BODY.unpack(data)
+        return int(code)
+
+    def import_modules(self, request: Request) -> None:
+        if request.needs_main and not self.main_ready:
+            self.main_ready = True
+            _import_main(self.preparation)
+        for name in request.modules:
+            if name not in sys.modules:
+                # The task's own unpickling reports a failure, inside its limits.
+                with contextlib.suppress(Exception):
+                    __import__(name)
+
+
+def _single_threaded() -> bool:
+    with open("/proc/self/stat", "rb") as stat:
+        fields = stat.read().rsplit(b")", 1)[1].split()
+    return fields[17] == b"1"  # num_threads (field 20; fields[0] is field 3)
+
+
+def _import_main(preparation: Preparation) -> None:
+    # What multiprocessing's spawn does with the parent's __main__: import it as __mp_main__ and
+    # alias it, so functions pickled as __main__.name resolve.
+    from multiprocessing import spawn
+
+    with contextlib.suppress(Exception):
+        if preparation.main_name is not None:
+            spawn._fixup_main_from_name(preparation.main_name)  # type: ignore[attr-defined]
+        elif preparation.main_path is not None:
+            spawn._fixup_main_from_path(preparation.main_path)  # type: ignore[attr-defined]
+
+
+def _prepare(preparation: Preparation) -> None:
+    sys.path[:] = list(preparation.sys_path)
+    with contextlib.suppress(OSError):
+        os.chdir(preparation.cwd)
+    # Preload what every task's bootstrap runs, so no task pays for these imports.
+    from .. import _worker  # noqa: F401
+
+
+def _move_into(birthplace: tuple[str, ...]) -> None:
+    """Live in the slot's cgroups (the tasks are born there), out of the OOM killer's choice."""
+    for path in birthplace:
+        with open(path, "w") as procs:
+            procs.write("0")
+    if birthplace:
+        # -1000 needs CAP_SYS_RESOURCE; without it the tasks' 1000 still makes them the choice.
+        with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as adj:
+            adj.write("-1000")
+
+
+def main(fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    kind, body, fds = wire.receive(sock, wire.MAX_MESSAGE)
+    for extra in fds:
+        os.close(extra)
+    if kind != wire.HELLO:
+        sys.exit(f"sandboxrun zygote: expected HELLO, got {kind!r}")
+    preparation: Preparation = pickle.loads(body)
+    _linux.die_with_parent()
+    if os.getppid() != preparation.manager_pid:  # the manager died before prctl
+        return
+    _prepare(preparation)
+    _move_into(preparation.birthplace)
+    server = Server(sock, preparation)
+    wire.send(sock, wire.READY, wire.FLAGS.pack(0))
+    server.serve()
