@@ -25,6 +25,13 @@ if os.environ.get("SANDBOXRUN_TEST_BACKEND"):
 KERNEL_BACKENDS = [name for name in AVAILABLE if name != "psutil"]
 
 
+# Managers that do not choose run without isolation here: tests/tasks.py reads the host's pids
+# through /proc (host_pid), which the default profile's fresh /proc hides from a task under the
+# zygote. tests/test_isolation.py chooses its profiles explicitly. Set SANDBOXRUN_ISOLATION=
+# default to run the whole suite under isolation.
+os.environ.setdefault("SANDBOXRUN_ISOLATION", "none")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Under the default isolation a task's /tmp is private (a fresh tmpfs), as with systemd's
     PrivateTmp=: folders handed to tasks must live elsewhere or be declared. So the tests'

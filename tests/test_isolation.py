@@ -582,6 +582,17 @@ def test_seed_examples_under_default(outside_tmp: Path) -> None:
     assert {r.isolation for r in pm.task_results} == {"default"}
 
 
+def test_default_profile_and_operator_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandboxrun import ProcessManager
+    from sandboxrun._isolation import choose
+
+    monkeypatch.delenv("SANDBOXRUN_ISOLATION", raising=False)
+    assert choose(None) is DEFAULT and ProcessManager(1).isolation is DEFAULT
+    monkeypatch.setenv("SANDBOXRUN_ISOLATION", "strict")
+    assert ProcessManager(1).isolation is STRICT
+    assert ProcessManager(1, isolation="none").isolation is NONE  # the caller's choice wins
+
+
 def test_strict_refused_where_unavailable() -> None:
     from sandboxrun import ProcessManager
 

@@ -91,12 +91,17 @@ _warned: set[str] = set()
 def choose(value: str | Isolation | None) -> Isolation:
     """``ProcessManager(isolation=...)``: the profile to use here.
 
-    Asked for by name or instance and not possible here: ``ValueError`` saying which measure
-    is missing (no silent weaker sandbox). Left to the default and not possible (macOS,
-    Windows, a kernel or container that forbids namespaces): ``"none"``, with one warning per
-    process naming the reason (``sandboxrun doctor`` explains the fix).
+    ``None`` means ``$SANDBOXRUN_ISOLATION`` if set (an operator's default for every manager
+    that does not choose), else ``"default"``. Asked for by name or instance and not possible
+    here: ``ValueError`` saying which measure is missing (no silent weaker sandbox). Left to
+    the default and not possible (macOS, Windows, a kernel or container that forbids
+    namespaces): ``"none"``, with one warning per process naming the reason (``sandboxrun
+    doctor`` explains the fix).
     """
-    profile = resolve(value)
+    import os
+
+    default = os.environ.get("SANDBOXRUN_ISOLATION") or None  # the operator's default profile
+    profile = resolve(value if value is not None else default)
     reason = unavailable_reason(profile)
     if reason is None:
         if profile.environment is not None:
