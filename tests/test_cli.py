@@ -167,7 +167,6 @@ def test_batch_bad_template_is_a_usage_error(batch_dir: Path) -> None:
 
 def _wait_for_lines(path: Path, count: int, seconds: float) -> None:
     """Wait until the journal has ``count`` lines (``seconds`` times SCALE at the most)."""
-
     def reached() -> bool:
         return path.exists() and len(path.read_text().splitlines()) >= count
 

@@ -301,7 +301,6 @@ def seed_examples() -> list[str]:
                 current = None
     return examples
 
-
 # A stand-in for the glasswall package: just what the examples touch. The engine reads
 # input_file and writes output_file (or returns the bytes); it refuses a policy that did not
 # arrive as its XML text, which is what sandboxrun's Task must turn it into.
