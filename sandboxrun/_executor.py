@@ -32,7 +32,7 @@ import socket
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypedDict, cast
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 
 from ._launch import StartMethod
 from ._manager import BackendName, ProcessManager
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from ._backends.base import Backend
+    from ._isolation import Isolation
 
 log = logging.getLogger("sandboxrun.executor")
 
@@ -61,6 +62,7 @@ class ManagerOptions(TypedDict, total=False):
     max_result_bytes: int | None
     cpu_quota: float | None
     env: Mapping[str, str] | None
+    isolation: Literal["none", "default", "strict"] | Isolation | None
 
 
 class SandboxFuture(concurrent.futures.Future[Any]):

@@ -35,9 +35,10 @@ os.environ.setdefault("SANDBOXRUN_ISOLATION", "none")
 def pytest_configure(config: pytest.Config) -> None:
     """Under the default isolation a task's /tmp is private (a fresh tmpfs), as with systemd's
     PrivateTmp=: folders handed to tasks must live elsewhere or be declared. So the tests'
-    tmp_path (and TMPDIR, for tempfile and the bench's subprocesses) live in the checkout."""
+    tmp_path (and TMPDIR, for tempfile and the bench's subprocesses) live in the checkout -- or,
+    where it is read-only (the qemu guest mounts it so), in a folder of the machine's."""
     if config.option.basetemp is None and sys.platform.startswith("linux"):
-        runs = Path(__file__).resolve().parents[1] / ".pytest-tmp"
+        runs = _writable_runs_folder()
         for old in runs.glob("run-*"):  # earlier runs' (multiprocessing cleans its own at exit)
             if not psutil.pid_exists(int(old.name[4:])):
                 shutil.rmtree(old, ignore_errors=True)
@@ -46,6 +47,23 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.basetemp = str(base)
         os.environ["TMPDIR"] = str(base)
         tempfile.tempdir = None  # recomputed from TMPDIR
+
+
+def _writable_runs_folder() -> Path:
+    candidates = [Path(__file__).resolve().parents[1] / ".pytest-tmp"]
+    if os.geteuid() == 0:  # outside /root (0700: hidden from a task's other uid under strict)
+        candidates.append(Path("/var/lib/sandboxrun-tests"))
+    candidates.append(Path.home() / ".cache" / "sandboxrun-tests")
+    for folder in candidates:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".probe-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError:
+            continue
+        return folder
+    raise RuntimeError(f"no writable folder for the tests' tmp_path among {candidates}")
 
 
 def pytest_report_header(config: pytest.Config) -> str:
