@@ -99,6 +99,13 @@ class Launcher:
         taken = set(self._slots.values())
         return next(slot for slot in range(len(taken) + 1) if slot not in taken)
 
+    def prepare(self, sandboxes: list[Sandbox]) -> None:
+        """Before launching into these sandboxes: start the zygotes they need, side by side."""
+        if sys.platform == "linux" and self._zygote:
+            from ._zygote.client import POOL
+
+            POOL.warm(self.environment, [sandbox.birthplace or () for sandbox in sandboxes])
+
     def close(self) -> None:
         """End the zygotes that live in the backend's slots: it removes them next."""
         if sys.platform == "linux" and self._birthplaces - {()}:
@@ -168,7 +175,6 @@ class Launcher:
         job = Job(task, sandbox, process)
         self._slots[id(job)] = spec.slot
         job.reader = protocol.ResultReader(self.max_result_bytes)
-        job.start_time = time.time()
         try:
             process.start()
         except BaseException:
@@ -184,6 +190,7 @@ class Launcher:
             child_result.close()
             if child_control is not None:
                 child_control.close()
+        job.start_time = time.time()  # the task's process exists (a zygote's start is not its)
         job.result_fd, job.control_fd = result_r, control_w
         if sys.platform == "linux" and self._zygote:
             job.exit_fd = os.dup(process.pidfd)  # pidfd_open(pid) could hit a reused pid

@@ -37,7 +37,7 @@ import psutil
 
 from . import _outcome as outcome
 from . import _transport as transport
-from ._backends.base import Backend, Usage
+from ._backends.base import Backend, Sandbox, Usage
 from ._cpu_budget import CpuBudget
 from ._job import Job
 from ._launch import Launcher
@@ -182,18 +182,32 @@ class Scheduler:
     # ------------------------------------------------------------------ launching
 
     def _fill_slots(self) -> None:
-        while self.pending and len(self._jobs) < self.max_workers:
-            task, payload = self.pending.popleft()
-            self._launch(task, payload)
-
-    def _launch(self, task: Task, payload: bytes) -> None:
+        count = min(len(self.pending), self.max_workers - len(self._jobs))
+        if count <= 0:
+            return
         if not self._backend_open:
             self.backend.open()
             self._backend_open = True
+        sandboxes: list[Sandbox] = []
+        try:
+            for _ in range(count):
+                sandboxes.append(self._new_sandbox())
+            # The zygotes these slots need start side by side, before any of these tasks runs:
+            # one started while a task runs would stop the loop (and that task's clock) meanwhile.
+            self.launcher.prepare(sandboxes)
+            while sandboxes:
+                task, payload = self.pending.popleft()
+                self._launch(task, payload, sandboxes.pop(0))
+        finally:
+            for unused in sandboxes:
+                unused.remove()
+
+    def _new_sandbox(self) -> Sandbox:
         if self.launcher.born_in_place:
-            sandbox = self.backend.slot_sandbox(self.terms.limits)
-        else:
-            sandbox = self.backend.sandbox(self.terms.limits)
+            return self.backend.slot_sandbox(self.terms.limits)
+        return self.backend.sandbox(self.terms.limits)
+
+    def _launch(self, task: Task, payload: bytes, sandbox: Sandbox) -> None:
         try:
             job = self.launcher.launch(
                 task, payload, sandbox, self.terms.limits.cpu_time_seconds, self._jobs.values()

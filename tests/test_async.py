@@ -70,13 +70,14 @@ def test_run_async_raises_the_tasks_exception_and_limits() -> None:
 def test_as_completed_streams_task_results_in_completion_order() -> None:
     async def stream() -> list[object]:
         async with AsyncSandbox(2) as sandbox:
-            work = [Task(tasks.sleep_then, (d, d)) for d in (1.2, 0.0)]
+            # SCALE: a slot's zygote may start slower than 1.2 s in an emulated guest.
+            work = [Task(tasks.sleep_then, (d, d)) for d in (1.2 * SCALE, 0.0)]
             work.append(Task(tasks.raise_value_error, ("bad",)))
             return [result async for result in sandbox.as_completed(work)]
 
     results, ticker, start, end = asyncio.run(_ticking(stream))
     assert isinstance(results, list)
-    assert [r.result for r in results if r.success][-1] == 1.2  # the slow one last
+    assert [r.result for r in results if r.success][-1] == 1.2 * SCALE  # the slow one last
     failed = [r for r in results if not r.success]
     assert len(failed) == 1 and isinstance(failed[0].exception, ValueError)
     assert ticker.longest_gap(start, end) < 0.5 * SCALE

@@ -75,7 +75,8 @@ def _preparation(birthplace: tuple[str, ...]) -> Preparation:
 class Zygote:
     """One zygote process and our end of its socket."""
 
-    def __init__(self, key: Key, environment: Mapping[str, str]) -> None:
+    def __init__(self, key: Key, environment: Mapping[str, str], wait: bool = True) -> None:
+        """Start it; unless ``wait`` is False, wait until it is ready (else: ``wait_ready``)."""
         self.key = key
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -96,6 +97,14 @@ class Zygote:
         log.debug("zygote pid %s started", self.process.pid)
         try:
             wire.send(self.sock, wire.HELLO, pickle.dumps(_preparation(key[3])))
+        except BaseException:
+            self.kill()
+            raise
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        try:
             kind, _, fds = self.reply(START_TIMEOUT)
             for fd in fds:
                 os.close(fd)
@@ -225,9 +234,42 @@ class Pool:
         os.register_at_fork(after_in_child=self._forget)
         atexit.register(self.close)
 
+    @staticmethod
+    def _key(environment: Mapping[str, str], birthplace: tuple[str, ...]) -> Key:
+        return (sys.executable, tuple(sys.path), tuple(sorted(environment.items())), birthplace)
+
+    def warm(self, environment: Mapping[str, str], birthplaces: list[tuple[str, ...]]) -> None:
+        """Have an idle zygote ready for each of ``birthplaces`` (one per slot about to launch),
+        starting the missing ones side by side: the event loop waits for the slowest start once,
+        not for each in turn while the first tasks run (their clocks would be late)."""
+        wanted: dict[Key, int] = {}
+        for birthplace in birthplaces:
+            key = self._key(environment, birthplace)
+            wanted[key] = wanted.get(key, 0) + 1
+        starting = []
+        with self._lock:
+            for key, count in wanted.items():
+                idle = self._idle.setdefault(key, [])
+                for dead in [z for z in idle if not z.alive()]:
+                    idle.remove(dead)
+                    dead.kill()
+                missing = count - len(idle)
+                starting += [key] * max(0, missing)
+        zygotes = []
+        try:
+            for key in starting:
+                zygotes.append(Zygote(key, environment, wait=False))
+            for zygote in zygotes:
+                zygote.wait_ready()
+        except BaseException:
+            for zygote in zygotes:
+                zygote.kill()
+            raise
+        for zygote in zygotes:
+            self.release(zygote)
+
     def acquire(self, environment: Mapping[str, str], birthplace: tuple[str, ...] = ()) -> Zygote:
-        environ = tuple(sorted(environment.items()))
-        key: Key = (sys.executable, tuple(sys.path), environ, birthplace)
+        key = self._key(environment, birthplace)
         with self._lock:
             idle = self._idle.get(key, [])
             while idle:
