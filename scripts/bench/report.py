@@ -28,11 +28,11 @@ class Report(Sections):
             "",
             "sandboxrun next to the Glasswall process manager (GPM) and the Python pools that can"
             " run every task in a fresh process. Every measurement of every tool ran in a fresh"
-            " interpreter (`bench.py --one TOOL CASE`), 2 workers; sandboxrun with its default start"
-            " method (the zygote: a fresh interpreter per slot forks each task into its own PID"
-            " namespace) unless the tool says `fork`; `fork` for GPM and pebble, `forkserver` for"
-            " ProcessPoolExecutor (its `max_tasks_per_child` refuses `fork`). Figures are **min / median / max** over the"
-            " rounds shown; a single number is a single round.",
+            " interpreter (`bench.py --one TOOL CASE`), 2 workers; sandboxrun with its default"
+            " start method (the zygote: a fresh interpreter per slot forks each task into its own"
+            " PID namespace) unless the tool says `fork`; `fork` for GPM and pebble, `forkserver`"
+            " for ProcessPoolExecutor (its `max_tasks_per_child` refuses `fork`). Figures are"
+            " **min / median / max** over the rounds shown; a single number is a single round.",
             "",
             "## Machine",
             "",
