@@ -13,5 +13,5 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip
 fi
-"$venv/bin/python" -m pip install -q -e "$repo" glasswall pebble matplotlib
+"$venv/bin/python" -m pip install -q -e "$repo[dask]" glasswall pebble matplotlib
 exec "$venv/bin/python" "$repo/scripts/bench.py" --json "$venv/last-run.json" "$@"
