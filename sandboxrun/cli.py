@@ -110,8 +110,9 @@ def run(
     Output streams through as it comes (with --json it is captured, capped, and put in the record).
     """
     manager = make_manager(
-        1, memory, timeout, cpu_time, max_processes, backend, cpus, isolation=isolation
-    )
+        1, memory, timeout, cpu_time, max_processes, backend, cpus, isolation=isolation,
+        command=list(command),
+    )  # fmt: skip
     limit = parse_output_limit(output_limit)
     stdin_file = None
     if stdin is not None:
@@ -206,8 +207,9 @@ def batch(
         raise fail_usage("--workers must be at least 1")
     paths = (str(input_dir.resolve()), str(out.resolve()))
     local = make_manager(
-        workers, memory, timeout, cpu_time, max_processes, backend, cpus, isolation, paths
-    )
+        workers, memory, timeout, cpu_time, max_processes, backend, cpus, isolation, paths,
+        command=template,
+    )  # fmt: skip
     manager: Runner = local
     if scheduler is not None:  # the workers' working folder is not ours: absolute paths
         input_dir, out = input_dir.absolute(), out.absolute()

@@ -10,6 +10,8 @@ or a late failure inside the batch. Whatever raises ``ValueError``, ``TypeError`
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 from typing import cast
 
@@ -71,6 +73,7 @@ def make_manager(
     cpus: float | None = None,
     isolation: str | None = None,
     paths: tuple[str, ...] = (),
+    command: list[str] | None = None,
 ) -> ProcessManager:
     """One parser for sizes and durations (the library's); a bad value is a one-line error.
 
@@ -78,7 +81,7 @@ def make_manager(
     and output), declared writable in the isolation profile."""
     try:
         return ProcessManager(
-            isolation=_isolation(isolation, paths),
+            isolation=_isolation(isolation, paths, _command_files(command or [])),
             max_workers=workers,
             worker_timeout_seconds=_duration("--timeout", timeout),
             memory_limit_in_gib=_memory(memory),
@@ -91,9 +94,20 @@ def make_manager(
         raise fail_usage(str(error)) from None
 
 
-def _isolation(name: str | None, paths: tuple[str, ...]) -> Isolation:
+def _isolation(name: str | None, paths: tuple[str, ...], readable: tuple[str, ...]) -> Isolation:
     profile = choose(None) if name is None else resolve(name)  # None: default, else "none"
-    return profile.with_paths(paths) if profile.enabled and paths else profile
+    return profile.with_paths(paths, readable) if profile.enabled else profile
+
+
+def _command_files(argv: list[str]) -> tuple[str, ...]:
+    """The command's own files (its program, a script it is given), kept visible read-only
+    through the private /tmp: a checkout under /tmp must still run."""
+    found = []
+    for index, arg in enumerate(argv):
+        path = shutil.which(arg) if index == 0 and "/" not in arg else arg
+        if path and os.path.isabs(path) and os.path.exists(path):
+            found.append(os.path.realpath(path))
+    return tuple(found)
 
 
 def cluster_options(manager: ProcessManager, backend: str) -> ManagerOptions:

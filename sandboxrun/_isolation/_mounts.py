@@ -198,20 +198,44 @@ def _tmpfs(path: str, options: str, flags: int = 0) -> None:
     log.debug("tmpfs on %s (%s)", path, options)
 
 
+_PRIVATE = ("/tmp/", "/var/tmp/")
+
+
+def _kept_readable(profile: Isolation) -> list[str]:
+    """What the task runs that lives under /tmp (a checkout, a venv, a command's script there):
+    it must stay visible through the private /tmp, read-only (a task must not plant code in
+    what the next run executes). Paths given writable are not repeated here."""
+    wanted = [*_python_paths(), *(p for p in sys.path if p), *profile.read_only_paths]
+    real = {os.path.realpath(p) for p in wanted if p.startswith("/")}
+    under = [p for p in real if p.startswith(_PRIVATE) and os.path.exists(p)]
+    dirs = _outermost([p for p in under if os.path.isdir(p)])
+    files = [p for p in under if os.path.isfile(p)
+             and not any(p.startswith(d.rstrip("/") + "/") for d in dirs)]  # fmt: skip
+    return dirs + files
+
+
 def _private_tmp(profile: Isolation) -> None:
-    # Writable paths under /tmp would vanish under the tmpfs: hold them open first, bind them
-    # back after (a bind source may be /proc/self/fd/N).
-    under_tmp = [p for p in profile.read_write_paths if p.startswith(("/tmp/", "/var/tmp/"))]
-    held = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in under_tmp if os.path.isdir(p)}
+    # Paths under /tmp would vanish under the tmpfs: hold them open first, bind them back
+    # after (a bind source may be /proc/self/fd/N); the readable ones are then made read-only.
+    writable = [p for p in profile.read_write_paths if p.startswith(_PRIVATE)]
+    held = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in writable if os.path.isdir(p)}
+    readable = {p: os.open(p, os.O_PATH) for p in _kept_readable(profile)}
     try:
         for path in ("/tmp", "/var/tmp", "/dev/shm"):
             if os.path.isdir(path) and not os.path.islink(path):
                 _tmpfs(path, "mode=1777")
-        for path, fd in held.items():
-            os.makedirs(path, exist_ok=True)
+        for path, fd in {**readable, **held}.items():
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                os.makedirs(path, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
             libc.mount(f"/proc/self/fd/{fd}", path, None, libc.MS_BIND | libc.MS_REC)
+        for path in readable:
+            if path not in held:
+                make_read_only(path, bind_first=False)
     finally:
-        for fd in held.values():
+        for fd in (*held.values(), *readable.values()):
             os.close(fd)
     if profile.private_ipc and os.path.isdir("/dev/mqueue"):
         libc.mount("mqueue", "/dev/mqueue", "mqueue", _TMPFS_FLAGS | libc.MS_NOEXEC)

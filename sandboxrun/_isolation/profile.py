@@ -55,6 +55,9 @@ class Isolation:
     user: User = None  # "slot": uid_base + slot; (uid, gid); None: keep the manager's
     uid_base: int = DEFAULT_UID_BASE
     read_write_paths: tuple[str, ...] = ()  # writable under strict; visible through /tmp
+    # Visible (read-only) through the private /tmp: what the tasks run (a command's script, a
+    # checkout under /tmp). The Python installation and sys.path are always kept visible.
+    read_only_paths: tuple[str, ...] = ()
     environment: tuple[str, ...] | None = DEFAULT_ENVIRONMENT  # None: the manager's, whole
     max_open_files: int | None = None  # RLIMIT_NOFILE (hard = soft)
     max_file_size: int | None = None  # RLIMIT_FSIZE in bytes (hard = soft)
@@ -69,7 +72,7 @@ class Isolation:
             uid, gid = self.user  # a pair of ints, anything else is a mistake
             if not (isinstance(uid, int) and isinstance(gid, int) and uid >= 0 and gid >= 0):
                 raise ValueError(f"user must be 'slot', (uid, gid) or None, got {self.user!r}")
-        for path in (*self.read_write_paths, *self.hide_sockets):
+        for path in (*self.read_write_paths, *self.read_only_paths, *self.hide_sockets):
             if not path.startswith("/"):
                 raise ValueError(f"isolation paths must be absolute, got {path!r}")
         limits = {"max_open_files": self.max_open_files, "max_file_size": self.max_file_size}
@@ -90,10 +93,14 @@ class Isolation:
             return self.uid_base + slot, self.uid_base + slot
         return self.user
 
-    def with_paths(self, read_write_paths: Iterable[str]) -> Isolation:
-        """This profile with more writable paths (``sandboxrun batch`` adds its output dir)."""
+    def with_paths(
+        self, read_write_paths: Iterable[str], read_only_paths: Iterable[str] = ()
+    ) -> Isolation:
+        """This profile with more writable paths (``sandboxrun batch`` adds its output dir) and
+        more paths kept visible read-only (the command's own files)."""
         paths = tuple(dict.fromkeys((*self.read_write_paths, *read_write_paths)))
-        return dataclasses.replace(self, read_write_paths=paths)
+        seen = tuple(dict.fromkeys((*self.read_only_paths, *read_only_paths)))
+        return dataclasses.replace(self, read_write_paths=paths, read_only_paths=seen)
 
 
 NONE = Isolation(
