@@ -26,6 +26,7 @@ from sandboxrun import _transport as transport
 from sandboxrun._isolation import DEFAULT, NONE, STRICT, build_environment, probe, resolve
 from sandboxrun._isolation.profile import DEFAULT_UID_BASE, Isolation
 
+from .conftest import _writable_runs_folder
 from .isolated import run_isolated
 
 pytestmark = pytest.mark.skipif(
@@ -162,7 +163,10 @@ def test_usr_local_share(scratch: list[Path]) -> None:
 def test_sandboxrun_code(scratch: list[Path]) -> None:
     import sandboxrun
 
-    target = Path(sandboxrun.__file__).parent / f"planted_{uuid.uuid4().hex}.py"
+    package = Path(sandboxrun.__file__).parent
+    if not os.access(package, os.W_OK):
+        pytest.skip(f"{package} is read-only here (the guest mounts the checkout so)")
+    target = package / f"planted_{uuid.uuid4().hex}.py"
     scratch.append(target)
     assert run_isolated(NONE, create_file, str(target)) == ("ok", "written")
     target.unlink()
@@ -559,8 +563,12 @@ def test_inherited_fd_and_listening_socket(tmp_path: Path) -> None:
 
 @pytest.fixture
 def outside_tmp() -> Path:
-    """A scratch folder outside /tmp (private under default): next to the tests."""
-    folder = Path(__file__).parent / f".scratch-{uuid.uuid4().hex}"
+    """A scratch folder outside /tmp (private under default): next to the tests, or where the
+    tests' tmp folders go when the checkout is read-only (the guest)."""
+    parent = Path(__file__).parent
+    if not os.access(parent, os.W_OK):
+        parent = _writable_runs_folder()
+    folder = parent / f".scratch-{uuid.uuid4().hex}"
     folder.mkdir()
     yield folder  # type: ignore[misc]
     for path in folder.iterdir():
