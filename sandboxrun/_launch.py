@@ -99,12 +99,16 @@ class Launcher:
         taken = set(self._slots.values())
         return next(slot for slot in range(len(taken) + 1) if slot not in taken)
 
-    def prepare(self, sandboxes: list[Sandbox]) -> None:
-        """Before launching into these sandboxes: start the zygotes they need, side by side."""
+    def prepare(self, sandboxes: list[Sandbox], work: list[tuple[Task, bytes]]) -> None:
+        """Before launching ``work`` into these sandboxes: start the zygotes they need and have
+        them import the tasks' modules, side by side."""
         if sys.platform == "linux" and self._zygote:
             from ._zygote.client import POOL
 
-            POOL.warm(self.environment, [sandbox.birthplace or () for sandbox in sandboxes])
+            modules = {name for task, _ in work for name in _modules_of(task)}
+            needs_main = any(b"__main__" in payload for _, payload in work)
+            birthplaces = [sandbox.birthplace or () for sandbox in sandboxes]
+            POOL.warm(self.environment, birthplaces, modules, needs_main)
 
     def close(self) -> None:
         """End the zygotes that live in the backend's slots: it removes them next."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
 import selectors
 import signal
@@ -194,7 +195,7 @@ class Scheduler:
                 sandboxes.append(self._new_sandbox())
             # The zygotes these slots need start side by side, before any of these tasks runs:
             # one started while a task runs would stop the loop (and that task's clock) meanwhile.
-            self.launcher.prepare(sandboxes)
+            self.launcher.prepare(sandboxes, list(itertools.islice(self.pending, count)))
             while sandboxes:
                 task, payload = self.pending.popleft()
                 self._launch(task, payload, sandboxes.pop(0))

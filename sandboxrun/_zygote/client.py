@@ -94,6 +94,8 @@ class Zygote:
             theirs.close()
         self.sock = ours
         self.broken = False
+        self.imported: set[str] = set()  # modules it was asked to import (PRELOAD)
+        self.main_imported = False
         log.debug("zygote pid %s started", self.process.pid)
         try:
             wire.send(self.sock, wire.HELLO, pickle.dumps(_preparation(key[3])))
@@ -102,6 +104,21 @@ class Zygote:
             raise
         if wait:
             self.wait_ready()
+
+    def preload(self, modules: set[str] | frozenset[str], needs_main: bool) -> bool:
+        """Ask it to import what it lacks; True when an answer (READY) is to be awaited."""
+        missing = modules - self.imported
+        main = needs_main and not self.main_imported
+        if not missing and not main:
+            return False
+        try:
+            wire.send(self.sock, wire.PRELOAD, pickle.dumps((sorted(missing), main)))
+        except OSError as error:
+            self.broken = True
+            raise ZygoteError(f"zygote pid {self.pid}: cannot send PRELOAD ({error})") from error
+        self.imported |= missing
+        self.main_imported |= main
+        return True
 
     def wait_ready(self) -> None:
         try:
@@ -238,7 +255,13 @@ class Pool:
     def _key(environment: Mapping[str, str], birthplace: tuple[str, ...]) -> Key:
         return (sys.executable, tuple(sys.path), tuple(sorted(environment.items())), birthplace)
 
-    def warm(self, environment: Mapping[str, str], birthplaces: list[tuple[str, ...]]) -> None:
+    def warm(
+        self,
+        environment: Mapping[str, str],
+        birthplaces: list[tuple[str, ...]],
+        modules: set[str] | frozenset[str] = frozenset(),
+        needs_main: bool = False,
+    ) -> None:
         """Have an idle zygote ready for each of ``birthplaces`` (one per slot about to launch),
         starting the missing ones side by side: the event loop waits for the slowest start once,
         not for each in turn while the first tasks run (their clocks would be late)."""
@@ -267,6 +290,29 @@ class Pool:
             raise
         for zygote in zygotes:
             self.release(zygote)
+        self._preload(wanted, modules, needs_main)
+
+    def _preload(
+        self, wanted: dict[Key, int], modules: set[str] | frozenset[str], needs_main: bool
+    ) -> None:
+        """The idle zygotes about to be used import the tasks' modules now, all at once (a
+        test module can take seconds to import under emulation: one at a time, at each launch,
+        the event loop -- and the running tasks' clocks -- would wait for each)."""
+        if not modules and not needs_main:
+            return
+        taken: list[Zygote] = []
+        with self._lock:
+            for key, count in wanted.items():
+                idle = self._idle.get(key, [])
+                taken += idle[-count:]
+                del idle[-count:]
+        try:
+            waiting = [z for z in taken if z.preload(modules, needs_main)]
+            for zygote in waiting:
+                zygote.wait_ready()
+        finally:
+            for zygote in taken:
+                self.release(zygote)
 
     def acquire(self, environment: Mapping[str, str], birthplace: tuple[str, ...] = ()) -> Zygote:
         key = self._key(environment, birthplace)

@@ -86,6 +86,13 @@ class Server:
             kind, body, fds = wire.receive(self.sock, wire.MAX_MESSAGE)
             if not kind:  # the manager closed its end: it is done with us
                 return
+            if kind == wire.PRELOAD:  # imports of tasks about to come, side by side with others
+                for fd in fds:
+                    os.close(fd)
+                modules, needs_main = pickle.loads(body)
+                self.import_modules(Request((), None, None, tuple(modules), bool(needs_main)))
+                wire.send(self.sock, wire.READY, wire.FLAGS.pack(0))
+                continue
             try:
                 request: Request | None = pickle.loads(body) if kind == wire.LAUNCH else None
                 if request is None or len(fds) != 2 + len(request.stdio):

@@ -6,6 +6,7 @@ file descriptors travel beside it as ``SCM_RIGHTS``::
     manager -> zygote
         HELLO    pickle(Preparation)                  once, first
         LAUNCH   pickle(Request)      fds: result write end, control read end
+        PRELOAD  pickle((modules, needs_main))        import before launches; READY answers
     zygote -> manager
         READY    u32 flags                            once, the answer to HELLO
         STARTED  i64 pid | u32 flags  fds: pidfd of the task's PID 1
@@ -29,6 +30,7 @@ import struct
 
 HELLO = b"H"
 LAUNCH = b"L"
+PRELOAD = b"P"  # pickle((modules, needs_main)): import them now; answered with READY
 READY = b"R"
 STARTED = b"S"
 EXITED = b"E"
