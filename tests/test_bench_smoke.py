@@ -69,7 +69,7 @@ def test_quick_bench_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     done = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--only", "sandboxrun", "--out", str(tmp_path),
          "--json", str(tmp_path / "raw.json"), "--quiet"],
-        capture_output=True, text=True, timeout=80, env=env,
+        capture_output=True, text=True, timeout=240, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     text = (tmp_path / "benchmarks.md").read_text()

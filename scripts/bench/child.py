@@ -30,9 +30,25 @@ def one(tool: str, case: str, params: dict[str, Any]) -> dict[str, Any]:
     return CASES[case](tool, params)
 
 
+def _scratch_outside_tmp() -> None:
+    """The cases' scratch files (pid files, logs) must be seen by the tasks, whose /tmp is
+    private under sandboxrun's default isolation: put them next to the checkout instead."""
+    import tempfile
+
+    if tempfile.gettempdir().startswith(("/tmp", "/var/tmp")):
+        folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              os.pardir, ".bench-tmp")  # fmt: skip
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError:  # a read-only checkout: the tasks' own view decides
+            return
+        os.environ["TMPDIR"] = tempfile.tempdir = os.path.realpath(folder)
+
+
 def main(argv: list[str]) -> int:
     """``argv``: ``["--one", TOOL, CASE, PARAMS_JSON]``. Never returns: ``os._exit``."""
     tool, case, params = argv[1], argv[2], json.loads(argv[3])
+    _scratch_outside_tmp()
     try:
         result = one(tool, case, params)
     except BaseException as error:
