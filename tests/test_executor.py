@@ -176,10 +176,12 @@ def test_shutdown_without_wait_still_runs_what_was_queued() -> None:
 
 
 def test_as_completed_and_wait_from_concurrent_futures(executor: SandboxExecutor) -> None:
-    futures = [executor.submit(tasks.sleep_then, delay, delay) for delay in (1.0, 0.0, 0.5)]
-    order = [f.result() for f in concurrent.futures.as_completed(futures, timeout=60)]
-    assert sorted(order) == [0.0, 0.5, 1.0]
-    assert order[-1] == 1.0  # with two slots the 1 s task cannot finish before the 0 s one
+    unit = max(1.0, SCALE / 10)  # the guest launches a task in ~0.5 s: keep the order clear
+    delays = (1.0 * unit, 0.0, 0.5 * unit)
+    futures = [executor.submit(tasks.sleep_then, delay, delay) for delay in delays]
+    order = [f.result() for f in concurrent.futures.as_completed(futures, timeout=60 * unit)]
+    assert sorted(order) == sorted(delays)
+    assert order[-1] == 1.0 * unit  # with two slots the 1 s task cannot finish before the 0 s one
     more = [executor.submit(tasks.double, i) for i in range(3)]
     done, not_done = concurrent.futures.wait(more, timeout=60)
     assert not not_done and {f.result() for f in done} == {0, 2, 4}
