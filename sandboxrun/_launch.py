@@ -99,15 +99,21 @@ class Launcher:
         taken = set(self._slots.values())
         return next(slot for slot in range(len(taken) + 1) if slot not in taken)
 
-    def prepare(self, sandboxes: list[Sandbox], work: list[tuple[Task, bytes]]) -> None:
+    def prepare(
+        self, sandboxes: list[Sandbox], work: list[tuple[Task, bytes]], free_slots: int = 0
+    ) -> None:
         """Before launching ``work`` into these sandboxes: start the zygotes they need and have
-        them import the tasks' modules, side by side."""
+        them import the tasks' modules, side by side. Where zygotes are not tied to a slot's
+        cgroups, the other ``free_slots`` get theirs too: tasks that come one at a time (an
+        executor's) then never wait for a start while others run."""
         if sys.platform == "linux" and self._zygote:
             from ._zygote.client import POOL
 
             modules = {name for task, _ in work for name in _modules_of(task)}
             needs_main = any(b"__main__" in payload for _, payload in work)
             birthplaces = [sandbox.birthplace or () for sandbox in sandboxes]
+            if all(not place for place in birthplaces):
+                birthplaces += [()] * free_slots
             POOL.warm(self.environment, birthplaces, modules, needs_main)
 
     def close(self) -> None:

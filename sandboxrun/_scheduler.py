@@ -195,7 +195,9 @@ class Scheduler:
                 sandboxes.append(self._new_sandbox())
             # The zygotes these slots need start side by side, before any of these tasks runs:
             # one started while a task runs would stop the loop (and that task's clock) meanwhile.
-            self.launcher.prepare(sandboxes, list(itertools.islice(self.pending, count)))
+            work = list(itertools.islice(self.pending, count))
+            free = self.max_workers - len(self._jobs) - count
+            self.launcher.prepare(sandboxes, work, free)
             while sandboxes:
                 task, payload = self.pending.popleft()
                 self._launch(task, payload, sandboxes.pop(0))
