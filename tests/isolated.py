@@ -22,7 +22,7 @@ from typing import Any
 from sandboxrun._isolation import Isolation
 
 if sys.platform.startswith("linux"):
-    from sandboxrun._isolation import _libc
+    from sandboxrun._isolation import _libc, isolate_cgroups
     from sandboxrun._isolation._mounts import enter_user_namespace, setup_namespaces_and_mounts
     from sandboxrun._isolation._privileges import drop_privileges
     from sandboxrun._isolation._probe import fork_call
@@ -48,6 +48,7 @@ def _pid1(profile: Isolation, slot: int, func: Callable[..., Any], args: tuple[A
           write_fd: int) -> None:  # fmt: skip
     try:
         setup_namespaces_and_mounts(profile)
+        isolate_cgroups(profile)  # the launchers' order: after the mounts, before the task
     except OSError as error:
         os.write(write_fd, pickle.dumps(("setup failed", str(error))))
         return

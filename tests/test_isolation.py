@@ -122,6 +122,25 @@ def clone3_into(cgroup_dir: str) -> str:
     return os.read(read_fd, 4096).decode()
 
 
+def _cgroup2_point() -> str:
+    from sandboxrun._isolation._cgroupns import cgroup2_mount_points
+
+    return cgroup2_mount_points()[0]
+
+
+def read_cgroup_view() -> tuple[str, list[str]]:
+    """What the task sees of cgroup v2: its /proc/self/cgroup line and the sub-cgroups of the
+    cgroup2 mount's root."""
+    line = next(x for x in Path("/proc/self/cgroup").read_text().splitlines() if x[:3] == "0::")
+    root = Path(_cgroup2_point())
+    return line, sorted(p.name for p in root.iterdir() if p.is_dir())
+
+
+def make_sub_cgroup() -> str:
+    Path(_cgroup2_point(), "escape").mkdir()
+    return "made"
+
+
 # --- fixtures --------------------------------------------------------------------------------
 
 
@@ -398,14 +417,22 @@ def v2_pair() -> tuple[Path, Path]:
 
 
 def test_clone3_into_cgroup_v2(v2_pair: tuple[Path, Path]) -> None:
-    """The measured hole: CLONE_INTO_CGROUP ignores a read-only cgroupfs. A different uid (which
-    owns no cgroup file) stops it; a capless uid 0 does not (docs/security.md, open on v2)."""
+    """The measured hole: CLONE_INTO_CGROUP ignores a read-only cgroupfs, and a capless uid 0
+    may write every cgroup.procs. The task's own cgroup namespace, with cgroup2 remounted to
+    show only its cgroup, leaves it no other cgroup to name (default and strict); under strict
+    its uid owns no cgroup file either. Runs on this host's empty cgroup2 (no nsdelegate)."""
     a, b = v2_pair
     enter = [str(a / "cgroup.procs")]
     assert "/b" in run_isolated(NONE, clone3_into, str(b), enter=enter)[1]
-    outcome = run_isolated(STRICT, clone3_into, str(b), enter=enter)
-    assert _refused(outcome) and "Permission denied" in outcome[1], outcome
-    assert (b / "cgroup.procs").read_text() == ""
+    for profile in (DEFAULT, STRICT):
+        outcome = run_isolated(profile, clone3_into, str(b), enter=enter)
+        assert _refused(outcome) and "No such file" in outcome[1], (profile.name, outcome)
+        assert (b / "cgroup.procs").read_text() == ""
+    # Through any path it can still name: only its own cgroup, and no sub-cgroup to make.
+    assert run_isolated(DEFAULT, read_cgroup_view, enter=enter)[1] == ("0::/", [])
+    outcome = run_isolated(DEFAULT, make_sub_cgroup, enter=enter)
+    assert _refused(outcome) and "Read-only" in outcome[1], outcome
+    assert not (a / "escape").exists()
 
 
 # --- the profile and the environment (portable parts) --------------------------------------
@@ -654,3 +681,36 @@ def test_non_root_manager_gets_a_user_namespace(scratch: list[Path]) -> None:
     assert found["socket"] == ["ok", "raised"]  # nobody reaches root's socket, then not
     assert found["isolated"] == found["none"] == "ok"
     assert found["left"] == [False, False] and found["left_by_none"] == [True, True]
+
+
+def cgroup_v2_line() -> str:
+    return next(x for x in Path("/proc/self/cgroup").read_text().splitlines() if x[:3] == "0::")
+
+
+@pytest.mark.parametrize("method", ["fork", *(["zygote"] if _zygote_available() else [])])
+def test_manager_task_cannot_clone3_into_another_cgroup(
+    kernel_backend: str, method: str, v2_pair: tuple[Path, Path]
+) -> None:
+    """The attack through a real manager, where the limits live on cgroup v2 (the guest's
+    cgroup_v2 and systemd backends): a root task's clone3(CLONE_INTO_CGROUP) into a cgroup
+    beside its own lands there under "none", and finds no such cgroup under "default"."""
+    from sandboxrun import ProcessManager, Task
+
+    _, b = v2_pair
+    if kernel_backend not in ("cgroup_v2", "systemd"):
+        pytest.skip(f"{kernel_backend}: the limits are not on cgroup v2 (its cgroup2 is empty)")
+    outcomes = {}
+    for isolation in ("none", "default"):
+        manager = ProcessManager(2, 20, backend=kernel_backend, isolation=isolation,
+                                 start_method=method)  # type: ignore[arg-type]  # fmt: skip
+        with manager as pm:
+            pm.queue_task(Task(clone3_into, (str(b),)))
+            pm.queue_task(Task(cgroup_v2_line))
+        results = {r.task.func.__name__: r for r in pm.task_results}
+        outcomes[isolation] = results
+    escaped = outcomes["none"]["clone3_into"]
+    assert escaped.success and "/b" in escaped.result, escaped
+    refused = outcomes["default"]["clone3_into"]
+    assert not refused.success and isinstance(refused.exception, FileNotFoundError), refused
+    assert outcomes["default"]["cgroup_v2_line"].result == "0::/"  # its own namespace's root
+    assert (b / "cgroup.procs").read_text() == ""
