@@ -643,9 +643,12 @@ sys.path.insert(0, {root!r})
 from sandboxrun import _transport as transport
 from sandboxrun._isolation import DEFAULT, NONE, probe
 from tests.isolated import run_isolated
-from tests.test_isolation import connect_unix, leave_files
+from tests.test_isolation import clone3_into, connect_unix, leave_files
+pair = {pair!r}
+clone3 = [run_isolated(p, clone3_into, pair[1]) for p in (NONE, DEFAULT)] if pair else None
 print(json.dumps({{
     "probe": probe(),
+    "clone3": clone3,
     "socket": [run_isolated(p, connect_unix, {sock!r})[0] for p in (NONE, DEFAULT)],
     "isolated": run_isolated(DEFAULT, leave_files, {name!r})[0],
     "left": [os.path.exists(d + "/" + {name!r}) for d in ("/tmp", "/dev/shm")],
@@ -655,7 +658,36 @@ print(json.dumps({{
 """
 
 
-def test_non_root_manager_gets_a_user_namespace(scratch: list[Path]) -> None:
+@pytest.fixture
+def nobody_v2_pair() -> tuple[str, str] | None:
+    """Two cgroup2 directories delegated to nobody (a non-root manager's own subtree, as
+    systemd's Delegate= gives it), or None where there is no cgroup2 to make them in."""
+    from sandboxrun._backends import cgroupfs
+
+    own = cgroupfs.own_cgroups().get("")
+    point = next((p for kind, p, _ in cgroupfs.mounts() if kind == "cgroup2"), None)
+    if own is None or point is None:
+        yield None
+        return
+    runner = point / own.lstrip("/") / f"sandboxrun-isotest-nobody-{os.getpid()}"
+    pair = runner / "a", runner / "b"
+    try:
+        for directory in pair:
+            directory.mkdir(parents=True)
+        for directory in (runner, *pair):  # the delegatee owns the dirs and their procs files
+            os.chown(directory, 65534, 65534)
+            os.chown(directory / "cgroup.procs", 65534, 65534)
+    except OSError:
+        _remove_cgroups(*pair, runner)
+        yield None
+        return
+    yield str(pair[0]), str(pair[1])
+    _remove_cgroups(*pair, runner)
+
+
+def test_non_root_manager_gets_a_user_namespace(
+    scratch: list[Path], nobody_v2_pair: tuple[str, str] | None
+) -> None:
     import json
     import shutil
 
@@ -664,14 +696,17 @@ def test_non_root_manager_gets_a_user_namespace(scratch: list[Path]) -> None:
     name = f"sandboxrun-nobody-{uuid.uuid4().hex}"
     path = Path("/run", f"sandboxrun-test-{uuid.uuid4().hex[:12]}.sock")
     scratch += [path, Path("/tmp", name), Path("/dev/shm", name)]
-    script = _AS_NOBODY.format(root=str(Path(__file__).parents[1]), sock=str(path), name=name)
+    script = _AS_NOBODY.format(root=str(Path(__file__).parents[1]), sock=str(path), name=name,
+                               pair=nobody_v2_pair)  # fmt: skip
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
         server.bind(str(path))
         os.chmod(path, 0o777)
         server.listen(8)
+        # Placed in its delegated cgroup "a" by root first (as systemd would start it there).
+        place = f'echo $$ > "{nobody_v2_pair[0]}/cgroup.procs"; ' if nobody_v2_pair else ""
         done = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-             sys.executable, "-c", script],
+            ["sh", "-c", place + 'exec "$@"', "sh", "setpriv", "--reuid=65534", "--regid=65534",
+             "--clear-groups", sys.executable, "-c", script],
             capture_output=True, text=True, timeout=60, env={"PATH": os.environ["PATH"]},
         )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -681,6 +716,10 @@ def test_non_root_manager_gets_a_user_namespace(scratch: list[Path]) -> None:
     assert found["socket"] == ["ok", "raised"]  # nobody reaches root's socket, then not
     assert found["isolated"] == found["none"] == "ok"
     assert found["left"] == [False, False] and found["left_by_none"] == [True, True]
+    if nobody_v2_pair is not None:  # its own delegated cgroups: "none" moves, "default" cannot
+        (kind, where), (refused, why) = found["clone3"]
+        assert kind == "ok" and "/b" in where, found["clone3"]
+        assert refused == "raised" and "No such file" in why, found["clone3"]
 
 
 def cgroup_v2_line() -> str:
