@@ -505,14 +505,18 @@ print(json.dumps([[r.success, r.result, repr(r.exception), r.isolation] for r in
 """
 
 
+_AS_NOBODY_ARGV = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
 def _run_manager(
-    isolation: str, method: str, signame: str, timeout: float = 60
+    isolation: str, method: str, signame: str, timeout: float = 60, as_nobody: bool = False
 ) -> subprocess.CompletedProcess[str]:
     script = _MANAGER.format(root=str(Path(__file__).parents[1]), isolation=isolation,
                              method=method, signame=signame)  # fmt: skip
+    argv = [*(_AS_NOBODY_ARGV if as_nobody else []), sys.executable, "-c", script]
+    env = {"PATH": os.environ["PATH"], "SANDBOXRUN_STATE_DIR": "/tmp"} if as_nobody else None
     try:  # the watchdog: a stopped manager is killed here, not waited for
-        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                              timeout=timeout)  # fmt: skip
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as expired:
         return subprocess.CompletedProcess(expired.cmd, -999, "", "timed out: stopped")
 
@@ -528,6 +532,29 @@ def test_manager_signalled_by_its_task(signame: str) -> None:
     for isolation, method in _REACH:
         run = _run_manager(isolation, method, signame)
         assert run.returncode == 0, run.stderr[-2000:]
+        results = json.loads(run.stdout.splitlines()[-1])
+        assert results[0][0] is False and results[0][3] == isolation, results[0]
+        assert [r[1] for r in results[1:]] == [v * 2 for v in BENIGN]
+
+
+@pytest.mark.skipif(not _zygote_available(), reason="no zygote launcher")
+def test_non_root_manager_signalled_by_its_task() -> None:
+    """A non-root manager (nobody; the psutil backend here): its tasks run as its own uid, so
+    without a PID namespace a task can kill it. The zygote's user namespace gives every task
+    its PID namespace as for root."""
+    import json
+    import shutil
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("no setpriv here")
+    runs = [*_AS_NOBODY_ARGV, "env", sys.executable, "-c", "pass"]  # as the zygote is started
+    if subprocess.run(runs, capture_output=True, timeout=30).returncode != 0:
+        pytest.skip(f"nobody cannot run {sys.executable} here (an interpreter under /root?)")
+    hit = _run_manager("none", "fork", "SIGKILL", timeout=15, as_nobody=True)
+    assert hit.returncode == -signal.SIGKILL, (hit.returncode, hit.stderr[-2000:])
+    for isolation in ("none", "default"):  # the zygote's PID namespace holds under both
+        run = _run_manager(isolation, "zygote", "SIGKILL", as_nobody=True)
+        assert run.returncode == 0, (isolation, run.returncode, run.stderr[-2000:])
         results = json.loads(run.stdout.splitlines()[-1])
         assert results[0][0] is False and results[0][3] == isolation, results[0]
         assert [r[1] for r in results[1:]] == [v * 2 for v in BENIGN]
