@@ -36,6 +36,7 @@ def become_subreaper() -> None:
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWUSER = 0x10000000
 
 
 def unshare(flags: int) -> None:
@@ -50,3 +51,32 @@ def setns(fd: int, nstype: int) -> None:
     if _LIBC is None or _LIBC.setns(fd, nstype) != 0:
         error = ctypes.get_errno() if _LIBC is not None else 38
         raise OSError(error, f"setns({fd}, {nstype:#x}): {os.strerror(error)}")
+
+
+def own_user_namespace() -> None:
+    """Non-root: enter a user namespace that maps our uid and gid to themselves.
+
+    Its creator holds every capability *in* it (none outside): enough to make a PID, mount or
+    cgroup namespace owned by it, which an unprivileged process may not do in the host's. The
+    ids stay what they were (``os.geteuid()`` unchanged, files keep their owners); a
+    single-threaded caller only (the kernel refuses CLONE_NEWUSER otherwise). Raises
+    ``OSError`` where the kernel forbids unprivileged user namespaces.
+    """
+    if sys.platform == "win32":
+        raise OSError(38, "no user namespaces on Windows")
+    uid, gid = os.geteuid(), os.getegid()
+    unshare(CLONE_NEWUSER)
+    for name, text in (("setgroups", "deny"), ("gid_map", f"{gid} {gid} 1"),
+                       ("uid_map", f"{uid} {uid} 1")):  # fmt: skip
+        # setgroups before gid_map (CVE-2014-8989: a group dropped must stay dropped).
+        with open(f"/proc/self/{name}", "w") as file:
+            file.write(text)
+
+
+def has_cap_sys_admin() -> bool:
+    """CAP_SYS_ADMIN in our effective set (root, or the creator of our user namespace)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> 21 & 1)
+    return False

@@ -34,6 +34,7 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import _linux
 from . import _libc as libc
 from .profile import Isolation
 
@@ -276,7 +277,7 @@ def setup_namespaces_and_mounts(profile: Isolation) -> None:
     """
     if not profile.enabled:
         return
-    if os.geteuid() != 0:
+    if not _linux.has_cap_sys_admin():  # not root, nor in a user namespace we made (zygote)
         _step("user namespace", enter_user_namespace)
     flags = libc.CLONE_NEWNS
     flags |= libc.CLONE_NEWIPC if profile.private_ipc else 0

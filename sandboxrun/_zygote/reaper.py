@@ -28,6 +28,7 @@ assert sys.platform.startswith("linux")  # mypy --platform win32/darwin skips th
 
 import dataclasses
 import os
+import select
 import signal
 import traceback
 from multiprocessing.connection import Connection
@@ -41,11 +42,21 @@ if TYPE_CHECKING:
     from .server import Request
 
 
-def run(request: Request, fds: list[int], status_w: int, close: tuple[int, ...]) -> NoReturn:
+def run(
+    request: Request,
+    fds: list[int],
+    status_w: int,
+    close: tuple[int, ...],
+    adopted: tuple[int, int] | None = None,
+) -> NoReturn:
+    """``adopted``: pidfds of the helper that forked us and of the zygote, when a helper made
+    our namespace (a non-root zygote): we are the zygote's child only once the helper is gone."""
     code = protocol.EXIT_MANAGER_GONE
     try:
         for fd in close:
             os.close(fd)
+        if adopted is not None:
+            _wait_for_adoption(*adopted)
         result_fd, control_fd, *stdio = fds
         for fd, target in zip(stdio, request.stdio, strict=True):
             os.dup2(fd, target)  # the manager's stdout/stderr of now
@@ -57,6 +68,8 @@ def run(request: Request, fds: list[int], status_w: int, close: tuple[int, ...])
         with open("/proc/self/oom_score_adj", "w") as adjust:
             adjust.write("1000")
         _linux.die_with_parent()
+        if adopted is not None and _ended(adopted[1]):  # the zygote died before our prctl
+            raise SystemExit("the zygote ended before its task started")
         if os.getpid() != 1:  # no PID namespace (no privilege for one): keep orphans in our tree
             _linux.become_subreaper()
         result, control = Connection(result_fd), Connection(control_fd)
@@ -84,6 +97,20 @@ def run(request: Request, fds: list[int], status_w: int, close: tuple[int, ...])
         traceback.print_exc()
     finally:
         os._exit(code)
+
+
+def _wait_for_adoption(helper: int, zygote: int) -> None:
+    # A pidfd polls readable once its process has exited, after the kernel re-parented its
+    # children (exit_notify): from then on our parent is the zygote. The zygote's pidfd is kept
+    # to see whether it died before our death signal was set.
+    select.select([helper], [], [])
+    os.close(helper)
+
+
+def _ended(pidfd: int) -> bool:
+    readable = bool(select.select([pidfd], [], [], 0)[0])
+    os.close(pidfd)
+    return readable
 
 
 def _run_task(

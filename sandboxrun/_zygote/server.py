@@ -80,6 +80,8 @@ class Server:
         self.pid_namespace_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.status_r, self.status_w = os.pipe()
         os.set_blocking(self.status_r, False)
+        self.user_namespace = False  # see main() and fork_through_helper()
+        self.own_pidfd = os.pidfd_open(os.getpid())  # a PID 1 made by a helper watches it
 
     def serve(self) -> None:
         while True:
@@ -109,6 +111,8 @@ class Server:
 
     def fork(self, request: Request, fds: list[int]) -> tuple[int, int]:
         self.import_modules(request)
+        if self.user_namespace:
+            return self.fork_through_helper(request, fds), wire.FLAG_PID_NAMESPACE
         own_namespace = _single_threaded()
         if own_namespace:
             try:
@@ -117,12 +121,47 @@ class Server:
                 own_namespace = False
         pid = os.fork()
         if pid == 0:
-            close = (self.sock.fileno(), self.status_r, self.pid_namespace_fd)
+            close = (self.sock.fileno(), self.status_r, self.pid_namespace_fd, self.own_pidfd)
             reaper.run(request, fds, self.status_w, close)
         if own_namespace:
             # Must not fail: every later fork would go into the namespace of this task.
             _linux.setns(self.pid_namespace_fd, _linux.CLONE_NEWPID)
         return pid, wire.FLAG_PID_NAMESPACE if own_namespace else 0
+
+    def fork_through_helper(self, request: Request, fds: list[int]) -> int:
+        """In our own user namespace (non-root): ``setns`` back into the host's PID namespace
+        needs CAP_SYS_ADMIN over it, which we lack, so the namespace is made by a short-lived
+        child instead: it unshares, forks PID 1, says its pid and exits; PID 1 is re-parented
+        to us (a child subreaper), so we hold and reap it as if we had forked it. One fork more
+        per task, for non-root managers only. PID 1 sets its death signal only once that
+        re-parenting is done (the kernel sends it at every parent's exit, the helper's too)."""
+        read_fd, write_fd = os.pipe()
+        helper = os.fork()
+        if helper == 0:
+            code = 1
+            try:
+                os.close(read_fd)
+                _linux.unshare(_linux.CLONE_NEWPID)
+                ours = os.pidfd_open(os.getpid())
+                pid = os.fork()
+                if pid == 0:
+                    os.close(write_fd)
+                    close = (self.sock.fileno(), self.status_r, self.pid_namespace_fd)
+                    reaper.run(request, fds, self.status_w, close, (ours, self.own_pidfd))
+                os.write(write_fd, wire.EXITED_BODY.pack(pid))
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        try:
+            _, status = os.waitpid(helper, 0)  # PID 1 is ours once the helper is gone
+            data = os.read(read_fd, wire.EXITED_BODY.size)
+        finally:
+            os.close(read_fd)
+        if status != 0 or len(data) != wire.EXITED_BODY.size:
+            raise OSError(f"the helper making the task's PID namespace failed ({status:#x})")
+        (pid,) = wire.EXITED_BODY.unpack(data)
+        return int(pid)
 
     def watch(self, pid: int, flags: int) -> None:
         pidfd = os.pidfd_open(pid)  # before waitpid: the pid cannot be reused yet
@@ -208,5 +247,13 @@ def main(fd: int) -> None:
     _prepare(preparation)
     _move_into(preparation.birthplace)
     server = Server(sock, preparation)
+    if os.geteuid() != 0:
+        # A non-root manager's tasks run as its own uid: without a PID namespace each could
+        # signal or ptrace the manager. Our own user namespace (ids unchanged) lets us make one
+        # per task; where the kernel forbids it, tasks run without and the manager warns.
+        with contextlib.suppress(OSError):
+            _linux.own_user_namespace()
+            _linux.become_subreaper()
+            server.user_namespace = True
     wire.send(sock, wire.READY, wire.FLAGS.pack(0))
     server.serve()
