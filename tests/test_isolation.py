@@ -550,10 +550,12 @@ def test_non_root_manager_signalled_by_its_task() -> None:
     runs = [*_AS_NOBODY_ARGV, "env", sys.executable, "-c", "pass"]  # as the zygote is started
     if subprocess.run(runs, capture_output=True, timeout=30).returncode != 0:
         pytest.skip(f"nobody cannot run {sys.executable} here (an interpreter under /root?)")
-    hit = _run_manager("none", "fork", "SIGKILL", timeout=15, as_nobody=True)
+    from .conftest import SCALE
+
+    hit = _run_manager("none", "fork", "SIGKILL", timeout=30 * SCALE, as_nobody=True)
     assert hit.returncode == -signal.SIGKILL, (hit.returncode, hit.stderr[-2000:])
     for isolation in ("none", "default"):  # the zygote's PID namespace holds under both
-        run = _run_manager(isolation, "zygote", "SIGKILL", as_nobody=True)
+        run = _run_manager(isolation, "zygote", "SIGKILL", timeout=60 * SCALE, as_nobody=True)
         assert run.returncode == 0, (isolation, run.returncode, run.stderr[-2000:])
         results = json.loads(run.stdout.splitlines()[-1])
         assert results[0][0] is False and results[0][3] == isolation, results[0]
