@@ -321,3 +321,28 @@ def test_out_dir_outputs_cannot_replace_the_journal(base: Path) -> None:
     assert records["a.txt"]["output"] == ["a.out"]
     assert (out / "a.out").read_text() == "GOOD A"
     assert sorted(path.name for path in out.iterdir()) == ["a.out", "sandboxrun-journal.jsonl"]
+
+
+@pytest.mark.parametrize("start_method", ["zygote", "fork", "spawn", "forkserver"])
+def test_each_task_writes_only_its_own_read_write_paths(base: Path, start_method: str) -> None:
+    """The per-task hook under every start method: a task's read_write_paths are its alone."""
+    from sandboxrun import CommandTask, ProcessManager
+
+    mine, theirs = base / "mine", base / "theirs"
+    for folder in (mine, theirs):
+        folder.mkdir()
+        folder.chmod(0o777)
+    script = "import sys; open(sys.argv[1], 'w').write('x')"
+    tasks = [
+        CommandTask([PY, "-c", script, str(mine / "a")], read_write_paths=[str(mine)]),
+        CommandTask([PY, "-c", script, str(theirs / "b")], read_write_paths=[str(mine)]),
+        CommandTask([PY, "-c", script, str(theirs / "c")]),
+    ]
+    with ProcessManager(2, 20, isolation="strict", start_method=start_method) as manager:
+        for task in tasks:
+            manager.queue_task(task)
+    results = {id(result.task): result for result in manager.task_results}
+    assert [results[id(task)].success for task in tasks] == [True, False, False]
+    assert (mine / "a").read_text() == "x"
+    assert not (theirs / "b").exists() and not (theirs / "c").exists()
+    assert "Read-only file system" in str(results[id(tasks[1])].exception)
