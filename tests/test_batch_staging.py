@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from sandboxrun._cli import journal as journaling
 from sandboxrun._isolation import STRICT, unavailable_reason
+from sandboxrun._launch import ZYGOTE_AVAILABLE
 from sandboxrun.cli import app
 
 from .conftest import AVAILABLE, KERNEL_BACKENDS, SCALE
@@ -323,7 +324,9 @@ def test_out_dir_outputs_cannot_replace_the_journal(base: Path) -> None:
     assert sorted(path.name for path in out.iterdir()) == ["a.out", "sandboxrun-journal.jsonl"]
 
 
-@pytest.mark.parametrize("start_method", ["zygote", "fork", "spawn", "forkserver"])
+@pytest.mark.parametrize(
+    "start_method", [*(["zygote"] if ZYGOTE_AVAILABLE else []), "fork", "spawn", "forkserver"]
+)
 def test_each_task_writes_only_its_own_read_write_paths(base: Path, start_method: str) -> None:
     """The per-task hook under every start method: a task's read_write_paths are its alone."""
     from sandboxrun import CommandTask, ProcessManager
