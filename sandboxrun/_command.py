@@ -13,7 +13,7 @@ import os
 import selectors
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from . import _linux
 from ._errors import SandboxrunError
@@ -159,6 +159,7 @@ class CommandTask(Task):
     ``output_limit_bytes`` each (``*_truncated`` says when more came); with
     ``capture_output=False`` they go where the manager's own output goes. A non-zero exit fails
     the task with ``CommandFailed`` (its ``.result`` has the output) unless ``check=False``.
+    ``read_write_paths``: folders this task alone may write under strict isolation.
     """
 
     __slots__ = ()
@@ -175,6 +176,7 @@ class CommandTask(Task):
         capture_output: bool = True,
         output_limit_bytes: int = DEFAULT_OUTPUT_LIMIT,
         check: bool = True,
+        read_write_paths: Iterable[str | os.PathLike[str]] = (),
     ) -> None:
         if shell:
             if not isinstance(argv, str):
@@ -205,6 +207,11 @@ class CommandTask(Task):
                 "check": check,
             },
         )
+        writable = tuple(os.fspath(path) for path in read_write_paths)
+        if not all(isinstance(path, str) and os.path.isabs(path) for path in writable):
+            raise ValueError(f"read_write_paths must be absolute paths, got {writable!r}")
+        if writable:
+            self.read_write_paths = writable
 
     @property
     def argv(self) -> list[str] | str:

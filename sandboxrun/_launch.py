@@ -124,6 +124,15 @@ class Launcher:
             placed, self._birthplaces = self._birthplaces - {()}, set()
             POOL.discard(placed.__contains__)
 
+    def _isolation_for(self, task: Task) -> Isolation:
+        """The manager's profile plus the task's own ``read_write_paths``: each task gets only
+        its own writable folders (a batch's staging folder), never its neighbours'. Every start
+        method takes the profile from here (the zygote's request, the fork/spawn spec)."""
+        extra = getattr(task, "read_write_paths", ())
+        if not extra or not self.isolation.enabled:
+            return self.isolation
+        return self.isolation.with_paths(extra)
+
     def launch(
         self,
         task: Task,
@@ -143,6 +152,7 @@ class Launcher:
         if forked:
             foreign = tuple(fd for other in siblings for fd in other.parent_fds())
             foreign += tuple(fd for fd in (result_r, control_w) if fd >= 0)
+        isolation = self._isolation_for(task)
         spec = WorkerSpec(
             control=child_control,
             result=child_result,
@@ -153,7 +163,7 @@ class Launcher:
             foreign_fds=foreign,
             manager_pid=self._manager_pid,
             close_inherited_fds=transport.EXIT_BY_PIDFD,
-            isolation=self.isolation,
+            isolation=isolation,
             slot=self._free_slot(siblings),
         )
         process: Any
@@ -165,7 +175,7 @@ class Launcher:
                 modules=_modules_of(task),
                 needs_main=b"__main__" in payload,
                 fork_before_go=not sandbox.parent_attach,
-                isolation=self.isolation if self.isolation.enabled else None,
+                isolation=isolation if isolation.enabled else None,
                 slot=spec.slot,
             )
             assert child_control is not None  # a zygote's task always comes in the go frame

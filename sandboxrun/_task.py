@@ -98,6 +98,10 @@ class Task:
     func: Callable[..., Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    #: Absolute paths this task alone may write under ``isolation="strict"``, on top of the
+    #: manager's ``Isolation.read_write_paths`` (``sandboxrun batch``: the task's own staging
+    #: folder, so no task can write into a neighbour's). Not part of equality or hash.
+    read_write_paths: tuple[str, ...] = ()
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +24,7 @@ from ._cli import journal as journaling
 from ._cli.batch import Batch, Interrupted, JournalUnusable, Runner, run_batch
 from ._cli.cluster import ClusterUnavailable, DaskBatch
 from ._cli.options import (
+    batch_isolation,
     cluster_options,
     fail_usage,
     make_manager,
@@ -73,7 +75,8 @@ IsolationOpt = Annotated[
     str | None,
     typer.Option(
         "--isolation",
-        help="Task isolation (Linux): default, strict or none (docs/security.md).",
+        help="Task isolation (Linux): default, strict or none (docs/security.md); batch: strict"
+        " unless given.",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON record instead of text.")]
@@ -205,17 +208,20 @@ def batch(
         raise fail_usage(str(error)) from None
     if workers is not None and workers < 1:
         raise fail_usage("--workers must be at least 1")
-    paths = (str(input_dir.resolve()), str(out.resolve()))
+    profile = batch_isolation(isolation, (input_dir, out))  # strict unless told otherwise
     local = make_manager(
-        workers, memory, timeout, cpu_time, max_processes, backend, cpus, isolation, paths,
-        command=template,
+        workers, memory, timeout, cpu_time, max_processes, backend, cpus, profile,
+        readable=(str(input_dir.resolve()),), command=template,
     )  # fmt: skip
+    other_uid = False  # the tasks run as another uid: staging folders writable by it
+    if sys.platform != "win32":
+        other_uid = os.geteuid() == 0 and local.isolation.user is not None
     manager: Runner = local
     if scheduler is not None:  # the workers' working folder is not ours: absolute paths
         input_dir, out = input_dir.absolute(), out.absolute()
         limits = cluster_options(local, backend)
         try:
-            manager = DaskBatch(scheduler, workers, limits)
+            manager, other_uid = DaskBatch(scheduler, workers, limits), True  # theirs: unknown
         except ClusterUnavailable as error:
             raise fail_usage(str(error)) from None
     journal_path = journal or out / "sandboxrun-journal.jsonl"
@@ -226,7 +232,7 @@ def batch(
     settings = Batch(
         input_dir=input_dir, out_dir=out, template=template, journal_path=journal_path,
         key_path=journal_key or journaling.default_key_path(journal_path), resume=resume,
-        follow_symlinks=follow_symlinks, progress=progress,
+        follow_symlinks=follow_symlinks, progress=progress, other_uid=other_uid,
     )  # fmt: skip
     console = Console(stderr=True)
     try:

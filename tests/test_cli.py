@@ -223,3 +223,4 @@ def test_batch_ctrl_c_kills_tasks_and_keeps_the_journal(batch_dir: Path) -> None
     # A task SIGKILLed just before the CLI exited may take a moment to leave the process table.
     wait_until(lambda: not _converters(batch_dir), 10)
     assert _converters(batch_dir) == []
+    assert not (batch_dir / "out" / ".sandboxrun-staging").exists()  # removed at the Ctrl-C

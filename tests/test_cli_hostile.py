@@ -32,7 +32,9 @@ import json, os, pathlib, sys, time
 src, dst = sys.argv[1], sys.argv[2]
 data = pathlib.Path(src).read_bytes()
 if data.startswith(b"FORGE"):
-    journal = pathlib.Path(dst).parent / "sandboxrun-journal.jsonl"
+    # It knows where the journal is: --out, above its own staging folder.
+    out = next(p.parent for p in pathlib.Path(dst).parents if p.name == ".sandboxrun-staging")
+    journal = out / "sandboxrun-journal.jsonl"
     with open(journal, "a") as out:
         for name in ("b.txt", "c.txt"):
             size = os.stat(pathlib.Path(src).parent / name)

@@ -2,8 +2,11 @@
 
     input folder ──> inputs.list_inputs ──> regular files (skipped ones reported)
                      journal.read_journal + stale_reason ──> the ones --resume may skip
-    the rest ──> template.command_for ──> CommandTask ──> ProcessManager
-    as_completed ──> records.record + queue-time identity ──> Journal.write (one line, MAC'd)
+    the rest ──> staging.folder_for ──> template.command_for ──> CommandTask ──> ProcessManager
+                 (each task writes only its own staging folder: see staging.py)
+    as_completed ──> records.record ──> ok? staging.collect: its files moved into OUT, or
+                     "no output" with the reason ──> staging.discard (whatever the verdict)
+                 ──> + queue-time identity ──> Journal.write (one line, MAC'd)
     the whole journal, verified ──> records.summary ──> exit 0 (all ok) / 1
 
 The journal is the batch's memory: one line per finished file, written the moment its result
@@ -24,7 +27,10 @@ from .._task import Task, TaskResult
 from . import journal as journaling
 from .inputs import Inputs, list_inputs
 from .records import record, summary
-from .template import command_for
+from .staging import SUPPORTED as STAGING_SUPPORTED
+from .staging import Refused, Staging
+from .template import command_for, writes_output
+from .verdicts import NO_OUTPUT
 
 _SHOWN = 20
 
@@ -41,6 +47,9 @@ class Batch:
     resume: bool
     follow_symlinks: bool
     progress: bool
+    # The tasks run as another uid (strict, root manager; a cluster's workers): their staging
+    # folders must be writable by it (see staging.py for why that gives neighbours nothing).
+    other_uid: bool = False
 
 
 class _Named(Protocol):
@@ -65,6 +74,10 @@ class Runner(Protocol):
 
 class JournalUnusable(Exception):
     """The journal or its key cannot be opened (e.g. a symlink where the journal should be)."""
+
+
+class OutputUnusable(JournalUnusable):
+    """The output folder cannot hold the batch's staging folder."""
 
 
 class Interrupted(Exception):
@@ -143,11 +156,37 @@ def _report_skipped(inputs: Inputs, console: Any) -> None:
 
 
 def tasks_for(
-    files: Iterable[Path], template: list[str], input_dir: Path, out_dir: Path, **options: Any
-) -> Iterator[tuple[Path, CommandTask]]:
+    files: Iterable[Path], template: list[str], input_dir: Path, staging: Staging | Path
+) -> Iterator[tuple[Path, Path, CommandTask]]:
+    """Each file's staging folder and task: ``{output}`` and ``{out_dir}`` point into that
+    folder, the only path the task may write (under strict). Given OUT instead (Windows: no
+    staging), the command writes there in place."""
     for relative in files:
-        (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-        yield relative, CommandTask(command_for(template, input_dir, out_dir, relative), **options)
+        if isinstance(staging, Path):
+            folder = staging
+            (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        else:
+            folder = staging.folder_for(relative)
+        argv = command_for(template, input_dir, folder, relative)
+        yield relative, folder, CommandTask(argv, read_write_paths=(str(folder.absolute()),))
+
+
+def _deliver(entry: dict[str, Any], folder: Path, staging: Staging, expected: bool) -> None:
+    """An ok task's files into OUT (``entry["output"]``); none, or one refused, makes the
+    verdict "no output" with the reason in ``entry["output_problem"]``."""
+    entry["output"], entry["output_problem"] = [], None
+    if entry["verdict"] != "ok":
+        return  # a failed task's partial files are never moved: discarded with its folder
+    try:
+        entry["output"] = staging.collect(folder)
+    except (Refused, OSError) as error:
+        entry["output_problem"] = f"output refused: {error}; nothing was moved into --out"
+    else:
+        if expected and not entry["output"]:
+            entry["output_problem"] = "the command succeeded but wrote no output file"
+    if entry["output_problem"] is not None:
+        entry["verdict"] = NO_OUTPUT
+        journaling.log.info("%s: %s", entry["file"], entry["output_problem"])  # in the summary
 
 
 def _run(
@@ -171,25 +210,52 @@ def _run(
         TextColumn("[red]{task.fields[failures]} failed"),
     )  # fmt: skip
     bar = Progress(*columns, console=console, disable=not batch.progress, transient=False)
+    staging: Staging | Path = batch.out_dir
+    try:
+        if STAGING_SUPPORTED:
+            protected = (batch.journal_path, batch.key_path)
+            staging = Staging(batch.out_dir, protected, batch.other_uid)
+    except OSError as error:
+        raise OutputUnusable(f"cannot stage outputs in {batch.out_dir}: {error}") from None
+    try:
+        _convert(batch, manager, files, writer, staging, bar)
+    except KeyboardInterrupt:
+        raise Interrupted(int(bar.tasks[0].completed) if bar.tasks else 0) from None
+    finally:
+        if isinstance(staging, Staging):
+            staging.close()  # after the manager's exit: every task is dead by now
+
+
+def _convert(
+    batch: Batch,
+    manager: Runner,
+    files: list[Path],
+    writer: journaling.Journal,
+    staging: Staging | Path,
+    bar: Any,
+) -> None:
     finished = failures = 0
     started = time.monotonic()
-    try:
-        with bar, manager:
-            bar_task = bar.add_task("batch", total=len(files), rate=0.0, failures=0)
-            queued: dict[int, tuple[Path, dict[str, int] | None]] = {}
-            for relative, task in tasks_for(files, batch.template, batch.input_dir, batch.out_dir):
-                source = batch.input_dir / relative
-                identity = journaling.queued_identity(source, batch.follow_symlinks)
-                queued[id(task)] = relative, identity
-                manager.queue_task(task)
-            for result in manager.as_completed():
-                relative, identity = queued[id(result.task)]
-                entry = record(relative, result)
-                entry["input"] = identity
-                writer.write(entry)
-                finished += 1
-                failures += entry["verdict"] != "ok"
-                rate = finished / max(time.monotonic() - started, 1e-9)
-                bar.update(bar_task, advance=1, rate=rate, failures=failures)
-    except KeyboardInterrupt:
-        raise Interrupted(finished) from None
+    expected = writes_output(batch.template)
+    with bar, manager:
+        bar_task = bar.add_task("batch", total=len(files), rate=0.0, failures=0)
+        queued: dict[int, tuple[Path, Path, dict[str, int] | None]] = {}
+        for relative, folder, task in tasks_for(files, batch.template, batch.input_dir, staging):
+            source = batch.input_dir / relative
+            identity = journaling.queued_identity(source, batch.follow_symlinks)
+            queued[id(task)] = relative, folder, identity
+            manager.queue_task(task)
+        for result in manager.as_completed():
+            relative, folder, identity = queued[id(result.task)]
+            entry = record(relative, result)
+            if isinstance(staging, Staging):
+                try:
+                    _deliver(entry, folder, staging, expected)
+                finally:
+                    staging.discard(folder)
+            entry["input"] = identity
+            writer.write(entry)
+            finished += 1
+            failures += entry["verdict"] != "ok"
+            rate = finished / max(time.monotonic() - started, 1e-9)
+            bar.update(bar_task, advance=1, rate=rate, failures=failures)

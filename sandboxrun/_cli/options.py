@@ -9,17 +9,19 @@ or a late failure inside the batch. Whatever raises ``ValueError``, ``TypeError`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import sys
+from pathlib import Path
 from typing import cast
 
 import typer
 
 from .._errors import SandboxrunError
 from .._executor import ManagerOptions
-from .._isolation import Isolation, choose, resolve
+from .._isolation import STRICT, Isolation, choose, resolve, unavailable_reason
 from .._limits import GIB, parse_duration, parse_size
 from .._manager import BackendName, ProcessManager
 from .verdicts import EXIT_USAGE
@@ -71,17 +73,18 @@ def make_manager(
     max_processes: int | None,
     backend: str,
     cpus: float | None = None,
-    isolation: str | None = None,
-    paths: tuple[str, ...] = (),
+    isolation: str | Isolation | None = None,
+    readable: tuple[str, ...] = (),
     command: list[str] | None = None,
 ) -> ProcessManager:
     """One parser for sizes and durations (the library's); a bad value is a one-line error.
 
-    ``paths``: folders the commands must reach through their private /tmp (the batch's input
-    and output), declared writable in the isolation profile."""
+    ``readable``: folders the commands must read, also through their private /tmp (the batch's
+    input); each batch task gets its own writable folder (``CommandTask.read_write_paths``)."""
     try:
+        seen = (*readable, *_command_files(command or []))
         return ProcessManager(
-            isolation=_isolation(isolation, paths, _command_files(command or [])),
+            isolation=_isolation(isolation, seen),
             max_workers=workers,
             worker_timeout_seconds=_duration("--timeout", timeout),
             memory_limit_in_gib=_memory(memory),
@@ -94,9 +97,53 @@ def make_manager(
         raise fail_usage(str(error)) from None
 
 
-def _isolation(name: str | None, paths: tuple[str, ...], readable: tuple[str, ...]) -> Isolation:
+def _isolation(name: str | Isolation | None, readable: tuple[str, ...]) -> Isolation:
     profile = choose(None) if name is None else resolve(name)  # None: default, else "none"
-    return profile.with_paths(paths, readable) if profile.enabled else profile
+    return profile.with_paths((), readable) if profile.enabled else profile
+
+
+_PRIVATE = ("/tmp/", "/var/tmp/")  # a task sees these folders' insides rebuilt (PrivateTmp=)
+
+
+def batch_isolation(name: str | None, folders: tuple[Path, ...]) -> str | Isolation | None:
+    """``batch``'s profile: ``--isolation`` as given, else ``$SANDBOXRUN_ISOLATION`` (the
+    operator's default), else "strict" where it works here -- else, as ``choose`` does for
+    every default, the manager's default with one warning saying why (``--isolation strict``
+    asked for and impossible: a usage error)."""
+    if name is None and os.environ.get("SANDBOXRUN_ISOLATION"):
+        return None
+    if name is not None and name != "strict":
+        return name
+    reason = unavailable_reason(STRICT) or _unreachable(STRICT, folders)
+    if reason is None:
+        return STRICT
+    if name == "strict":
+        raise fail_usage(f"--isolation strict cannot be had here: {reason}")
+    logging.getLogger("sandboxrun.cli").warning(
+        "batch: converters do NOT run under the strict profile (%s): they may write outside"
+        " their staging folder; see `sandboxrun doctor`, or --isolation to choose", reason,
+    )  # fmt: skip
+    return None
+
+
+def _unreachable(profile: Isolation, folders: tuple[Path, ...]) -> str | None:
+    """Under another uid (root manager, strict) a folder is reachable only through ancestors
+    that others may traverse (o+x) -- but under /tmp, which the task sees rebuilt."""
+    if profile.user is None or sys.platform != "linux" or os.geteuid() != 0:
+        return None
+    for folder in folders:
+        real = os.path.realpath(folder)
+        if real.startswith(_PRIVATE):
+            continue
+        for ancestor in [*reversed(Path(real).parents), Path(real)]:
+            with contextlib.suppress(OSError):
+                mode = ancestor.stat().st_mode
+                if not mode & 0o001:
+                    return (
+                        f"{ancestor} is mode {mode & 0o777:o}: the tasks' uid ({profile.uid_base}"
+                        f"+slot) cannot reach {folder} (chmod o+x {ancestor}, or use other folders)"
+                    )
+    return None
 
 
 def _command_files(argv: list[str]) -> tuple[str, ...]:

@@ -55,8 +55,16 @@ def _check_argument(arg: str) -> None:
             raise ValueError(f"--cmd: placeholders take no format spec or conversion: {arg!r}")
 
 
+def writes_output(template: list[str]) -> bool:
+    """Whether the command is told where to write (``{output}`` or ``{out_dir}``): then a
+    success that leaves no file there is not a success."""
+    fields = {field for arg in template for _, field, _, _ in _FORMATTER.parse(arg)}
+    return bool(fields & {"output", "out_dir"})
+
+
 def command_for(template: list[str], input_dir: Path, out_dir: Path, relative: Path) -> list[str]:
-    """One file's argv: each argument filled on its own, so a name can never add arguments."""
+    """One file's argv: each argument filled on its own, so a name can never add arguments.
+    ``out_dir``: where the command writes (the batch passes the file's staging folder)."""
     values = {
         "input": str(input_dir / relative),
         "output": str(out_dir / relative),

@@ -25,6 +25,8 @@ EXIT_INTERRUPTED = 130
 RUNNER_VERDICTS = (EXIT_TIMEOUT, EXIT_OUT_OF_MEMORY, EXIT_CPU_TIME, EXIT_PROCESSES, EXIT_INTERNAL)
 
 VERDICTS = ("ok", "failed", "timed out", "out of memory")  # the labels of Verdict, table order
+#: batch's own: the command succeeded, but its output was missing or refused (staging.py).
+NO_OUTPUT = "no output"
 
 
 def command_output(result: TaskResult) -> CommandResult | None:
