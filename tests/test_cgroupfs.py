@@ -246,6 +246,39 @@ def test_stale_runner_dirs(tmp_path, fake_proc):
     ]
 
 
+def test_walk_finds_every_sub_cgroup_and_skips_files(tmp_path):
+    # subdirs() trusts a link count of exactly 2 to mean "no subdirectory" (kernfs and local
+    # filesystems keep it); a directory with children must still be listed, files skipped.
+    root = tmp_path / "task-1"
+    (root / "a" / "deep").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "cgroup.procs").write_text("")
+    (root / "a" / "memory.max_usage_in_bytes").write_text("0")
+    assert sorted(cgroupfs.subdirs(root)) == [root / "a", root / "b"]
+    assert cgroupfs.subdirs(root / "b") == []
+    assert cgroupfs.subdirs(tmp_path / "absent") == []
+    assert sorted(cgroupfs.walk(root)) == [root, root / "a", root / "a" / "deep", root / "b"]
+
+
+def test_walk_on_a_real_cgroup_sees_a_sub_cgroup():
+    memory = next((m.point for m in cgroupfs.mounts() if "memory" in m.options), None)
+    own = cgroupfs.own_cgroups().get("memory")
+    if memory is None or own is None:
+        pytest.skip("no cgroup v1 memory hierarchy")
+    parent = memory / own.lstrip("/")
+    if not os.access(parent, os.W_OK):
+        pytest.skip(f"{parent} is not writable")
+    root = parent / cgroupfs.runner_dir_name()
+    root.mkdir()
+    try:
+        assert cgroupfs.subdirs(root) == []  # ~35 control files, no subdirectory
+        (root / "sub").mkdir()
+        assert cgroupfs.walk(root) == [root, root / "sub"]
+    finally:
+        cgroupfs.remove_tree(root)
+    assert not root.exists()
+
+
 def test_unit_names_carry_the_owner(fake_proc):
     assert cgroupfs.runner_owner("sandboxrun-5678-abcdef-3.scope") == 5678
     assert cgroupfs.runner_owner("sandboxrun-nodelegate-root.service") is None

@@ -152,7 +152,7 @@ class SlotSandbox(CgroupV1Sandbox):
         self.namespace = self.zygote = None
         # Sub-cgroups the task made (collect() has emptied them): the next task starts clean.
         for path in self.paths:
-            for sub in (child for child in path.iterdir() if child.is_dir()):
+            for sub in cgroupfs.subdirs(path):
                 with contextlib.suppress(OSError):
                     cgroupfs.remove_tree(sub, attempts=50)
         self._free.append(self)
