@@ -66,7 +66,7 @@ def mounts() -> list[Mount]:
     return found
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path | str) -> bytes:
     # os.open/os.read rather than Path.read_text (no TextIOWrapper, no codec lookup): several
     # times cheaper, and the manager reads a handful of these files for every task.
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -80,7 +80,7 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def read(path: Path) -> str:
-    return _read_bytes(path).decode().strip()
+    return read_bytes(path).decode().strip()
 
 
 def read_int(path: Path) -> int | None:
@@ -94,7 +94,7 @@ def read_keyed(path: Path) -> dict[str, int]:
     """A flat-keyed file such as ``memory.events`` or ``memory.oom_control``."""
     values: dict[str, int] = {}
     try:
-        text = _read_bytes(path).decode()
+        text = read_bytes(path).decode()
     except OSError:
         return values
     for line in text.splitlines():
@@ -115,8 +115,10 @@ def write(path: Path, value: str | int) -> None:
 
 
 def pids(path: Path) -> list[int]:
+    # Opened afresh each time, never kept open and re-read: a v1 cgroup.procs fd caches its
+    # pid list (cgroup_pidlist_start reuses it, for up to a second) where a new open does not.
     try:
-        return [int(line) for line in _read_bytes(path / "cgroup.procs").split()]
+        return [int(line) for line in read_bytes(f"{path}/cgroup.procs").split()]
     except (OSError, ValueError):
         return []
 
