@@ -260,7 +260,7 @@ def test_walk_finds_every_sub_cgroup_and_skips_files(tmp_path):
     assert sorted(cgroupfs.walk(root)) == [root, root / "a", root / "a" / "deep", root / "b"]
 
 
-def test_walk_on_a_real_cgroup_sees_a_sub_cgroup():
+def _own_v1_memory_cgroup() -> Path:
     memory = next((m.point for m in cgroupfs.mounts() if "memory" in m.options), None)
     own = cgroupfs.own_cgroups().get("memory")
     if memory is None or own is None:
@@ -268,7 +268,28 @@ def test_walk_on_a_real_cgroup_sees_a_sub_cgroup():
     parent = memory / own.lstrip("/")
     if not os.access(parent, os.W_OK):
         pytest.skip(f"{parent} is not writable")
-    root = parent / cgroupfs.runner_dir_name()
+    return parent
+
+
+def test_kept_open_counter_files_read_the_value_of_the_moment():
+    root = _own_v1_memory_cgroup() / cgroupfs.runner_dir_name()
+    root.mkdir()
+    kept = cgroupfs.OpenFiles()
+    try:
+        limit = root / "memory.limit_in_bytes"
+        for value in (100 << 20, 200 << 20, 50 << 20):
+            kept.write(limit, value)  # the same fd each time
+            assert cgroupfs.read_int(limit, kept) == value  # pread(0): made afresh
+            assert cgroupfs.read_int(limit) == value
+        assert cgroupfs.read_keyed(root / "memory.oom_control", kept)["oom_kill"] == 0
+        assert cgroupfs.read_int(root / "absent", kept) is None
+    finally:
+        kept.close()
+        cgroupfs.remove_tree(root)
+
+
+def test_walk_on_a_real_cgroup_sees_a_sub_cgroup():
+    root = _own_v1_memory_cgroup() / cgroupfs.runner_dir_name()
     root.mkdir()
     try:
         assert cgroupfs.subdirs(root) == []  # ~35 control files, no subdirectory

@@ -145,6 +145,7 @@ class CgroupV1Sandbox(Sandbox):
         self._removed = False
         self._oom_base = 0  # oom_kill before the task (a reused slot's count goes on)
         self._files: dict[tuple[str, str], Path] = {}
+        self.kept: cgroupfs.OpenFiles | None = None  # a reused slot's counter files, open
         # Co-mounted controllers (e.g. "cpu,cpuacct") share one directory.
         self.paths = list(dict.fromkeys(dirs.values()))
         created: list[Path] = []
@@ -200,6 +201,9 @@ class CgroupV1Sandbox(Sandbox):
             path = self._files[controller, name] = self.dirs[controller] / name
         return path
 
+    def _read_int(self, controller: str, name: str) -> int | None:
+        return cgroupfs.read_int(self.file(controller, name), self.kept)
+
     def enter_files(self) -> tuple[str, ...]:
         return tuple(str(path / "cgroup.procs") for path in self.paths)
 
@@ -210,8 +214,7 @@ class CgroupV1Sandbox(Sandbox):
             self.running.add(namespace)
 
     def cpu_time_seconds(self) -> float | None:
-        cpuacct = "cpuacct" in self.dirs
-        usage = cgroupfs.read_int(self.file("cpuacct", "cpuacct.usage")) if cpuacct else None
+        usage = self._read_int("cpuacct", "cpuacct.usage") if "cpuacct" in self.dirs else None
         return None if usage is None else usage / 1e9
 
     def on_event(self) -> KillReason | None:
@@ -296,18 +299,18 @@ class CgroupV1Sandbox(Sandbox):
             self._wait_empty()
         else:
             self._kill_escaped()
-        oom = cgroupfs.read_keyed(self.file("memory", "memory.oom_control"))
+        oom = cgroupfs.read_keyed(self.file("memory", "memory.oom_control"), self.kept)
         # Read only under a quota: without one a task cgroup is never throttled.
         throttle = (
-            cgroupfs.read_keyed(self.file("cpu", "cpu.stat"))
+            cgroupfs.read_keyed(self.file("cpu", "cpu.stat"), self.kept)
             if self.limits.cpu_quota is not None
             else {}
         )
         throttled_ns = throttle.get("throttled_time")
         return Usage(
-            peak_memory_bytes=cgroupfs.read_int(self.file("memory", "memory.max_usage_in_bytes")),
+            peak_memory_bytes=self._read_int("memory", "memory.max_usage_in_bytes"),
             oom_killed=oom.get("oom_kill", 0) > self._oom_base,
-            memory_limit_hit=(cgroupfs.read_int(self.file("memory", "memory.failcnt")) or 0) > 0,
+            memory_limit_hit=(self._read_int("memory", "memory.failcnt") or 0) > 0,
             process_limit_hit=self._forks_refused(),
             cpu_time_seconds=self.cpu_time_seconds(),
             cpu_throttled_periods=throttle.get("nr_throttled"),
@@ -317,7 +320,7 @@ class CgroupV1Sandbox(Sandbox):
     def _forks_refused(self) -> bool:
         if "pids" not in self.dirs or self.limits.max_processes is None:
             return False  # no pids.max of ours: nothing to read
-        return cgroupfs.read_keyed(self.file("pids", "pids.events")).get("max", 0) > 0
+        return cgroupfs.read_keyed(self.file("pids", "pids.events"), self.kept).get("max", 0) > 0
 
     def _close_event_fd(self) -> None:
         if self.event_fd is not None:

@@ -60,6 +60,7 @@ class SlotSandbox(CgroupV1Sandbox):
         self._throttle_base: dict[str, int] = {}
         self.zygote: int | None = None
         super().__init__(dirs, limits, running, write_limits=False)
+        self.kept: cgroupfs.OpenFiles = cgroupfs.OpenFiles()  # for the slot's life
         self.birthplace = self.enter_files()
 
     def enter_files(self) -> tuple[str, ...]:
@@ -72,21 +73,21 @@ class SlotSandbox(CgroupV1Sandbox):
         self.limits = limits
         self._removed = False
         memory = self.dirs["memory"]
-        cgroupfs.write(self.file("memory", "memory.max_usage_in_bytes"), 0)
-        cgroupfs.write(self.file("memory", "memory.failcnt"), 0)
+        self.kept.write(self.file("memory", "memory.max_usage_in_bytes"), 0)
+        self.kept.write(self.file("memory", "memory.failcnt"), 0)
         if "cpuacct" in self.dirs:
-            cgroupfs.write(self.file("cpuacct", "cpuacct.usage"), 0)
-        self.baseline = cgroupfs.read_int(self.file("memory", "memory.usage_in_bytes")) or 0
+            self.kept.write(self.file("cpuacct", "cpuacct.usage"), 0)
+        self.baseline = self._read_int("memory", "memory.usage_in_bytes") or 0
         if limits.memory_bytes is not None:
             log.debug("slot %s: baseline %d bytes (the zygote's charges, leftovers): the limit"
                       " is the task's plus it", memory, self.baseline)  # fmt: skip
             self._write_memory_limit(memory, limits.memory_bytes + self.baseline)
-        oom = cgroupfs.read_keyed(self.file("memory", "memory.oom_control"))
+        oom = cgroupfs.read_keyed(self.file("memory", "memory.oom_control"), self.kept)
         self._oom_base = oom.get("oom_kill", 0)
         self._throttle_base = self._throttling()
         if "pids" in self.dirs and limits.max_processes is not None:
             pids_max = limits.max_processes + SLOT_OVERHEAD_PROCESSES
-            cgroupfs.write(self.file("pids", "pids.max"), pids_max)
+            self.kept.write(self.file("pids", "pids.max"), pids_max)
             self._pids_base = self._pids_refused()
         if self.event_fd is None and limits.memory_bytes is not None:
             self.event_fd = self._oom_eventfd(memory)
@@ -106,10 +107,10 @@ class SlotSandbox(CgroupV1Sandbox):
         # cgroup's limits are unlimited: the first write lowers them).
         raising = self._limit_written is not None and limit > self._limit_written
         if has_memsw and raising:
-            cgroupfs.write(memsw, limit)
-        cgroupfs.write(self.file("memory", "memory.limit_in_bytes"), limit)
+            self.kept.write(memsw, limit)
+        self.kept.write(self.file("memory", "memory.limit_in_bytes"), limit)
         if has_memsw and not raising:
-            cgroupfs.write(memsw, limit)
+            self.kept.write(memsw, limit)
         self._limit_written = limit
 
     def attach(self, pid: int) -> None:
@@ -120,7 +121,7 @@ class SlotSandbox(CgroupV1Sandbox):
         return [pid for pid in super()._members() if pid != self.zygote]
 
     def _pids_refused(self) -> int:
-        return cgroupfs.read_keyed(self.file("pids", "pids.events")).get("max", 0)
+        return cgroupfs.read_keyed(self.file("pids", "pids.events"), self.kept).get("max", 0)
 
     def collect(self) -> Usage:
         usage = super().collect()  # oom_killed: oom_kill above _oom_base, read in begin()
@@ -136,7 +137,7 @@ class SlotSandbox(CgroupV1Sandbox):
     def _throttling(self) -> dict[str, int]:
         if self.limits.cpu_quota is None or "cpu" not in self.dirs:
             return {}
-        return cgroupfs.read_keyed(self.file("cpu", "cpu.stat"))
+        return cgroupfs.read_keyed(self.file("cpu", "cpu.stat"), self.kept)
 
     def _forks_refused(self) -> bool:
         if "pids" not in self.dirs or self.limits.max_processes is None:
@@ -160,5 +161,6 @@ class SlotSandbox(CgroupV1Sandbox):
     def destroy(self) -> None:
         """The backend is closing and the slot's zygote has gone: remove the directories."""
         self._close_event_fd()
+        self.kept.close()
         for path in self.paths:
             cgroupfs.remove_or_defer(path, attempts=50)

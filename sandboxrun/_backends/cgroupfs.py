@@ -79,22 +79,57 @@ def read_bytes(path: Path | str) -> bytes:
     return b"".join(chunks)
 
 
+class OpenFiles:
+    """Counter files of a reused cgroup (a slot) kept open: read with pread(2) from offset 0,
+    where a seq_file makes its content afresh, and written with write(2) (cgroupfs parses
+    each write on its own, at any offset). An open and a close less per access, every value
+    still the kernel's of the moment. Never for ``cgroup.procs`` (see ``pids``)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[tuple[Path, int], int] = {}
+
+    def _fd(self, path: Path, flags: int) -> int:
+        fd = self._fds.get((path, flags))
+        if fd is None:
+            fd = self._fds[path, flags] = os.open(path, flags | os.O_CLOEXEC)
+        return fd
+
+    def read(self, path: Path) -> bytes:
+        fd = self._fd(path, os.O_RDONLY)
+        chunks = [os.pread(fd, 65536, 0)]
+        offset = len(chunks[0])
+        while chunks[-1]:
+            chunks.append(os.pread(fd, 65536, offset))
+            offset += len(chunks[-1])
+        return b"".join(chunks)
+
+    def write(self, path: Path, value: str | int) -> None:
+        log.debug("write %s <- %s", path, value)
+        os.write(self._fd(path, os.O_WRONLY), str(value).encode())
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+
 def read(path: Path) -> str:
     return read_bytes(path).decode().strip()
 
 
-def read_int(path: Path) -> int | None:
+def read_int(path: Path, files: OpenFiles | None = None) -> int | None:
     try:
-        return int(read(path))
+        return int(files.read(path) if files is not None else read_bytes(path))
     except (OSError, ValueError):
         return None
 
 
-def read_keyed(path: Path) -> dict[str, int]:
+def read_keyed(path: Path, files: OpenFiles | None = None) -> dict[str, int]:
     """A flat-keyed file such as ``memory.events`` or ``memory.oom_control``."""
     values: dict[str, int] = {}
     try:
-        text = read_bytes(path).decode()
+        text = (files.read(path) if files is not None else read_bytes(path)).decode()
     except OSError:
         return values
     for line in text.splitlines():
