@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -91,10 +92,12 @@ class OpenFiles:
     def _fd(self, path: Path, flags: int) -> int:
         fd = self._fds.get((path, flags))
         if fd is None:
-            fd = self._fds[path, flags] = os.open(path, flags | os.O_CLOEXEC)
+            fd = self._fds[path, flags] = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
         return fd
 
     def read(self, path: Path) -> bytes:
+        if sys.platform == "win32":  # no pread(2), and no cgroups either
+            raise OSError(errno.ENOSYS, f"cannot read {path}: no cgroups on Windows")
         fd = self._fd(path, os.O_RDONLY)
         chunks = [os.pread(fd, 65536, 0)]
         offset = len(chunks[0])
