@@ -246,6 +246,60 @@ def test_stale_runner_dirs(tmp_path, fake_proc):
     ]
 
 
+def test_walk_finds_every_sub_cgroup_and_skips_files(tmp_path):
+    # subdirs() trusts a link count of exactly 2 to mean "no subdirectory" (kernfs and local
+    # filesystems keep it); a directory with children must still be listed, files skipped.
+    root = tmp_path / "task-1"
+    (root / "a" / "deep").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "cgroup.procs").write_text("")
+    (root / "a" / "memory.max_usage_in_bytes").write_text("0")
+    assert sorted(cgroupfs.subdirs(root)) == [root / "a", root / "b"]
+    assert cgroupfs.subdirs(root / "b") == []
+    assert cgroupfs.subdirs(tmp_path / "absent") == []
+    assert sorted(cgroupfs.walk(root)) == [root, root / "a", root / "a" / "deep", root / "b"]
+
+
+def _own_v1_memory_cgroup() -> Path:
+    memory = next((m.point for m in cgroupfs.mounts() if "memory" in m.options), None)
+    own = cgroupfs.own_cgroups().get("memory")
+    if memory is None or own is None:
+        pytest.skip("no cgroup v1 memory hierarchy")
+    parent = memory / own.lstrip("/")
+    if not os.access(parent, os.W_OK):
+        pytest.skip(f"{parent} is not writable")
+    return parent
+
+
+def test_kept_open_counter_files_read_the_value_of_the_moment():
+    root = _own_v1_memory_cgroup() / cgroupfs.runner_dir_name()
+    root.mkdir()
+    kept = cgroupfs.OpenFiles()
+    try:
+        limit = root / "memory.limit_in_bytes"
+        for value in (100 << 20, 200 << 20, 50 << 20):
+            kept.write(limit, value)  # the same fd each time
+            assert cgroupfs.read_int(limit, kept) == value  # pread(0): made afresh
+            assert cgroupfs.read_int(limit) == value
+        assert cgroupfs.read_keyed(root / "memory.oom_control", kept)["oom_kill"] == 0
+        assert cgroupfs.read_int(root / "absent", kept) is None
+    finally:
+        kept.close()
+        cgroupfs.remove_tree(root)
+
+
+def test_walk_on_a_real_cgroup_sees_a_sub_cgroup():
+    root = _own_v1_memory_cgroup() / cgroupfs.runner_dir_name()
+    root.mkdir()
+    try:
+        assert cgroupfs.subdirs(root) == []  # ~35 control files, no subdirectory
+        (root / "sub").mkdir()
+        assert cgroupfs.walk(root) == [root, root / "sub"]
+    finally:
+        cgroupfs.remove_tree(root)
+    assert not root.exists()
+
+
 def test_unit_names_carry_the_owner(fake_proc):
     assert cgroupfs.runner_owner("sandboxrun-5678-abcdef-3.scope") == 5678
     assert cgroupfs.runner_owner("sandboxrun-nodelegate-root.service") is None

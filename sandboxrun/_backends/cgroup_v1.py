@@ -75,7 +75,7 @@ def _hierarchies() -> dict[str, Path]:
 
 def parent_pid(pid: int) -> int | None:
     try:
-        stat = (cgroupfs.PROC / str(pid) / "stat").read_bytes()
+        stat = cgroupfs.read_bytes(f"{cgroupfs.PROC}/{pid}/stat")
     except OSError:
         return None
     return int(stat.rsplit(b")", 1)[1].split()[1])  # after "(comm)": state, then ppid
@@ -83,9 +83,21 @@ def parent_pid(pid: int) -> int | None:
 
 def _pid_namespace(pid: int) -> str | None:
     try:
-        return os.readlink(cgroupfs.PROC / str(pid) / "ns" / "pid")
+        return os.readlink(f"{cgroupfs.PROC}/{pid}/ns/pid")
     except OSError:
         return None
+
+
+_own_namespace: tuple[int, str | None] | None = None
+
+
+def _own_pid_namespace() -> str | None:
+    """This process's PID namespace, read once per process (a fork reads its own): setns and
+    unshare never move the caller itself to another PID namespace, only its later children."""
+    global _own_namespace
+    if _own_namespace is None or _own_namespace[0] != os.getpid():
+        _own_namespace = (os.getpid(), _pid_namespace(os.getpid()))
+    return _own_namespace[1]
 
 
 def _probe(directory: Path) -> str | None:
@@ -131,6 +143,9 @@ class CgroupV1Sandbox(Sandbox):
         self.namespace: str | None = None
         self.event_fd = None
         self._removed = False
+        self._oom_base = 0  # oom_kill before the task (a reused slot's count goes on)
+        self._files: dict[tuple[str, str], Path] = {}
+        self.kept: cgroupfs.OpenFiles | None = None  # a reused slot's counter files, open
         # Co-mounted controllers (e.g. "cpu,cpuacct") share one directory.
         self.paths = list(dict.fromkeys(dirs.values()))
         created: list[Path] = []
@@ -178,18 +193,28 @@ class CgroupV1Sandbox(Sandbox):
             os.close(control)
         return event_fd
 
+    def file(self, controller: str, name: str) -> Path:
+        """``dirs[controller] / name``, made once per sandbox (a slot reads the same few
+        files for every task)."""
+        path = self._files.get((controller, name))
+        if path is None:
+            path = self._files[controller, name] = self.dirs[controller] / name
+        return path
+
+    def _read_int(self, controller: str, name: str) -> int | None:
+        return cgroupfs.read_int(self.file(controller, name), self.kept)
+
     def enter_files(self) -> tuple[str, ...]:
         return tuple(str(path / "cgroup.procs") for path in self.paths)
 
     def attach(self, pid: int) -> None:
         namespace = _pid_namespace(pid)
-        if namespace is not None and namespace != _pid_namespace(os.getpid()):
+        if namespace is not None and namespace != _own_pid_namespace():
             self.namespace = namespace  # the zygote launcher's: a namespace of its own
             self.running.add(namespace)
 
     def cpu_time_seconds(self) -> float | None:
-        cpuacct = self.dirs.get("cpuacct")
-        usage = None if cpuacct is None else cgroupfs.read_int(cpuacct / "cpuacct.usage")
+        usage = self._read_int("cpuacct", "cpuacct.usage") if "cpuacct" in self.dirs else None
         return None if usage is None else usage / 1e9
 
     def on_event(self) -> KillReason | None:
@@ -274,19 +299,18 @@ class CgroupV1Sandbox(Sandbox):
             self._wait_empty()
         else:
             self._kill_escaped()
-        memory = self.dirs["memory"]
-        oom = cgroupfs.read_keyed(memory / "memory.oom_control")
+        oom = cgroupfs.read_keyed(self.file("memory", "memory.oom_control"), self.kept)
         # Read only under a quota: without one a task cgroup is never throttled.
         throttle = (
-            cgroupfs.read_keyed(self.dirs["cpu"] / "cpu.stat")
+            cgroupfs.read_keyed(self.file("cpu", "cpu.stat"), self.kept)
             if self.limits.cpu_quota is not None
             else {}
         )
         throttled_ns = throttle.get("throttled_time")
         return Usage(
-            peak_memory_bytes=cgroupfs.read_int(memory / "memory.max_usage_in_bytes"),
-            oom_killed=oom.get("oom_kill", 0) > 0,
-            memory_limit_hit=(cgroupfs.read_int(memory / "memory.failcnt") or 0) > 0,
+            peak_memory_bytes=self._read_int("memory", "memory.max_usage_in_bytes"),
+            oom_killed=oom.get("oom_kill", 0) > self._oom_base,
+            memory_limit_hit=(self._read_int("memory", "memory.failcnt") or 0) > 0,
             process_limit_hit=self._forks_refused(),
             cpu_time_seconds=self.cpu_time_seconds(),
             cpu_throttled_periods=throttle.get("nr_throttled"),
@@ -294,10 +318,9 @@ class CgroupV1Sandbox(Sandbox):
         )
 
     def _forks_refused(self) -> bool:
-        pids = self.dirs.get("pids")
-        if pids is None or self.limits.max_processes is None:
+        if "pids" not in self.dirs or self.limits.max_processes is None:
             return False  # no pids.max of ours: nothing to read
-        return cgroupfs.read_keyed(pids / "pids.events").get("max", 0) > 0
+        return cgroupfs.read_keyed(self.file("pids", "pids.events"), self.kept).get("max", 0) > 0
 
     def _close_event_fd(self) -> None:
         if self.event_fd is not None:

@@ -55,10 +55,12 @@ class SlotSandbox(CgroupV1Sandbox):
         self._free = free
         self._limit_written: int | None = None
         self.baseline = 0
-        self._oom_base = self._pids_base = 0
+        self._pids_base = 0
+        self._has_memsw: bool | None = None
         self._throttle_base: dict[str, int] = {}
         self.zygote: int | None = None
         super().__init__(dirs, limits, running, write_limits=False)
+        self.kept: cgroupfs.OpenFiles = cgroupfs.OpenFiles()  # for the slot's life
         self.birthplace = self.enter_files()
 
     def enter_files(self) -> tuple[str, ...]:
@@ -71,21 +73,21 @@ class SlotSandbox(CgroupV1Sandbox):
         self.limits = limits
         self._removed = False
         memory = self.dirs["memory"]
-        cgroupfs.write(memory / "memory.max_usage_in_bytes", 0)
-        cgroupfs.write(memory / "memory.failcnt", 0)
+        self.kept.write(self.file("memory", "memory.max_usage_in_bytes"), 0)
+        self.kept.write(self.file("memory", "memory.failcnt"), 0)
         if "cpuacct" in self.dirs:
-            cgroupfs.write(self.dirs["cpuacct"] / "cpuacct.usage", 0)
-        self.baseline = cgroupfs.read_int(memory / "memory.usage_in_bytes") or 0
+            self.kept.write(self.file("cpuacct", "cpuacct.usage"), 0)
+        self.baseline = self._read_int("memory", "memory.usage_in_bytes") or 0
         if limits.memory_bytes is not None:
             log.debug("slot %s: baseline %d bytes (the zygote's charges, leftovers): the limit"
                       " is the task's plus it", memory, self.baseline)  # fmt: skip
             self._write_memory_limit(memory, limits.memory_bytes + self.baseline)
-        self._oom_base = cgroupfs.read_keyed(memory / "memory.oom_control").get("oom_kill", 0)
+        oom = cgroupfs.read_keyed(self.file("memory", "memory.oom_control"), self.kept)
+        self._oom_base = oom.get("oom_kill", 0)
         self._throttle_base = self._throttling()
         if "pids" in self.dirs and limits.max_processes is not None:
-            cgroupfs.write(
-                self.dirs["pids"] / "pids.max", limits.max_processes + SLOT_OVERHEAD_PROCESSES
-            )
+            pids_max = limits.max_processes + SLOT_OVERHEAD_PROCESSES
+            self.kept.write(self.file("pids", "pids.max"), pids_max)
             self._pids_base = self._pids_refused()
         if self.event_fd is None and limits.memory_bytes is not None:
             self.event_fd = self._oom_eventfd(memory)
@@ -97,16 +99,18 @@ class SlotSandbox(CgroupV1Sandbox):
     def _write_memory_limit(self, memory: Path, limit: int) -> None:
         if limit == self._limit_written:
             return
-        memsw = memory / "memory.memsw.limit_in_bytes"
-        has_memsw = memsw.exists()
+        memsw = self.file("memory", "memory.memsw.limit_in_bytes")
+        if self._has_memsw is None:  # swap accounting does not come and go under a slot
+            self._has_memsw = memsw.exists()
+        has_memsw = self._has_memsw
         # memory.limit_in_bytes may never exceed memsw: raise memsw first, lower it last (a new
         # cgroup's limits are unlimited: the first write lowers them).
         raising = self._limit_written is not None and limit > self._limit_written
         if has_memsw and raising:
-            cgroupfs.write(memsw, limit)
-        cgroupfs.write(memory / "memory.limit_in_bytes", limit)
+            self.kept.write(memsw, limit)
+        self.kept.write(self.file("memory", "memory.limit_in_bytes"), limit)
         if has_memsw and not raising:
-            cgroupfs.write(memsw, limit)
+            self.kept.write(memsw, limit)
         self._limit_written = limit
 
     def attach(self, pid: int) -> None:
@@ -117,13 +121,10 @@ class SlotSandbox(CgroupV1Sandbox):
         return [pid for pid in super()._members() if pid != self.zygote]
 
     def _pids_refused(self) -> int:
-        return cgroupfs.read_keyed(self.dirs["pids"] / "pids.events").get("max", 0)
+        return cgroupfs.read_keyed(self.file("pids", "pids.events"), self.kept).get("max", 0)
 
     def collect(self) -> Usage:
-        usage = super().collect()
-        memory = self.dirs["memory"]
-        oom = cgroupfs.read_keyed(memory / "memory.oom_control").get("oom_kill", 0)
-        usage.oom_killed = oom > self._oom_base
+        usage = super().collect()  # oom_killed: oom_kill above _oom_base, read in begin()
         if usage.peak_memory_bytes is not None:
             usage.peak_memory_bytes = max(0, usage.peak_memory_bytes - self.baseline)
         if usage.cpu_throttled_periods is not None:  # cpu.stat counts since the slot was made
@@ -136,7 +137,7 @@ class SlotSandbox(CgroupV1Sandbox):
     def _throttling(self) -> dict[str, int]:
         if self.limits.cpu_quota is None or "cpu" not in self.dirs:
             return {}
-        return cgroupfs.read_keyed(self.dirs["cpu"] / "cpu.stat")
+        return cgroupfs.read_keyed(self.file("cpu", "cpu.stat"), self.kept)
 
     def _forks_refused(self) -> bool:
         if "pids" not in self.dirs or self.limits.max_processes is None:
@@ -152,7 +153,7 @@ class SlotSandbox(CgroupV1Sandbox):
         self.namespace = self.zygote = None
         # Sub-cgroups the task made (collect() has emptied them): the next task starts clean.
         for path in self.paths:
-            for sub in (child for child in path.iterdir() if child.is_dir()):
+            for sub in cgroupfs.subdirs(path):
                 with contextlib.suppress(OSError):
                     cgroupfs.remove_tree(sub, attempts=50)
         self._free.append(self)
@@ -160,5 +161,6 @@ class SlotSandbox(CgroupV1Sandbox):
     def destroy(self) -> None:
         """The backend is closing and the slot's zygote has gone: remove the directories."""
         self._close_event_fd()
+        self.kept.close()
         for path in self.paths:
             cgroupfs.remove_or_defer(path, attempts=50)

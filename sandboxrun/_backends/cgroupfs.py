@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -66,7 +67,7 @@ def mounts() -> list[Mount]:
     return found
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path | str) -> bytes:
     # os.open/os.read rather than Path.read_text (no TextIOWrapper, no codec lookup): several
     # times cheaper, and the manager reads a handful of these files for every task.
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -79,22 +80,59 @@ def _read_bytes(path: Path) -> bytes:
     return b"".join(chunks)
 
 
+class OpenFiles:
+    """Counter files of a reused cgroup (a slot) kept open: read with pread(2) from offset 0,
+    where a seq_file makes its content afresh, and written with write(2) (cgroupfs parses
+    each write on its own, at any offset). An open and a close less per access, every value
+    still the kernel's of the moment. Never for ``cgroup.procs`` (see ``pids``)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[tuple[Path, int], int] = {}
+
+    def _fd(self, path: Path, flags: int) -> int:
+        fd = self._fds.get((path, flags))
+        if fd is None:
+            fd = self._fds[path, flags] = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+        return fd
+
+    def read(self, path: Path) -> bytes:
+        if sys.platform == "win32":  # no pread(2), and no cgroups either
+            raise OSError(errno.ENOSYS, f"cannot read {path}: no cgroups on Windows")
+        fd = self._fd(path, os.O_RDONLY)
+        chunks = [os.pread(fd, 65536, 0)]
+        offset = len(chunks[0])
+        while chunks[-1]:
+            chunks.append(os.pread(fd, 65536, offset))
+            offset += len(chunks[-1])
+        return b"".join(chunks)
+
+    def write(self, path: Path, value: str | int) -> None:
+        log.debug("write %s <- %s", path, value)
+        os.write(self._fd(path, os.O_WRONLY), str(value).encode())
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+
 def read(path: Path) -> str:
-    return _read_bytes(path).decode().strip()
+    return read_bytes(path).decode().strip()
 
 
-def read_int(path: Path) -> int | None:
+def read_int(path: Path, files: OpenFiles | None = None) -> int | None:
     try:
-        return int(read(path))
+        return int(files.read(path) if files is not None else read_bytes(path))
     except (OSError, ValueError):
         return None
 
 
-def read_keyed(path: Path) -> dict[str, int]:
+def read_keyed(path: Path, files: OpenFiles | None = None) -> dict[str, int]:
     """A flat-keyed file such as ``memory.events`` or ``memory.oom_control``."""
     values: dict[str, int] = {}
     try:
-        text = _read_bytes(path).decode()
+        text = (files.read(path) if files is not None else read_bytes(path)).decode()
     except OSError:
         return values
     for line in text.splitlines():
@@ -115,8 +153,10 @@ def write(path: Path, value: str | int) -> None:
 
 
 def pids(path: Path) -> list[int]:
+    # Opened afresh each time, never kept open and re-read: a v1 cgroup.procs fd caches its
+    # pid list (cgroup_pidlist_start reuses it, for up to a second) where a new open does not.
     try:
-        return [int(line) for line in _read_bytes(path / "cgroup.procs").split()]
+        return [int(line) for line in read_bytes(f"{path}/cgroup.procs").split()]
     except (OSError, ValueError):
         return []
 
@@ -149,7 +189,7 @@ def remove_tree(path: Path, attempts: int = 200) -> None:
     """Remove ``path`` and every cgroup below it, deepest first (a task may have made some)."""
     if not path.is_dir():
         return
-    for child in sorted((p for p in path.iterdir() if p.is_dir()), reverse=True):
+    for child in sorted(subdirs(path), reverse=True):
         remove_tree(child, attempts)
     remove(path, attempts)
 
@@ -249,13 +289,29 @@ def runner_dir_name() -> str:
     return f"{RUNNER_PREFIX}{os.getpid()}-{os.urandom(3).hex()}"
 
 
+def subdirs(path: Path) -> list[Path]:
+    """The cgroups directly below ``path`` ([] if it is gone).
+
+    The manager asks this of every task's cgroups (a task may have made sub-cgroups), and a
+    task almost never has any. A cgroupfs directory's link count is 2 plus its subdirectories
+    (kernfs keeps it, as ext4 does): exactly 2 means none, for one stat() instead of a listing
+    and a stat() of each of the ~35 files a v1 memory cgroup holds. Any other count lists,
+    with the entry types the listing gives (no stat per entry).
+    """
+    try:
+        if os.stat(path).st_nlink == 2:
+            return []
+        with os.scandir(path) as entries:
+            return [path / entry.name for entry in entries if entry.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
 def walk(path: Path) -> list[Path]:
     """``path`` and every directory below it, parents before children."""
     found = [path]
-    with contextlib.suppress(OSError):
-        for child in path.iterdir():
-            if child.is_dir():
-                found += walk(child)
+    for child in subdirs(path):
+        found += walk(child)
     return found
 
 

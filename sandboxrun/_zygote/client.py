@@ -33,6 +33,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Mapping
 
+from .._backends.cgroupfs import read_bytes  # raw os.read: cheaper than a buffered open()
 from . import wire
 from .server import Preparation, Request
 
@@ -223,10 +224,9 @@ def _is_our_child(pidfd: int, pid: int, zygote: int) -> bool:
 def _pidfd_pid(fd: int) -> int | None:
     """The pid a pidfd refers to (-1 once reaped), from ``/proc/self/fdinfo``; None: no pidfd."""
     try:
-        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as info:
-            for line in info:
-                if line.startswith("Pid:"):
-                    return int(line.split()[1])
+        for line in read_bytes(f"/proc/self/fdinfo/{fd}").splitlines():
+            if line.startswith(b"Pid:"):
+                return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
     return None
@@ -234,8 +234,7 @@ def _pidfd_pid(fd: int) -> int | None:
 
 def _parent_of(pid: int) -> int | None:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return int(stat.read().rsplit(b")", 1)[1].split()[1])
+        return int(read_bytes(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
         return None  # already reaped: the zygote did not wait for its STARTED to be read
 
