@@ -4,8 +4,11 @@ A library of ordered steps the launcher calls; see docs/security.md for what eac
 
     manager:  resolve(isolation=...) -> Isolation        (profile.py, portable)
               build_environment(profile, env)            (environment.py, portable)
+    zygote:   prepare_view(profile)                      (_view.py: what is not per task, built
+                                                          once in a mount namespace it holds)
     PID 1:    setup_namespaces_and_mounts(profile)       (_mounts.py: root, in the task's pid
-                                                          namespace and cgroups, one thread)
+                                                          namespace and cgroups, one thread;
+                                                          a copy of the view, then /proc, /tmp)
     PID 2:    drop_privileges(profile, slot)             (_privileges.py: just before task code)
     doctor:   probe() -> {measure: True | why not}       (_probe.py: in a throwaway child)
 
@@ -23,7 +26,7 @@ from .environment import build_environment, matcher, replace_environment
 from .profile import DEFAULT, NONE, PROFILES, STRICT, Isolation, resolve
 
 if sys.platform.startswith("linux"):
-    from ._mounts import IsolationError, setup_namespaces_and_mounts
+    from ._mounts import IsolationError, prepare_view, setup_namespaces_and_mounts
     from ._privileges import drop_privileges
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "choose",
     "describe",
     "drop_privileges",
+    "prepare_view",
     "probe",
     "replace_environment",
     "resolve",

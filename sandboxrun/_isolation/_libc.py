@@ -59,6 +59,10 @@ def unshare(flags: int) -> None:
     _check(_LIBC.unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
 
 
+def setns(fd: int, nstype: int) -> None:
+    _check(_LIBC.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"setns({fd}, {nstype:#x})")
+
+
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
     def raw(text: str | None) -> bytes | None:
         return None if text is None else os.fsencode(text)
