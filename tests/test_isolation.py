@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import inspect
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ from sandboxrun import _transport as transport
 from sandboxrun._isolation import DEFAULT, NONE, STRICT, build_environment, probe, resolve
 from sandboxrun._isolation.profile import DEFAULT_UID_BASE, Isolation
 
+from . import isolated
 from .conftest import _writable_runs_folder
 from .isolated import run_isolated
 
@@ -123,6 +125,31 @@ def clone3_into(cgroup_dir: str) -> str:
 
 
 # --- fixtures --------------------------------------------------------------------------------
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that runs an attack through ``run_isolated`` runs it twice: PID 1 entering a
+    prepared view (the zygote's way) and building its whole view itself (fork, non-root)."""
+    if "view" in metafunc.fixturenames and "run_isolated" in inspect.getsource(metafunc.function):
+        metafunc.parametrize("view", ["prepared view", "per task"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def view(request: pytest.FixtureRequest) -> str:
+    mode: str = getattr(request, "param", "prepared view")
+    isolated.PREPARED_VIEW = mode == "prepared view"
+    if not isolated.PREPARED_VIEW:
+        _forget_views()
+    return mode
+
+
+def _forget_views() -> None:
+    from sandboxrun._isolation import _mounts, _view
+
+    if _view._views is not None:
+        _view._views.close()
+        _view._views = None
+    _mounts._KEPT.clear()
 
 
 @pytest.fixture
@@ -654,3 +681,76 @@ def test_non_root_manager_gets_a_user_namespace(scratch: list[Path]) -> None:
     assert found["socket"] == ["ok", "raised"]  # nobody reaches root's socket, then not
     assert found["isolated"] == found["none"] == "ok"
     assert found["left"] == [False, False] and found["left_by_none"] == [True, True]
+
+
+# --- the zygote's prepared view (built once, a private copy per task) ----------------------
+
+
+def mount_namespace_and_listings(*folders: str) -> tuple[int, list[list[str]]]:
+    return os.stat("/proc/self/ns/mnt").st_ino, [sorted(os.listdir(f)) for f in folders]
+
+
+def _umount(path: Path) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(str(path)), 2) != 0:  # MNT_DETACH
+        raise OSError(ctypes.get_errno(), f"umount2 {path}")
+
+
+def _view_inode(profile: Isolation) -> int:
+    from sandboxrun._isolation import _view
+
+    assert _view._views is not None and profile in _view._views.fds, "no view was prepared"
+    return os.stat(f"/proc/self/fd/{_view._views.fds[profile]}").st_ino
+
+
+def test_prepared_view_is_held_and_each_task_gets_a_copy(view: str) -> None:
+    if view != "prepared view":
+        pytest.skip("about the prepared view only")
+    name = f"sandboxrun-leftover-{uuid.uuid4().hex}"
+    assert run_isolated(DEFAULT, leave_files, name) == ("ok", "written")
+    held = _view_inode(DEFAULT)
+    first = run_isolated(DEFAULT, mount_namespace_and_listings, "/tmp", "/dev/shm")
+    second = run_isolated(DEFAULT, mount_namespace_and_listings, "/tmp", "/dev/shm")
+    assert first[0] == "ok" and second[0] == "ok", (first, second)
+    assert _view_inode(DEFAULT) == held  # the same view served all three tasks
+    namespaces = {first[1][0], second[1][0], held, os.stat("/proc/self/ns/mnt").st_ino}
+    assert len(namespaces) == 4, namespaces  # each task its own copy, none the view itself
+    for listing in (*first[1][1], *second[1][1]):
+        assert name not in listing, listing  # nothing of one task is seen by the next
+
+
+def test_prepared_view_follows_host_mounts_made_later(outside_tmp: Path) -> None:
+    assert run_isolated(DEFAULT, double, 1) == ("ok", 2)  # the view exists from here
+    point = outside_tmp / "mounted-later"
+    point.mkdir()
+    try:
+        _libc_mount = ctypes.CDLL(None, use_errno=True).mount
+        assert _libc_mount(b"tmpfs", os.fsencode(str(point)), b"tmpfs", 0, b"size=1m") == 0
+        try:
+            (point / "seen").write_text("x")
+            assert run_isolated(DEFAULT, os.listdir, str(point)) == ("ok", ["seen"])
+        finally:
+            _umount(point)
+    finally:
+        point.rmdir()
+
+
+def test_prepared_view_hides_a_socket_folder_made_later(outside_tmp: Path) -> None:
+    import dataclasses
+
+    folder = outside_tmp / "sockets"
+    profile = dataclasses.replace(DEFAULT, name="custom",
+                                  hide_sockets=(*DEFAULT.hide_sockets, str(folder)))  # fmt: skip
+    assert run_isolated(profile, double, 1) == ("ok", 2)  # built while the folder is missing
+    folder.mkdir()
+    path = folder / "s.sock"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(str(path))
+            server.listen(8)
+            assert run_isolated(NONE, connect_unix, str(path)) == ("ok", "connected")
+            outcome = run_isolated(profile, connect_unix, str(path))
+            assert _refused(outcome) and "No such file" in outcome[1], outcome
+    finally:
+        path.unlink(missing_ok=True)
+        folder.rmdir()
