@@ -14,6 +14,7 @@ import sys
 assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
 
 import ctypes
+import functools
 import os
 
 CLONE_NEWNS = 0x00020000
@@ -120,6 +121,7 @@ def capset_empty() -> None:
     _check(_LIBC.capset(ctypes.byref(header), data), "capset")
 
 
+@functools.cache  # the kernel's: read once (in the zygote, see _mounts.prepare_view)
 def cap_last_cap() -> int:
     try:
         with open("/proc/sys/kernel/cap_last_cap") as file:

@@ -346,7 +346,8 @@ def prepare_view(profile: Isolation) -> None:
         return
     inputs = view_inputs(profile)
     _view.prepare(profile, view_steps, inputs)
-    _proc_read_only()
+    _proc_read_only()  # read here once, not in every task
+    libc.cap_last_cap()
     if profile.private_tmp and _KEPT.get(profile, (None,))[0] != inputs:
         _KEPT[profile] = (inputs, _kept_readable(profile))
 
