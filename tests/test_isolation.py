@@ -159,7 +159,7 @@ def scratch(request: pytest.FixtureRequest) -> list[Path]:
     yield paths  # type: ignore[misc]
     for path in paths:
         with contextlib.suppress(OSError):
-            path.unlink()
+            path.rmdir() if path.is_dir() else path.unlink()
 
 
 def _refused(outcome: tuple[str, object]) -> bool:
@@ -185,6 +185,26 @@ def test_usr_local_share(scratch: list[Path]) -> None:
     for profile in (DEFAULT, STRICT):
         assert _refused(run_isolated(profile, append_to, str(target)))
     assert target.read_text() == "original\n"
+
+
+def write_here(name: str) -> str:
+    Path(name).write_text("planted")  # relative: through the working directory
+    return "written"
+
+
+def test_usr_through_the_working_directory(scratch: list[Path]) -> None:
+    folder = Path("/usr/local/share", f"sandboxrun-cwd-{uuid.uuid4().hex[:12]}")
+    folder.mkdir(parents=True)
+    scratch += [folder / "planted", folder]
+    here = os.getcwd()
+    os.chdir(folder)  # inherited by the task, as the manager's cwd is
+    try:
+        assert run_isolated(NONE, write_here, "planted") == ("ok", "written")
+        (folder / "planted").unlink()
+        assert _refused(run_isolated(DEFAULT, write_here, "planted"))
+        assert not (folder / "planted").exists()
+    finally:
+        os.chdir(here)
 
 
 def test_sandboxrun_code(scratch: list[Path]) -> None:

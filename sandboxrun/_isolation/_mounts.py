@@ -352,6 +352,17 @@ def prepare_view(profile: Isolation) -> None:
         _KEPT[profile] = (inputs, _kept_readable(profile))
 
 
+def _resolve_cwd_again() -> None:
+    """The working directory by its path through the new mounts: else a task started in
+    /usr/... keeps the writable mount below the read-only bind and writes by relative paths
+    (as the prepared view's setns + chdir does too; the private /tmp comes after, as there)."""
+    try:
+        cwd = os.getcwd()
+    except OSError:  # removed: nothing to resolve
+        return
+    os.chdir(cwd)
+
+
 def _flags(profile: Isolation) -> int:
     flags = libc.CLONE_NEWNS
     flags |= libc.CLONE_NEWIPC if profile.private_ipc else 0
@@ -381,6 +392,7 @@ def setup_namespaces_and_mounts(profile: Isolation) -> None:
         _step("unshare", libc.unshare, _flags(profile))
         _step("private propagation", libc.mount, None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
         view_steps(profile)
+        _step("working directory", _resolve_cwd_again)
     _step("/proc", _proc, profile)
     if profile.private_tmp:
         _step("private /tmp", _private_tmp, profile)
