@@ -25,6 +25,7 @@ import sys
 
 assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
 
+import contextlib
 import fcntl
 import functools
 import logging
@@ -353,14 +354,10 @@ def prepare_view(profile: Isolation) -> None:
 
 
 def _resolve_cwd_again() -> None:
-    """The working directory by its path through the new mounts: else a task started in
-    /usr/... keeps the writable mount below the read-only bind and writes by relative paths
-    (as the prepared view's setns + chdir does too; the private /tmp comes after, as there)."""
-    try:
-        cwd = os.getcwd()
-    except OSError:  # removed: nothing to resolve
-        return
-    os.chdir(cwd)
+    """The cwd by its path through the new mounts, else a task started in /usr/... writes by
+    relative paths to the mount below the read-only bind (the private /tmp comes after)."""
+    with contextlib.suppress(FileNotFoundError):  # a removed cwd: nothing to resolve
+        os.chdir(os.getcwd())
 
 
 def _flags(profile: Isolation) -> int:
