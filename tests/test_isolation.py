@@ -207,6 +207,33 @@ def test_usr_through_the_working_directory(scratch: list[Path]) -> None:
         os.chdir(here)
 
 
+def read_here(name: str) -> str:
+    return Path(name).read_text()
+
+
+@pytest.mark.parametrize("where", ["below", "itself"])
+def test_host_tmp_through_the_working_directory(where: str, scratch: list[Path]) -> None:
+    folder = Path("/tmp", f"sandboxrun-cwd-{uuid.uuid4().hex[:12]}")
+    folder.mkdir()
+    (folder / "input").write_text("readable")
+    scratch += [folder / "planted", folder / "input", folder]
+    start = folder if where == "below" else Path("/tmp")
+    here = os.getcwd()
+    os.chdir(start)
+    try:
+        assert run_isolated(NONE, write_here, "planted") == ("ok", "written")
+        (start / "planted").unlink()
+        outcome = run_isolated(DEFAULT, write_here, "planted")
+        assert not (start / "planted").exists(), outcome  # nothing left in the host's /tmp
+        if where == "below":  # kept visible read-only, as what a task runs from /tmp is
+            assert _refused(outcome), outcome
+            assert run_isolated(DEFAULT, read_here, "input") == ("ok", "readable")
+        else:  # the private /tmp: written there, gone with the task
+            assert outcome == ("ok", "written"), outcome
+    finally:
+        os.chdir(here)
+
+
 def test_sandboxrun_code(scratch: list[Path]) -> None:
     import sandboxrun
 

@@ -244,12 +244,24 @@ def _kept_readable_cached(profile: Isolation) -> list[str]:
 _KEPT: dict[Isolation, tuple[object, list[str]]] = {}
 
 
+def _cwd_below_tmp(covered: list[str]) -> list[str]:
+    """A working directory below /tmp, not in ``covered``: kept visible, read-only, as what the
+    task runs is (the cwd /tmp itself becomes the private one)."""
+    with contextlib.suppress(FileNotFoundError):
+        cwd = os.getcwd()
+        inside = any(cwd == c or cwd.startswith(c.rstrip("/") + "/") for c in covered)
+        if cwd.startswith(_PRIVATE) and not inside:
+            return [cwd]
+    return []
+
+
 def _private_tmp(profile: Isolation) -> None:
     # Paths under /tmp would vanish under the tmpfs: hold them open first, bind them back
     # after (a bind source may be /proc/self/fd/N); the readable ones are then made read-only.
     writable = [p for p in profile.read_write_paths if p.startswith(_PRIVATE)]
     held = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in writable if os.path.isdir(p)}
-    readable = {p: os.open(p, os.O_PATH) for p in _kept_readable_cached(profile)}
+    kept = _kept_readable_cached(profile)
+    readable = {p: os.open(p, os.O_PATH) for p in [*kept, *_cwd_below_tmp([*kept, *held])]}
     try:
         for path in ("/tmp", "/var/tmp", "/dev/shm"):
             if os.path.isdir(path) and not os.path.islink(path):
@@ -264,6 +276,7 @@ def _private_tmp(profile: Isolation) -> None:
         for path in readable:
             if path not in held:
                 make_read_only(path, bind_first=False)
+        _resolve_cwd_again()  # else the task writes into the host's /tmp by relative paths
     finally:
         for fd in (*held.values(), *readable.values()):
             os.close(fd)
