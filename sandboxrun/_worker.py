@@ -182,9 +182,23 @@ def isolate_namespaces(profile: Isolation, result: Connection) -> None:
             _refuse(str(error), result)
 
 
+def isolate_cgroups(profile: Isolation, result: Connection) -> None:
+    """The zygote's PID 1, placed by now (a parent-side attach came before the go frame): the
+    task's own cgroup namespace, for the task it forks next; on failure, no task code."""
+    if sys.platform.startswith("linux"):
+        from . import _isolation
+
+        try:
+            _isolation.isolate_cgroups(profile)
+        except OSError as error:
+            _refuse(f"isolation step 'cgroup namespace' failed: {error}", result)
+
+
 def _isolate(spec: WorkerSpec) -> None:
     """Under fork/spawn the worker builds its namespaces and mounts itself; it is not PID 1 of
-    a namespace of its own (the zygote's tasks are), so the host's /proc stays there."""
+    a namespace of its own (the zygote's tasks are), so the host's /proc stays there. Called
+    after the go frame: a parent-side attach has placed us by then, and the cgroup namespace
+    must be rooted at the task's cgroup, not at the manager's."""
     if sys.platform.startswith("linux") and spec.isolation is not None:
         from . import _isolation
 
@@ -192,6 +206,7 @@ def _isolate(spec: WorkerSpec) -> None:
         try:
             if not spec.isolation_prepared:
                 _isolation.setup_namespaces_and_mounts(profile)
+                _isolation.isolate_cgroups(profile)
                 _isolation.replace_environment(_isolation.build_environment(profile))
             _isolation.drop_privileges(profile, spec.slot)
         except OSError as error:
@@ -251,11 +266,11 @@ def main(spec: WorkerSpec) -> None:
     enter_sandbox(spec.enter_files, spec.result)
     if spec.options.subreaper:
         _linux.become_subreaper()
-    if spec.isolation is not None and spec.isolation.enabled:
-        _isolate(spec)
     payload = spec.payload
     if spec.control is not None:  # wait for the go frame (and the task, under spawn/forkserver)
         payload = read_go_frame(spec.control)
+    if spec.isolation is not None and spec.isolation.enabled:
+        _isolate(spec)
     # From here on we are inside the sandbox.
     if spec.cpu_time_seconds is not None:
         _set_cpu_limit(spec.cpu_time_seconds)

@@ -97,7 +97,7 @@ echo "vm-test.sh: guest kernel $(uname -r), $(python3 -V), $(systemctl --version
   "$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')s"
 
 pytest=(python3 -m pytest -p no:cacheprovider -q -ra --timeout="$test_timeout")
-systemd_only=(tests/test_fault_matrix.py tests/test_kernel.py tests/test_systemd.py
+systemd_only=(tests/test_fault_matrix.py tests/test_kernel.py tests/test_systemd.py tests/test_isolation.py
               -k "systemd or auto_picks or no_cgroup_left")
 summary=() status=0
 step() {  # step NAME COMMAND...: run it, remember how it ended

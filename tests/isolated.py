@@ -27,7 +27,7 @@ from sandboxrun._isolation import Isolation
 PREPARED_VIEW = True
 
 if sys.platform.startswith("linux"):
-    from sandboxrun._isolation import _libc
+    from sandboxrun._isolation import _libc, isolate_cgroups
     from sandboxrun._isolation._mounts import (
         enter_user_namespace,
         prepare_view,
@@ -57,6 +57,7 @@ def _pid1(profile: Isolation, slot: int, func: Callable[..., Any], args: tuple[A
           write_fd: int) -> None:  # fmt: skip
     try:
         setup_namespaces_and_mounts(profile)
+        isolate_cgroups(profile)  # the launchers' order: after the mounts, before the task
     except OSError as error:
         os.write(write_fd, pickle.dumps(("setup failed", str(error))))
         return

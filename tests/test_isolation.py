@@ -124,6 +124,25 @@ def clone3_into(cgroup_dir: str) -> str:
     return os.read(read_fd, 4096).decode()
 
 
+def _cgroup2_point() -> str:
+    from sandboxrun._isolation._cgroupns import cgroup2_mount_points
+
+    return cgroup2_mount_points()[0]
+
+
+def read_cgroup_view() -> tuple[str, list[str]]:
+    """What the task sees of cgroup v2: its /proc/self/cgroup line and the sub-cgroups of the
+    cgroup2 mount's root."""
+    line = next(x for x in Path("/proc/self/cgroup").read_text().splitlines() if x[:3] == "0::")
+    root = Path(_cgroup2_point())
+    return line, sorted(p.name for p in root.iterdir() if p.is_dir())
+
+
+def make_sub_cgroup() -> str:
+    Path(_cgroup2_point(), "escape").mkdir()
+    return "made"
+
+
 # --- fixtures --------------------------------------------------------------------------------
 
 
@@ -472,14 +491,22 @@ def v2_pair() -> tuple[Path, Path]:
 
 
 def test_clone3_into_cgroup_v2(v2_pair: tuple[Path, Path]) -> None:
-    """The measured hole: CLONE_INTO_CGROUP ignores a read-only cgroupfs. A different uid (which
-    owns no cgroup file) stops it; a capless uid 0 does not (docs/security.md, open on v2)."""
+    """The measured hole: CLONE_INTO_CGROUP ignores a read-only cgroupfs, and a capless uid 0
+    may write every cgroup.procs. The task's own cgroup namespace, with cgroup2 remounted to
+    show only its cgroup, leaves it no other cgroup to name (default and strict); under strict
+    its uid owns no cgroup file either. Runs on this host's empty cgroup2 (no nsdelegate)."""
     a, b = v2_pair
     enter = [str(a / "cgroup.procs")]
     assert "/b" in run_isolated(NONE, clone3_into, str(b), enter=enter)[1]
-    outcome = run_isolated(STRICT, clone3_into, str(b), enter=enter)
-    assert _refused(outcome) and "Permission denied" in outcome[1], outcome
-    assert (b / "cgroup.procs").read_text() == ""
+    for profile in (DEFAULT, STRICT):
+        outcome = run_isolated(profile, clone3_into, str(b), enter=enter)
+        assert _refused(outcome) and "No such file" in outcome[1], (profile.name, outcome)
+        assert (b / "cgroup.procs").read_text() == ""
+    # Through any path it can still name: only its own cgroup, and no sub-cgroup to make.
+    assert run_isolated(DEFAULT, read_cgroup_view, enter=enter)[1] == ("0::/", [])
+    outcome = run_isolated(DEFAULT, make_sub_cgroup, enter=enter)
+    assert _refused(outcome) and "Read-only" in outcome[1], outcome
+    assert not (a / "escape").exists()
 
 
 # --- the profile and the environment (portable parts) --------------------------------------
@@ -690,9 +717,12 @@ sys.path.insert(0, {root!r})
 from sandboxrun import _transport as transport
 from sandboxrun._isolation import DEFAULT, NONE, probe
 from tests.isolated import run_isolated
-from tests.test_isolation import connect_unix, leave_files
+from tests.test_isolation import clone3_into, connect_unix, leave_files
+pair = {pair!r}
+clone3 = [run_isolated(p, clone3_into, pair[1]) for p in (NONE, DEFAULT)] if pair else None
 print(json.dumps({{
     "probe": probe(),
+    "clone3": clone3,
     "socket": [run_isolated(p, connect_unix, {sock!r})[0] for p in (NONE, DEFAULT)],
     "isolated": run_isolated(DEFAULT, leave_files, {name!r})[0],
     "left": [os.path.exists(d + "/" + {name!r}) for d in ("/tmp", "/dev/shm")],
@@ -702,7 +732,36 @@ print(json.dumps({{
 """
 
 
-def test_non_root_manager_gets_a_user_namespace(scratch: list[Path]) -> None:
+@pytest.fixture
+def nobody_v2_pair() -> tuple[str, str] | None:
+    """Two cgroup2 directories delegated to nobody (a non-root manager's own subtree, as
+    systemd's Delegate= gives it), or None where there is no cgroup2 to make them in."""
+    from sandboxrun._backends import cgroupfs
+
+    own = cgroupfs.own_cgroups().get("")
+    point = next((p for kind, p, _ in cgroupfs.mounts() if kind == "cgroup2"), None)
+    if own is None or point is None:
+        yield None
+        return
+    runner = point / own.lstrip("/") / f"sandboxrun-isotest-nobody-{os.getpid()}"
+    pair = runner / "a", runner / "b"
+    try:
+        for directory in pair:
+            directory.mkdir(parents=True)
+        for directory in (runner, *pair):  # the delegatee owns the dirs and their procs files
+            os.chown(directory, 65534, 65534)
+            os.chown(directory / "cgroup.procs", 65534, 65534)
+    except OSError:
+        _remove_cgroups(*pair, runner)
+        yield None
+        return
+    yield str(pair[0]), str(pair[1])
+    _remove_cgroups(*pair, runner)
+
+
+def test_non_root_manager_gets_a_user_namespace(
+    scratch: list[Path], nobody_v2_pair: tuple[str, str] | None
+) -> None:
     import json
     import shutil
 
@@ -711,14 +770,17 @@ def test_non_root_manager_gets_a_user_namespace(scratch: list[Path]) -> None:
     name = f"sandboxrun-nobody-{uuid.uuid4().hex}"
     path = Path("/run", f"sandboxrun-test-{uuid.uuid4().hex[:12]}.sock")
     scratch += [path, Path("/tmp", name), Path("/dev/shm", name)]
-    script = _AS_NOBODY.format(root=str(Path(__file__).parents[1]), sock=str(path), name=name)
+    script = _AS_NOBODY.format(root=str(Path(__file__).parents[1]), sock=str(path), name=name,
+                               pair=nobody_v2_pair)  # fmt: skip
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
         server.bind(str(path))
         os.chmod(path, 0o777)
         server.listen(8)
+        # Placed in its delegated cgroup "a" by root first (as systemd would start it there).
+        place = f'echo $$ > "{nobody_v2_pair[0]}/cgroup.procs"; ' if nobody_v2_pair else ""
         done = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-             sys.executable, "-c", script],
+            ["sh", "-c", place + 'exec "$@"', "sh", "setpriv", "--reuid=65534", "--regid=65534",
+             "--clear-groups", sys.executable, "-c", script],
             capture_output=True, text=True, timeout=60, env={"PATH": os.environ["PATH"]},
         )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -728,6 +790,43 @@ def test_non_root_manager_gets_a_user_namespace(scratch: list[Path]) -> None:
     assert found["socket"] == ["ok", "raised"]  # nobody reaches root's socket, then not
     assert found["isolated"] == found["none"] == "ok"
     assert found["left"] == [False, False] and found["left_by_none"] == [True, True]
+    if nobody_v2_pair is not None:  # its own delegated cgroups: "none" moves, "default" cannot
+        (kind, where), (refused, why) = found["clone3"]
+        assert kind == "ok" and "/b" in where, found["clone3"]
+        assert refused == "raised" and "No such file" in why, found["clone3"]
+
+
+def cgroup_v2_line() -> str:
+    return next(x for x in Path("/proc/self/cgroup").read_text().splitlines() if x[:3] == "0::")
+
+
+@pytest.mark.parametrize("method", ["fork", *(["zygote"] if _zygote_available() else [])])
+def test_manager_task_cannot_clone3_into_another_cgroup(
+    kernel_backend: str, method: str, v2_pair: tuple[Path, Path]
+) -> None:
+    """The attack through a real manager, where the limits live on cgroup v2 (the guest's
+    cgroup_v2 and systemd backends): a root task's clone3(CLONE_INTO_CGROUP) into a cgroup
+    beside its own lands there under "none", and finds no such cgroup under "default"."""
+    from sandboxrun import ProcessManager, Task
+
+    _, b = v2_pair
+    if kernel_backend not in ("cgroup_v2", "systemd"):
+        pytest.skip(f"{kernel_backend}: the limits are not on cgroup v2 (its cgroup2 is empty)")
+    outcomes = {}
+    for isolation in ("none", "default"):
+        manager = ProcessManager(2, 20, backend=kernel_backend, isolation=isolation,
+                                 start_method=method)  # type: ignore[arg-type]  # fmt: skip
+        with manager as pm:
+            pm.queue_task(Task(clone3_into, (str(b),)))
+            pm.queue_task(Task(cgroup_v2_line))
+        results = {r.task.func.__name__: r for r in pm.task_results}
+        outcomes[isolation] = results
+    escaped = outcomes["none"]["clone3_into"]
+    assert escaped.success and "/b" in escaped.result, escaped
+    refused = outcomes["default"]["clone3_into"]
+    assert not refused.success and isinstance(refused.exception, FileNotFoundError), refused
+    assert outcomes["default"]["cgroup_v2_line"].result == "0::/"  # its own namespace's root
+    assert (b / "cgroup.procs").read_text() == ""
 
 
 # --- the zygote's prepared view (built once, a private copy per task) ----------------------

@@ -9,6 +9,8 @@ A library of ordered steps the launcher calls; see docs/security.md for what eac
     PID 1:    setup_namespaces_and_mounts(profile)       (_mounts.py: root, in the task's pid
                                                           namespace and cgroups, one thread;
                                                           a copy of the view, then /proc, /tmp)
+              isolate_cgroups(profile)                   (_cgroupns.py: once the manager has
+                                                          placed us, just before the task's fork)
     PID 2:    drop_privileges(profile, slot)             (_privileges.py: just before task code)
     doctor:   probe() -> {measure: True | why not}       (_probe.py: in a throwaway child)
 
@@ -26,6 +28,7 @@ from .environment import build_environment, matcher, replace_environment
 from .profile import DEFAULT, NONE, PROFILES, STRICT, Isolation, resolve
 
 if sys.platform.startswith("linux"):
+    from ._cgroupns import enter_cgroup_namespace
     from ._mounts import IsolationError, prepare_view, setup_namespaces_and_mounts
     from ._privileges import drop_privileges
 
@@ -40,6 +43,7 @@ __all__ = [
     "choose",
     "describe",
     "drop_privileges",
+    "isolate_cgroups",
     "prepare_view",
     "probe",
     "replace_environment",
@@ -56,12 +60,19 @@ _NEEDS: dict[str, Callable[[Isolation, bool], bool]] = {
     "private_tmp": lambda p, root: p.private_tmp,
     "read_only_system": lambda p, root: p.protect_system is not None,
     "protect_kernel_tunables": lambda p, root: p.protect_kernel_tunables,
+    "cgroup_namespace": lambda p, root: p.private_cgroups,
     "network_namespace": lambda p, root: p.private_network,
     "loopback": lambda p, root: p.private_network,
     "drop_capabilities": lambda p, root: p.drop_capabilities,
     "no_new_privileges": lambda p, root: p.no_new_privileges,
     "slot_uid_reads_python": lambda p, root: root and p.user is not None,
 }
+
+
+def isolate_cgroups(profile: Isolation) -> None:
+    """The task's own cgroup namespace and cgroupfs view (``private_cgroups``), where on."""
+    if sys.platform.startswith("linux") and profile.enabled and profile.private_cgroups:
+        enter_cgroup_namespace()
 
 
 def probe(refresh: bool = False) -> dict[str, bool | str]:

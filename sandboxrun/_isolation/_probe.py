@@ -18,8 +18,8 @@ import os
 import time
 from collections.abc import Callable
 
+from . import _cgroupns, _mounts, _privileges
 from . import _libc as libc
-from . import _mounts, _privileges
 from .profile import DEFAULT_UID_BASE
 
 _PROBE_SECONDS = 10.0
@@ -56,6 +56,7 @@ def _steps(root: bool) -> list[tuple[str, Callable[[], object]]]:
         ("read_only_system", lambda: _mounts.make_read_only("/usr")),
         ("fresh_proc", lambda: libc.mount("proc", "/proc", "proc", libc.MS_NOSUID)),
         ("protect_kernel_tunables", lambda: _mounts.make_read_only("/proc/sys")),
+        ("cgroup_namespace", _cgroupns.enter_cgroup_namespace),
         ("network_namespace", lambda: libc.unshare(libc.CLONE_NEWNET)),
         ("loopback", _mounts.loopback_up),
         ("drop_capabilities", _privileges.drop_bounding_set if root else libc.capset_empty),

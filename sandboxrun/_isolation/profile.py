@@ -5,7 +5,8 @@ Linux step modules (``_mounts``, ``_privileges``) act on it. The three built-in 
 
 - ``"none"``: today's behaviour (the task shares the manager's namespaces, uid and files).
 - ``"default"``: ``ProtectSystem=full`` (``/usr``, ``/etc``, ``/boot``, the Python installation
-  and sandboxrun's own code read-only), ``ProtectKernelTunables``, ``ProtectControlGroups``,
+  and sandboxrun's own code read-only), ``ProtectKernelTunables``, ``ProtectControlGroups``
+  (``=strict``: its own cgroup namespace, cgroupfs showing only its cgroup),
   ``PrivateTmp`` (with ``/dev/shm``), ``PrivateIPC``, the system's socket directories hidden,
   every capability dropped, ``NoNewPrivileges``, ``LimitCORE=0``, an allowlisted environment.
   Other paths keep the manager's view, so a task writing its output next to its input works.
@@ -46,6 +47,9 @@ class Isolation:
     protect_system: ProtectSystem | None = "full"
     protect_kernel_tunables: bool = True  # /sys, /proc/sys, /proc/sysrq-trigger read-only
     protect_control_groups: bool = True  # /sys/fs/cgroup read-only
+    # Own cgroup namespace, cgroup2 remounted to show only the task's cgroup (systemd 257's
+    # ProtectControlGroups=strict): a root task cannot name another cgroup for CLONE_INTO_CGROUP.
+    private_cgroups: bool = True
     private_tmp: bool = True  # tmpfs on /tmp, /var/tmp, /dev/shm (gone with the task)
     private_ipc: bool = True  # own SysV IPC and POSIX mqueue namespace
     private_network: bool = False  # own network namespace, loopback only
@@ -105,8 +109,8 @@ class Isolation:
 
 NONE = Isolation(
     name="none", protect_system=None, protect_kernel_tunables=False, protect_control_groups=False,
-    private_tmp=False, private_ipc=False, hide_sockets=(), no_new_privileges=False,
-    drop_capabilities=False, environment=None, core=None,
+    private_cgroups=False, private_tmp=False, private_ipc=False, hide_sockets=(),
+    no_new_privileges=False, drop_capabilities=False, environment=None, core=None,
 )  # fmt: skip
 DEFAULT = Isolation(name="default")
 STRICT = Isolation(name="strict", protect_system="strict", private_network=True, user="slot")

@@ -12,9 +12,11 @@ Order (each step before the next for a reason):
   1. close the zygote's fds        the task must not talk to the zygote or read other statuses
   2. PR_SET_PDEATHSIG              a dead zygote takes the namespace with it
   3. enter the cgroups             before anything of the task's exists (PID 2 is born inside)
+     namespaces and mounts         (_isolation) while we are root and alone
   4. fork PID 2 -> _worker.main    the task, which waits for the go frame (the pickled task)
                                    -- or, when the manager places PID 1 itself (a parent-side
                                    attach), PID 1 reads the go frame first and forks after it
+                                   -- with its own cgroup namespace, rooted where we are placed
   5. wait; write PID 2's status; _exit
 """
 
@@ -37,7 +39,6 @@ from . import wire
 
 if TYPE_CHECKING:
     from .server import Request
-
 
 
 def run(request: Request, fds: list[int], status_w: int, close: tuple[int, ...]) -> NoReturn:
@@ -65,6 +66,8 @@ def run(request: Request, fds: list[int], status_w: int, close: tuple[int, ...])
         payload = b""
         if not request.fork_before_go:
             payload = _worker.read_go_frame(control)
+        if request.isolation is not None:  # placed by now: the namespace's root is the task's
+            _worker.isolate_cgroups(request.isolation, result)
         task = os.fork()
         if task == 0:
             _run_task(request, result, None if payload else control, payload, status_w)
