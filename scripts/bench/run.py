@@ -40,7 +40,7 @@ def sizes(quick: bool) -> dict[str, Any]:
             "cpu_overhead": {"n": 20, "rounds": 2},
             "cpu_kill": {"runs": 1},
             "launch": {"n": 30, "heap_mib": 50},
-            "isolation": {"n": 20, "rounds": 1},
+            "isolation": {"n": 10, "rounds": 1},
         }
     return {
         "rounds": 3,
