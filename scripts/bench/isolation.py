@@ -62,12 +62,17 @@ def _tree_cpu() -> Iterator[tuple[str, Callable[[], float]]]:
         yield "this tree (cpuacct.usage)", lambda: int(usage.read_text()) / 1e9
     finally:
         assert own is not None
-        (own / "cgroup.procs").write_text("0")
-        for _ in range(500):  # the tasks' exits may still be counted for a moment (EBUSY)
-            with contextlib.suppress(OSError):
+        for _ in range(500):  # EBUSY while a process is inside or a task's exit is counted
+            # Ours and what still lives of our children (multiprocessing's resource tracker
+            # lives until this interpreter ends) back where they were, then the directory.
+            for pid in ["0", *(group / "cgroup.procs").read_text().split()]:
+                with contextlib.suppress(OSError):  # gone meanwhile
+                    (own / "cgroup.procs").write_text(pid)
+            try:
                 group.rmdir()
                 break
-            time.sleep(0.01)
+            except OSError:
+                time.sleep(0.01)
 
 
 def _batch(backend: str, isolation: str, n: int, busy: Callable[[], float]) -> dict[str, float]:
