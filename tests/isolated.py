@@ -1,12 +1,15 @@
 """A stand-in for the launcher in the isolation tests: the steps in their real order.
 
+    [test, as the zygote: prepare_view(profile), held across calls]
     test --fork--> child: [enter cgroups] unshare(NEWPID) --fork--> PID 1 (root):
         setup_namespaces_and_mounts(profile) --fork--> PID 2: drop_privileges(profile, slot),
         then ``func(*args)``; its pickled ("ok", value) / ("raised", repr) comes back on a pipe.
 
 Hostile code runs only in PID 2. The test process is the "manager" only for what it owns
 (files, sockets, a victim process); attacks on a real manager go through ProcessManager in a
-subprocess with a watchdog.
+subprocess with a watchdog. ``PREPARED_VIEW`` (set per test by test_isolation's ``view``
+fixture): PID 1 enters the test process's prepared view, as under the zygote, or builds its
+whole view itself, as under fork and for a non-root manager.
 """
 
 from __future__ import annotations
@@ -21,9 +24,15 @@ from typing import Any
 
 from sandboxrun._isolation import Isolation
 
+PREPARED_VIEW = True
+
 if sys.platform.startswith("linux"):
     from sandboxrun._isolation import _libc, isolate_cgroups
-    from sandboxrun._isolation._mounts import enter_user_namespace, setup_namespaces_and_mounts
+    from sandboxrun._isolation._mounts import (
+        enter_user_namespace,
+        prepare_view,
+        setup_namespaces_and_mounts,
+    )
     from sandboxrun._isolation._privileges import drop_privileges
     from sandboxrun._isolation._probe import fork_call
 
@@ -75,6 +84,8 @@ def run_isolated(
     timeout: float = 20.0,
 ) -> tuple[str, Any]:
     """Run ``func(*args)`` as an isolated task; (``"ok"``, value) or (``"raised"``, text)."""
+    if PREPARED_VIEW:
+        prepare_view(profile)
     read_fd, write_fd = os.pipe()
     pid = fork_call(_outer, profile, slot, func, args, write_fd, read_fd, enter)
     os.close(write_fd)

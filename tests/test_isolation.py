@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import inspect
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ from sandboxrun import _transport as transport
 from sandboxrun._isolation import DEFAULT, NONE, STRICT, build_environment, probe, resolve
 from sandboxrun._isolation.profile import DEFAULT_UID_BASE, Isolation
 
+from . import isolated
 from .conftest import _writable_runs_folder
 from .isolated import run_isolated
 
@@ -144,6 +146,31 @@ def make_sub_cgroup() -> str:
 # --- fixtures --------------------------------------------------------------------------------
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that runs an attack through ``run_isolated`` runs it twice: PID 1 entering a
+    prepared view (the zygote's way) and building its whole view itself (fork, non-root)."""
+    if "view" in metafunc.fixturenames and "run_isolated" in inspect.getsource(metafunc.function):
+        metafunc.parametrize("view", ["prepared view", "per task"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def view(request: pytest.FixtureRequest) -> str:
+    mode: str = getattr(request, "param", "prepared view")
+    isolated.PREPARED_VIEW = mode == "prepared view"
+    if not isolated.PREPARED_VIEW:
+        _forget_views()
+    return mode
+
+
+def _forget_views() -> None:
+    from sandboxrun._isolation import _mounts, _view
+
+    if _view._views is not None:
+        _view._views.close()
+        _view._views = None
+    _mounts._KEPT.clear()
+
+
 @pytest.fixture
 def scratch(request: pytest.FixtureRequest) -> list[Path]:
     """Paths the test creates in host places; removed whatever happened."""
@@ -151,7 +178,7 @@ def scratch(request: pytest.FixtureRequest) -> list[Path]:
     yield paths  # type: ignore[misc]
     for path in paths:
         with contextlib.suppress(OSError):
-            path.unlink()
+            path.rmdir() if path.is_dir() else path.unlink()
 
 
 def _refused(outcome: tuple[str, object]) -> bool:
@@ -177,6 +204,53 @@ def test_usr_local_share(scratch: list[Path]) -> None:
     for profile in (DEFAULT, STRICT):
         assert _refused(run_isolated(profile, append_to, str(target)))
     assert target.read_text() == "original\n"
+
+
+def write_here(name: str) -> str:
+    Path(name).write_text("planted")  # relative: through the working directory
+    return "written"
+
+
+def test_usr_through_the_working_directory(scratch: list[Path]) -> None:
+    folder = Path("/usr/local/share", f"sandboxrun-cwd-{uuid.uuid4().hex[:12]}")
+    folder.mkdir(parents=True)
+    scratch += [folder / "planted", folder]
+    here = os.getcwd()
+    os.chdir(folder)  # inherited by the task, as the manager's cwd is
+    try:
+        assert run_isolated(NONE, write_here, "planted") == ("ok", "written")
+        (folder / "planted").unlink()
+        assert _refused(run_isolated(DEFAULT, write_here, "planted"))
+        assert not (folder / "planted").exists()
+    finally:
+        os.chdir(here)
+
+
+def read_here(name: str) -> str:
+    return Path(name).read_text()
+
+
+@pytest.mark.parametrize("where", ["below", "itself"])
+def test_host_tmp_through_the_working_directory(where: str, scratch: list[Path]) -> None:
+    folder = Path("/tmp", f"sandboxrun-cwd-{uuid.uuid4().hex[:12]}")
+    folder.mkdir()
+    (folder / "input").write_text("readable")
+    scratch += [folder / "planted", folder / "input", folder]
+    start = folder if where == "below" else Path("/tmp")
+    here = os.getcwd()
+    os.chdir(start)
+    try:
+        assert run_isolated(NONE, write_here, "planted") == ("ok", "written")
+        (start / "planted").unlink()
+        outcome = run_isolated(DEFAULT, write_here, "planted")
+        assert not (start / "planted").exists(), outcome  # nothing left in the host's /tmp
+        if where == "below":  # kept visible read-only, as what a task runs from /tmp is
+            assert _refused(outcome), outcome
+            assert run_isolated(DEFAULT, read_here, "input") == ("ok", "readable")
+        else:  # the private /tmp: written there, gone with the task
+            assert outcome == ("ok", "written"), outcome
+    finally:
+        os.chdir(here)
 
 
 def test_sandboxrun_code(scratch: list[Path]) -> None:
@@ -782,3 +856,76 @@ def test_manager_task_cannot_clone3_into_another_cgroup(
     assert not refused.success and isinstance(refused.exception, FileNotFoundError), refused
     assert outcomes["default"]["cgroup_v2_line"].result == "0::/"  # its own namespace's root
     assert (b / "cgroup.procs").read_text() == ""
+
+
+# --- the zygote's prepared view (built once, a private copy per task) ----------------------
+
+
+def mount_namespace_and_listings(*folders: str) -> tuple[int, list[list[str]]]:
+    return os.stat("/proc/self/ns/mnt").st_ino, [sorted(os.listdir(f)) for f in folders]
+
+
+def _umount(path: Path) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(str(path)), 2) != 0:  # MNT_DETACH
+        raise OSError(ctypes.get_errno(), f"umount2 {path}")
+
+
+def _view_inode(profile: Isolation) -> int:
+    from sandboxrun._isolation import _view
+
+    assert _view._views is not None and profile in _view._views.fds, "no view was prepared"
+    return os.stat(f"/proc/self/fd/{_view._views.fds[profile]}").st_ino
+
+
+def test_prepared_view_is_held_and_each_task_gets_a_copy(view: str) -> None:
+    if view != "prepared view":
+        pytest.skip("about the prepared view only")
+    name = f"sandboxrun-leftover-{uuid.uuid4().hex}"
+    assert run_isolated(DEFAULT, leave_files, name) == ("ok", "written")
+    held = _view_inode(DEFAULT)
+    first = run_isolated(DEFAULT, mount_namespace_and_listings, "/tmp", "/dev/shm")
+    second = run_isolated(DEFAULT, mount_namespace_and_listings, "/tmp", "/dev/shm")
+    assert first[0] == "ok" and second[0] == "ok", (first, second)
+    assert _view_inode(DEFAULT) == held  # the same view served all three tasks
+    namespaces = {first[1][0], second[1][0], held, os.stat("/proc/self/ns/mnt").st_ino}
+    assert len(namespaces) == 4, namespaces  # each task its own copy, none the view itself
+    for listing in (*first[1][1], *second[1][1]):
+        assert name not in listing, listing  # nothing of one task is seen by the next
+
+
+def test_prepared_view_follows_host_mounts_made_later(outside_tmp: Path) -> None:
+    assert run_isolated(DEFAULT, double, 1) == ("ok", 2)  # the view exists from here
+    point = outside_tmp / "mounted-later"
+    point.mkdir()
+    try:
+        _libc_mount = ctypes.CDLL(None, use_errno=True).mount
+        assert _libc_mount(b"tmpfs", os.fsencode(str(point)), b"tmpfs", 0, b"size=1m") == 0
+        try:
+            (point / "seen").write_text("x")
+            assert run_isolated(DEFAULT, os.listdir, str(point)) == ("ok", ["seen"])
+        finally:
+            _umount(point)
+    finally:
+        point.rmdir()
+
+
+def test_prepared_view_hides_a_socket_folder_made_later(outside_tmp: Path) -> None:
+    import dataclasses
+
+    folder = outside_tmp / "sockets"
+    profile = dataclasses.replace(DEFAULT, name="custom",
+                                  hide_sockets=(*DEFAULT.hide_sockets, str(folder)))  # fmt: skip
+    assert run_isolated(profile, double, 1) == ("ok", 2)  # built while the folder is missing
+    folder.mkdir()
+    path = folder / "s.sock"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(str(path))
+            server.listen(8)
+            assert run_isolated(NONE, connect_unix, str(path)) == ("ok", "connected")
+            outcome = run_isolated(profile, connect_unix, str(path))
+            assert _refused(outcome) and "No such file" in outcome[1], outcome
+    finally:
+        path.unlink(missing_ok=True)
+        folder.rmdir()

@@ -4,8 +4,11 @@ A library of ordered steps the launcher calls; see docs/security.md for what eac
 
     manager:  resolve(isolation=...) -> Isolation        (profile.py, portable)
               build_environment(profile, env)            (environment.py, portable)
+    zygote:   prepare_view(profile)                      (_view.py: what is not per task, built
+                                                          once in a mount namespace it holds)
     PID 1:    setup_namespaces_and_mounts(profile)       (_mounts.py: root, in the task's pid
-                                                          namespace and cgroups, one thread)
+                                                          namespace and cgroups, one thread;
+                                                          a copy of the view, then /proc, /tmp)
               isolate_cgroups(profile)                   (_cgroupns.py: once the manager has
                                                           placed us, just before the task's fork)
     PID 2:    drop_privileges(profile, slot)             (_privileges.py: just before task code)
@@ -26,7 +29,7 @@ from .profile import DEFAULT, NONE, PROFILES, STRICT, Isolation, resolve
 
 if sys.platform.startswith("linux"):
     from ._cgroupns import enter_cgroup_namespace
-    from ._mounts import IsolationError, setup_namespaces_and_mounts
+    from ._mounts import IsolationError, prepare_view, setup_namespaces_and_mounts
     from ._privileges import drop_privileges
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "describe",
     "drop_privileges",
     "isolate_cgroups",
+    "prepare_view",
     "probe",
     "replace_environment",
     "resolve",

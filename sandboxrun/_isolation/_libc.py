@@ -14,6 +14,7 @@ import sys
 assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
 
 import ctypes
+import functools
 import os
 
 CLONE_NEWNS = 0x00020000
@@ -58,6 +59,10 @@ def _check(result: int, what: str, path: str | None = None) -> int:
 
 def unshare(flags: int) -> None:
     _check(_LIBC.unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_LIBC.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"setns({fd}, {nstype:#x})")
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
@@ -117,6 +122,7 @@ def capset_empty() -> None:
     _check(_LIBC.capset(ctypes.byref(header), data), "capset")
 
 
+@functools.cache  # the kernel's: read once (in the zygote, see _mounts.prepare_view)
 def cap_last_cap() -> int:
     try:
         with open("/proc/sys/kernel/cap_last_cap") as file:

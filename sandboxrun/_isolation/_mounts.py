@@ -25,7 +25,9 @@ import sys
 
 assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
 
+import contextlib
 import fcntl
+import functools
 import logging
 import os
 import site
@@ -36,6 +38,7 @@ from pathlib import Path
 
 from .. import _linux
 from . import _libc as libc
+from . import _view
 from .profile import Isolation
 
 log = logging.getLogger("sandboxrun.isolation")
@@ -60,7 +63,8 @@ def enter_user_namespace() -> None:
     Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
 
 
-def _python_paths() -> list[str]:
+@functools.cache  # fixed for the interpreter's life; computed in the zygote, not per task
+def _python_paths() -> tuple[str, ...]:
     """The interpreter and the code it loads at start: a writable one is code in the next run
     (``.pth`` lines starting with ``import`` run at every interpreter start)."""
     package = Path(__file__).resolve().parents[1]
@@ -69,7 +73,7 @@ def _python_paths() -> list[str]:
     user_site = site.getusersitepackages()
     if isinstance(user_site, str):
         paths.append(user_site)
-    return paths
+    return tuple(paths)
 
 
 def _outermost(paths: list[str]) -> list[str]:
@@ -111,8 +115,20 @@ def _remount_read_only_each(top: str) -> None:
             log.warning("%s stays writable for the task: %s", point, error)
 
 
-def make_read_only(path: str, bind_first: bool = True) -> None:
-    """``path`` and every mount below it read-only in this mount namespace."""
+def make_read_only(path: str, bind_first: bool | None = True) -> None:
+    """``path`` and every mount below it read-only in this mount namespace. ``bind_first``
+    None: bind it onto itself only if it is no mount point yet."""
+    if bind_first is None:
+        # Already one (/sys): no bind, whose copies of every submount each task would copy
+        # and tear down again (EINVAL: not the root of a mount).
+        try:
+            libc.mount_setattr(path, libc.MOUNT_ATTR_RDONLY | libc.MOUNT_ATTR_NOSUID)
+            log.debug("read-only for the task: %s", path)
+            return
+        except OSError as error:
+            if error.errno not in (38, 22):
+                raise
+        bind_first = True
     if bind_first:  # mount_setattr needs a mount point; a recursive bind keeps what is below
         libc.mount(path, path, None, libc.MS_BIND | libc.MS_REC)
     try:
@@ -140,11 +156,11 @@ def _read_only_pass(profile: Isolation) -> None:
         make_read_only("/", bind_first=False)  # "/" is a mount point already
     elif profile.protect_system == "full":
         for path in _outermost([*_SYSTEM_FULL, *_python_paths()]):
-            make_read_only(path)
+            make_read_only(path, bind_first=None)
     if profile.protect_kernel_tunables and os.path.isdir("/sys"):
-        make_read_only("/sys")
+        make_read_only("/sys", bind_first=None)
     elif profile.protect_control_groups and os.path.isdir("/sys/fs/cgroup"):
-        make_read_only("/sys/fs/cgroup")
+        make_read_only("/sys/fs/cgroup", bind_first=None)
 
 
 def _closed_ancestor(path: str) -> str | None:
@@ -162,7 +178,7 @@ def expose_python() -> None:
     sits under a closed directory (pyenv in /root, mode 0700), that directory is covered with
     an empty read-only tmpfs (ProtectHome=tmpfs) and only the installation is bound back."""
     held: dict[str, dict[str, int]] = {}  # closed ancestor -> {path: O_PATH fd}
-    for path in _outermost(_python_paths()):
+    for path in _outermost(list(_python_paths())):
         closed = _closed_ancestor(path)
         if closed is not None:
             held.setdefault(closed, {})[path] = os.open(path, os.O_PATH | os.O_DIRECTORY)
@@ -188,10 +204,13 @@ def _proc(profile: Isolation) -> None:
         flags = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
         libc.mount("proc", "/proc", "proc", flags)
     if profile.protect_kernel_tunables:
-        for name in _PROC_READ_ONLY:
-            path = f"/proc/{name}"
-            if os.path.exists(path):
-                make_read_only(path)
+        for path in _proc_read_only():
+            make_read_only(path)
+
+
+@functools.cache  # procfs's entries are the kernel's: the same in every task's fresh /proc
+def _proc_read_only() -> tuple[str, ...]:
+    return tuple(f"/proc/{name}" for name in _PROC_READ_ONLY if os.path.exists(f"/proc/{name}"))
 
 
 def _tmpfs(path: str, options: str, flags: int = 0) -> None:
@@ -215,12 +234,35 @@ def _kept_readable(profile: Isolation) -> list[str]:
     return dirs + files
 
 
+def _kept_readable_cached(profile: Isolation) -> list[str]:
+    """``_kept_readable``, as the zygote computed it before the fork (its realpath and stat
+    calls were ~0.7 ms of PID 1's time), or computed now."""
+    found = _KEPT.get(profile)
+    return found[1] if found is not None else _kept_readable(profile)
+
+
+#: {profile: (view_inputs, _kept_readable)}, filled in the zygote by prepare_view.
+_KEPT: dict[Isolation, tuple[object, list[str]]] = {}
+
+
+def _cwd_below_tmp(covered: list[str]) -> list[str]:
+    """A working directory below /tmp, not in ``covered``: kept visible, read-only, as what the
+    task runs is (the cwd /tmp itself becomes the private one)."""
+    with contextlib.suppress(FileNotFoundError):
+        cwd = os.getcwd()
+        inside = any(cwd == c or cwd.startswith(c.rstrip("/") + "/") for c in covered)
+        if cwd.startswith(_PRIVATE) and not inside:
+            return [cwd]
+    return []
+
+
 def _private_tmp(profile: Isolation) -> None:
     # Paths under /tmp would vanish under the tmpfs: hold them open first, bind them back
     # after (a bind source may be /proc/self/fd/N); the readable ones are then made read-only.
     writable = [p for p in profile.read_write_paths if p.startswith(_PRIVATE)]
     held = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in writable if os.path.isdir(p)}
-    readable = {p: os.open(p, os.O_PATH) for p in _kept_readable(profile)}
+    kept = _kept_readable_cached(profile)
+    readable = {p: os.open(p, os.O_PATH) for p in [*kept, *_cwd_below_tmp([*kept, *held])]}
     try:
         for path in ("/tmp", "/var/tmp", "/dev/shm"):
             if os.path.isdir(path) and not os.path.islink(path):
@@ -235,6 +277,7 @@ def _private_tmp(profile: Isolation) -> None:
         for path in readable:
             if path not in held:
                 make_read_only(path, bind_first=False)
+        _resolve_cwd_again()  # else the task writes into the host's /tmp by relative paths
     finally:
         for fd in (*held.values(), *readable.values()):
             os.close(fd)
@@ -269,30 +312,104 @@ def _step(what: str, function: Callable[..., object], *args: object) -> None:
         raise IsolationError(error.errno, f"isolation step {what!r} failed: {error}") from error
 
 
+def _under_private(path: str) -> bool:
+    return path in ("/tmp", "/var/tmp") or path.startswith(_PRIVATE)
+
+
+def view_steps(profile: Isolation) -> None:
+    """What does not depend on the task: in the zygote's prepared view (``_view``), or per task
+    where there is none. Raises ``IsolationError``."""
+    _step("read-only", _read_only_pass, profile)
+    if profile.user is not None and os.geteuid() == 0:
+        _step("expose Python to the task's uid", expose_python)
+    if profile.protect_system == "strict":  # binds copy the read-only flag: clear it
+        for path in _outermost(list(profile.read_write_paths)):
+            if not _under_private(path):  # those are bound back with the private /tmp
+                _step(f"read_write_paths {path}", _make_writable, path)
+    _step("hide sockets", _hide_sockets, profile)
+
+
+@functools.lru_cache(maxsize=16)
+def _inputs_of(profile: Isolation) -> tuple[str, ...]:
+    paths = [*_SYSTEM_FULL, "/sys", "/sys/fs/cgroup", *profile.hide_sockets,
+             *profile.read_write_paths, *profile.read_only_paths, *_python_paths(),
+             *(p for p in sys.path if p.startswith("/"))]  # fmt: skip
+    return tuple(dict.fromkeys(paths))
+
+
+def view_inputs(profile: Isolation) -> tuple[tuple[int, int, int] | None, ...]:
+    """What the prepared steps decided by looking at the host's tree (is a path there, a
+    directory, where does a symlink lead, is it the same one: one stat each, ~0.1 ms in
+    all): when it changed, the view and the kept-readable paths are made again, as a
+    per-task build would see them."""
+    found: list[tuple[int, int, int] | None] = []
+    for path in _inputs_of(profile):
+        try:
+            stat = os.stat(path)
+        except OSError:
+            found.append(None)
+            continue
+        found.append((stat.st_dev, stat.st_ino, stat.st_mode))
+    return tuple(found)
+
+
+def prepare_view(profile: Isolation) -> None:
+    """In the zygote, before it forks a task with ``profile``: its view built (or still
+    good) for ``setup_namespaces_and_mounts`` in PID 1 to enter, and what PID 1 would
+    compute. Never raises for the view: without one the task builds its own."""
+    if not profile.enabled:
+        return
+    inputs = view_inputs(profile)
+    _view.prepare(profile, view_steps, inputs)
+    _proc_read_only()  # read here once, not in every task
+    libc.cap_last_cap()
+    if profile.private_tmp and _KEPT.get(profile, (None,))[0] != inputs:
+        _KEPT[profile] = (inputs, _kept_readable(profile))
+
+
+def _resolve_cwd_again() -> None:
+    """The cwd by its path through the new mounts, else a task started in /usr/... writes by
+    relative paths to the mount below the read-only bind (the private /tmp comes after)."""
+    with contextlib.suppress(FileNotFoundError):  # a removed cwd: nothing to resolve
+        os.chdir(os.getcwd())
+
+
+def _flags(profile: Isolation) -> int:
+    flags = libc.CLONE_NEWNS
+    flags |= libc.CLONE_NEWIPC if profile.private_ipc else 0
+    flags |= libc.CLONE_NEWNET if profile.private_network else 0
+    return flags
+
+
 def setup_namespaces_and_mounts(profile: Isolation) -> None:
     """Give this process (and what it forks next) the profile's namespaces and view.
 
     Call in PID 1 of the task's pid namespace, single-threaded, as root (or not root: a user
     namespace is entered first), already inside the task's cgroups. Raises ``IsolationError``.
+    In a zygote's child, a private copy of the view the zygote prepared (``prepare_view``) is
+    entered and only what is per task is built here.
     """
     if not profile.enabled:
         return
-    if not _linux.has_cap_sys_admin():  # not root, nor in a user namespace we made (zygote)
-        _step("user namespace", enter_user_namespace)
-    flags = libc.CLONE_NEWNS
-    flags |= libc.CLONE_NEWIPC if profile.private_ipc else 0
-    flags |= libc.CLONE_NEWNET if profile.private_network else 0
-    _step("unshare", libc.unshare, flags)
-    _step("private propagation", libc.mount, None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
-    _step("read-only", _read_only_pass, profile)
+    entered = False
+    try:
+        entered = _view.enter(profile, _flags(profile))
+    except OSError as error:  # half-way: in the view itself, or no namespace at all
+        what = f"isolation step 'enter the view' failed: {error}"
+        raise IsolationError(error.errno, what) from error
+    if not entered:
+        if not _linux.has_cap_sys_admin():  # not root, nor in a user namespace we made (zygote)
+            _step("user namespace", enter_user_namespace)
+        _step("unshare", libc.unshare, _flags(profile))
+        _step("private propagation", libc.mount, None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+        view_steps(profile)
+        _step("working directory", _resolve_cwd_again)
     _step("/proc", _proc, profile)
-    if profile.user is not None and os.geteuid() == 0:
-        _step("expose Python to the task's uid", expose_python)
     if profile.private_tmp:
         _step("private /tmp", _private_tmp, profile)
-    if profile.protect_system == "strict":  # binds copy the read-only flag: clear it
+    if profile.protect_system == "strict":
         for path in _outermost(list(profile.read_write_paths)):
-            _step(f"read_write_paths {path}", _make_writable, path)
-    _step("hide sockets", _hide_sockets, profile)
+            if _under_private(path):
+                _step(f"read_write_paths {path}", _make_writable, path)
     if profile.private_network:
         _step("loopback", loopback_up)

@@ -6,6 +6,7 @@ reaches the manager, which kills the tasks; not the zygotes). It holds nothing o
 no heap, no open files, no secrets. Per task::
 
     LAUNCH  --> import the task's module (once: later tasks find it in sys.modules)
+            --> the profile's mount view (once: later tasks copy it, _isolation/_view.py)
             --> unshare(CLONE_NEWPID); fork(); setns(back)    the child is PID 1 of a new namespace
             --> STARTED pid + pidfd                           opened before we can reap: no reuse
             --> waitpid(PID 1)                                PID 1 reports PID 2's status first
@@ -111,6 +112,10 @@ class Server:
 
     def fork(self, request: Request, fds: list[int]) -> tuple[int, int]:
         self.import_modules(request)
+        if request.isolation is not None:  # before NEWPID: its builder must not be a PID 1
+            from .._isolation import prepare_view
+
+            prepare_view(request.isolation)
         if self.user_namespace:
             return self.fork_through_helper(request, fds), wire.FLAG_PID_NAMESPACE
         own_namespace = _single_threaded()

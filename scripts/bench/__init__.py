@@ -17,6 +17,7 @@ The package, one concern per module (the entry point first, the leaves last)::
     child      the measuring interpreter (``--one``): imports, then one case or floor
     cases      one measurement of one tool (throughput, cpu, strict, peak, timeout, ...)
     cpu_limit  sandboxrun's CPU-time limit: its overhead on trivial tasks, its kill accuracy
+    isolation  what isolation="none" / "default" / "strict" cost a trivial task (section 10)
     scaleout   SandboxExecutor next to ProcessManager, Dask one worker vs two (section 9)
     tools      the adapters: each tool runs a batch of calls and returns one outcome per task
     tasks      the task functions (module level, picklable, stdlib only, cheap to import)
@@ -25,6 +26,7 @@ The package, one concern per module (the entry point first, the leaves last)::
     report     docs/benchmarks.md: the header, the targets and their verdicts
     sections   the measured sections of the report (1-7, the floor) and their data accessors
     cpu_section  section 8 (the cpu_limit cases)
+    isolation_section  section 10 (the isolation case)
     plots      the two PNGs (matplotlib, optional)
 
 Keep this file and ``tasks`` light (stdlib only): under ``forkserver`` every task process of

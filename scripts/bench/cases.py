@@ -16,6 +16,7 @@ from typing import Any
 
 from . import GIB, MIB
 from .cpu_limit import CPU_CASES
+from .isolation import ISOLATION_CASES
 from .launcher import LAUNCHER_CASES
 from .scaleout import case_dask, case_executor
 from .tasks import allocator, big_result, hostile, sleeper, toucher, trivial
@@ -333,6 +334,7 @@ CASES: dict[str, Callable[[str, Params], Result]] = {
     "bigresult": case_bigresult,
     "profile": case_profile,
     **CPU_CASES,  # cpu_overhead, cpu_kill (sandboxrun only)
+    **ISOLATION_CASES,  # isolation: none / default / strict side by side (sandboxrun only)
     **LAUNCHER_CASES,  # launch: zygote vs fork launcher vs Glasswall, small and server manager
     "executor": case_executor,
     "dask": case_dask,

@@ -144,7 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     # A SIGTERM (e.g. `kill` of a long run) still removes the temporary copy below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    snapshot_dir = tempfile.TemporaryDirectory(prefix="bench-sandboxrun-")
+    # Outside /tmp: a task's /tmp is private under the default and strict isolation (the
+    # profiles' section measures both), and strict's probe refuses a sandboxrun found there.
+    scratch = SCRIPTS.parent / ".bench-tmp"
+    with contextlib.suppress(OSError):
+        scratch.mkdir(exist_ok=True)
+    snapshot_dir = tempfile.TemporaryDirectory(
+        prefix="bench-sandboxrun-", dir=scratch if os.access(scratch, os.W_OK) else None
+    )
     snapshot = snapshot_sandboxrun(Path(snapshot_dir.name))
     # The measuring processes import this package as ``bench``, with its bytecode cached.
     os.environ["PYTHONPATH"] = os.pathsep.join(

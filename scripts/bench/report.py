@@ -9,6 +9,7 @@ import statistics
 
 from .cpu_section import cpu_limit_section
 from .figures import fmt, median_or_none, ratio, rounds_of, section, unit
+from .isolation_section import isolation_section
 from .launcher_section import launcher_section
 from .scaleout import section as scale_out_section
 from .sections import Sections
@@ -53,7 +54,7 @@ class Report(Sections):
         for part in (
             self.targets, self.misses, self.throughput, self.cpu, self.strict, self.peak,
             self.timeout, self.bigresult, self.restricted_decoding, self.scale,
-            self.cpu_limits, self.launcher, self.floor,
+            self.cpu_limits, self.launcher, self.isolation, self.floor,
         ):  # fmt: skip
             lines += part()
         lines += scale_out_section(self)
@@ -64,6 +65,9 @@ class Report(Sections):
 
     def launcher(self) -> list[str]:
         return launcher_section(self.d, self.label)
+
+    def isolation(self) -> list[str]:
+        return isolation_section(self.d, self.label)
 
     def _snapshot_line(self) -> str:
         snap = self.meta.get("sandboxrun_snapshot") or {}

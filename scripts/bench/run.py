@@ -40,6 +40,7 @@ def sizes(quick: bool) -> dict[str, Any]:
             "cpu_overhead": {"n": 20, "rounds": 2},
             "cpu_kill": {"runs": 1},
             "launch": {"n": 30, "heap_mib": 50},
+            "isolation": {"n": 10, "rounds": 1},
         }
     return {
         "rounds": 3,
@@ -56,6 +57,7 @@ def sizes(quick: bool) -> dict[str, Any]:
         "cpu_overhead": {"n": 300, "rounds": 10},
         "cpu_kill": {"runs": 20},
         "launch": {"n": 1000, "heap_mib": 200},
+        "isolation": {"n": 500, "rounds": 4},
     }
 
 
@@ -177,6 +179,8 @@ class Runner:
         ours = [t for t in self.tools if t.startswith("sandboxrun-")][:1]
         if ours:
             self.measure("profile", "profile", {"n": s["throughput"]}, 1, ours)
+            # its rounds are inside the case (interleaved profiles): one measurement
+            self.measure("isolation", "isolation", s["isolation"], 1, ours)
         if ours and not self.args.quick:  # scripts/bench/scaleout.py; Dask only when installed
             self.measure("executor", "executor", {"n": s["throughput"] // 3}, rounds, ours)
             if importlib.util.find_spec("distributed") is not None:
