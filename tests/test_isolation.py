@@ -12,10 +12,12 @@ import contextlib
 import ctypes
 import inspect
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -931,3 +933,31 @@ def test_prepared_view_hides_a_socket_folder_made_later(outside_tmp: Path) -> No
     finally:
         path.unlink(missing_ok=True)
         folder.rmdir()
+
+
+def read_then_write(source: str, target: str) -> str:
+    data = Path(source).read_text()
+    Path(target).write_text(data)
+    return data
+
+
+def test_run_from_a_folder_under_tmp_holding_inputs_and_outputs() -> None:
+    """A checkout under /tmp, run from its top (the demo from a fresh clone there): its input
+    folder (read-only) and output folder (writable) lie below the working directory. The cwd's
+    bind-back once covered the input's own mount (every task failed: EINVAL), and a read-only
+    pass over it would have made the output read-only too."""
+    top = Path(tempfile.mkdtemp(prefix="sandboxrun-cwd-", dir="/tmp"))
+    old = os.getcwd()
+    try:
+        (top / "in").mkdir()
+        (top / "out").mkdir()
+        (top / "in" / "a.txt").write_text("input")
+        profile = DEFAULT.with_paths([str(top / "out")], [str(top / "in")])
+        os.chdir(top)
+        assert run_isolated(profile, read_then_write, "in/a.txt", "out/b.txt") == ("ok", "input")
+        assert (top / "out" / "b.txt").read_text() == "input"
+        outcome = run_isolated(profile, write_file, "in/planted.txt", "x")
+        assert _refused(outcome) and "Read-only" in outcome[1], outcome
+    finally:
+        os.chdir(old)
+        shutil.rmtree(top, ignore_errors=True)

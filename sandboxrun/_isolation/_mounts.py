@@ -256,27 +256,39 @@ def _cwd_below_tmp(covered: list[str]) -> list[str]:
     return []
 
 
+def _bind_back(path: str, fd: int) -> None:
+    """Bind what ``fd`` (O_PATH, opened before the tmpfs) is back at ``path``."""
+    if os.path.isdir(f"/proc/self/fd/{fd}"):
+        os.makedirs(path, exist_ok=True)
+    elif not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    libc.mount(f"/proc/self/fd/{fd}", path, None, libc.MS_BIND | libc.MS_REC)
+
+
 def _private_tmp(profile: Isolation) -> None:
     # Paths under /tmp would vanish under the tmpfs: hold them open first, bind them back
     # after (a bind source may be /proc/self/fd/N); the readable ones are then made read-only.
     writable = [p for p in profile.read_write_paths if p.startswith(_PRIVATE)]
     held = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in writable if os.path.isdir(p)}
     kept = _kept_readable_cached(profile)
-    readable = {p: os.open(p, os.O_PATH) for p in [*kept, *_cwd_below_tmp([*kept, *held])]}
+    cwd = _cwd_below_tmp([*kept, *held])
+    if cwd:  # a cwd above kept paths (a checkout under /tmp run from its top) covers them
+        kept = [p for p in kept if not p.startswith(cwd[0].rstrip("/") + "/")]
+    readable = {p: os.open(p, os.O_PATH) for p in [*kept, *cwd] if p not in held}
     try:
         for path in ("/tmp", "/var/tmp", "/dev/shm"):
             if os.path.isdir(path) and not os.path.islink(path):
                 _tmpfs(path, "mode=1777")
-        for path, fd in {**readable, **held}.items():
-            if os.path.isdir(f"/proc/self/fd/{fd}"):
-                os.makedirs(path, exist_ok=True)
-            else:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-            libc.mount(f"/proc/self/fd/{fd}", path, None, libc.MS_BIND | libc.MS_REC)
+        # Read-only ones first, writable ones last: a writable path inside a read-only one
+        # (an output folder in a checkout under /tmp) must stay writable, and a later bind
+        # must not cover an earlier one.
+        for path, fd in readable.items():
+            _bind_back(path, fd)
         for path in readable:
-            if path not in held:
-                make_read_only(path, bind_first=False)
+            make_read_only(path, bind_first=False)
+        for path, fd in held.items():
+            _bind_back(path, fd)
         _resolve_cwd_again()  # else the task writes into the host's /tmp by relative paths
     finally:
         for fd in (*held.values(), *readable.values()):
