@@ -33,8 +33,8 @@ import sys
 assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
 
 import logging
-from pathlib import Path
 
+from .._backends import cgroupfs
 from . import _libc as libc
 
 log = logging.getLogger("sandboxrun.isolation")
@@ -42,14 +42,9 @@ log = logging.getLogger("sandboxrun.isolation")
 _FLAGS = libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
 
 
-def cgroup2_mount_points(mountinfo: str | None = None) -> list[str]:
-    """Mount points of cgroup2 in this mount namespace (field after " - " is the fs type)."""
-    text = Path("/proc/self/mountinfo").read_text() if mountinfo is None else mountinfo
-    points = []
-    for line in text.splitlines():
-        before, _, after = line.partition(" - ")
-        if after.split(" ", 1)[0] == "cgroup2":
-            points.append(before.split()[4].encode().decode("unicode_escape"))  # \040: space
+def cgroup2_mount_points() -> list[str]:
+    """Mount points of cgroup2 in this mount namespace (cgroupfs's mountinfo parser)."""
+    points = [str(point) for kind, point, _ in cgroupfs.mounts() if kind == "cgroup2"]
     return list(dict.fromkeys(points))
 
 
