@@ -33,7 +33,7 @@ class WorkerSpec:
 
     control: Connection | None  # the go frame (and the task under spawn/forkserver); None: no wait
     result: Connection  # where the one result frame goes
-    task: Task | None  # fork only; otherwise it arrives pickled in the go frame (or ``payload``)
+    task: Task | None  # fork only; otherwise it arrives pickled in the go frame
     enter_files: tuple[str, ...]  # cgroup.procs files to write "0" into, first thing
     options: WorkerOptions
     cpu_time_seconds: float | None  # RLIMIT_CPU allowance for the task code
@@ -46,12 +46,9 @@ class WorkerSpec:
     # The task's isolation profile and worker slot (its uid under "strict"); None: none.
     isolation: Isolation | None = None
     slot: int = 0
-    # True under the zygote: PID 1 (the reaper) built the namespaces and mounts, and the
+    # True under the zygote: the namespaces and mounts are built (_zygote/reaper.py), and the
     # zygote's environment is the allowlisted one; only the privileges are dropped here.
     isolation_prepared: bool = False
-    # The pickled task, when it was read before this process existed (the zygote's reaper reads
-    # the go frame, then forks the task with it: control is None then).
-    payload: bytes = b""
 
 
 def _read_exactly(control: Connection, size: int) -> bytes:
@@ -149,7 +146,7 @@ def _describe(kind: str, value: object, error: BaseException) -> protocol.Header
     )
 
 
-def _refuse(text: str, result: Connection) -> None:
+def refuse(text: str, result: Connection) -> None:
     """Report that the sandbox could not be set up, and stop before any task code."""
     head = _header.encode(protocol.Header(protocol.ENTER_FAILED, text=text))
     with contextlib.suppress(OSError):
@@ -167,31 +164,31 @@ def enter_sandbox(files: tuple[str, ...], result: Connection) -> None:
             finally:
                 os.close(fd)
         except OSError as error:
-            _refuse(f"{path}: {error}", result)
+            refuse(f"{path}: {error}", result)
 
 
-def isolate_namespaces(profile: Isolation, result: Connection) -> None:
-    """The zygote's PID 1 (root, in the task's cgroups and pid namespace): namespaces and mounts
-    for the task it forks next; on failure report it and stop before any task code."""
+def isolate_namespaces(profile: Isolation, result: Connection, own_pid_namespace: bool) -> None:
+    """The zygote's PID 2 (root, in the task's cgroups and pid namespace, alone): namespaces and
+    mounts, before the task's code; on failure report it and stop before any task code."""
     if sys.platform.startswith("linux"):
         from . import _isolation
 
         try:
-            _isolation.setup_namespaces_and_mounts(profile)
+            _isolation.setup_namespaces_and_mounts(profile, own_pid_namespace)
         except OSError as error:
-            _refuse(str(error), result)
+            refuse(str(error), result)
 
 
 def isolate_cgroups(profile: Isolation, result: Connection) -> None:
-    """The zygote's PID 1, placed by now (a parent-side attach came before the go frame): the
-    task's own cgroup namespace, for the task it forks next; on failure, no task code."""
+    """The zygote's PID 2, placed by now (born in place, or a parent-side attach came before
+    the go frame): the task's own cgroup namespace; on failure, no task code."""
     if sys.platform.startswith("linux"):
         from . import _isolation
 
         try:
             _isolation.isolate_cgroups(profile)
         except OSError as error:
-            _refuse(f"isolation step 'cgroup namespace' failed: {error}", result)
+            refuse(f"isolation step 'cgroup namespace' failed: {error}", result)
 
 
 def _isolate(spec: WorkerSpec) -> None:
@@ -205,12 +202,12 @@ def _isolate(spec: WorkerSpec) -> None:
         profile = spec.isolation
         try:
             if not spec.isolation_prepared:
-                _isolation.setup_namespaces_and_mounts(profile)
+                _isolation.setup_namespaces_and_mounts(profile, own_pid_namespace=False)
                 _isolation.isolate_cgroups(profile)
                 _isolation.replace_environment(_isolation.build_environment(profile))
             _isolation.drop_privileges(profile, spec.slot)
         except OSError as error:
-            _refuse(str(error), spec.result)
+            refuse(str(error), spec.result)
 
 
 def _close_inherited_fds(keep: set[int]) -> None:
@@ -266,7 +263,7 @@ def main(spec: WorkerSpec) -> None:
     enter_sandbox(spec.enter_files, spec.result)
     if spec.options.subreaper:
         _linux.become_subreaper()
-    payload = spec.payload
+    payload = b""
     if spec.control is not None:  # wait for the go frame (and the task, under spawn/forkserver)
         payload = read_go_frame(spec.control)
     if spec.isolation is not None and spec.isolation.enabled:

@@ -6,12 +6,12 @@ A library of ordered steps the launcher calls; see docs/security.md for what eac
               build_environment(profile, env)            (environment.py, portable)
     zygote:   prepare_view(profile)                      (_view.py: what is not per task, built
                                                           once in a mount namespace it holds)
-    PID 1:    setup_namespaces_and_mounts(profile)       (_mounts.py: root, in the task's pid
+    PID 2:    setup_namespaces_and_mounts(profile, True) (_mounts.py: root, in the task's pid
                                                           namespace and cgroups, one thread;
                                                           a copy of the view, then /proc, /tmp)
               isolate_cgroups(profile)                   (_cgroupns.py: once the manager has
-                                                          placed us, just before the task's fork)
-    PID 2:    drop_privileges(profile, slot)             (_privileges.py: just before task code)
+                                                          placed us, before the task's code)
+              drop_privileges(profile, slot)             (_privileges.py: just before task code)
     doctor:   probe() -> {measure: True | why not}       (_probe.py: in a throwaway child)
 
 Linux only below the profile; elsewhere ``probe()`` says so and the manager accepts only

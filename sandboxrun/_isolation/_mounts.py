@@ -196,11 +196,12 @@ def expose_python() -> None:
                 os.close(fd)
 
 
-def _proc(profile: Isolation) -> None:
-    # A procfs shows the pid namespace of whoever mounts it: only PID 1 of the task's own
-    # namespace gets one without the manager in it. Elsewhere (the fork fallback) the host's
-    # /proc stays, and only the uid drop keeps the manager's entries out of reach.
-    if os.getpid() == 1:
+def _proc(profile: Isolation, own_pid_namespace: bool) -> None:
+    # A procfs shows the pid namespace of whoever mounts it: only a process of the task's own
+    # namespace (the zygote's PID 2) gets one without the manager in it. Elsewhere (the fork
+    # fallback) the host's /proc stays, and only the uid drop keeps the manager's entries out
+    # of reach.
+    if own_pid_namespace:
         flags = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
         libc.mount("proc", "/proc", "proc", flags)
     if profile.protect_kernel_tunables:
@@ -367,7 +368,7 @@ def view_inputs(profile: Isolation) -> tuple[tuple[int, int, int] | None, ...]:
 
 def prepare_view(profile: Isolation) -> None:
     """In the zygote, before it forks a task with ``profile``: its view built (or still
-    good) for ``setup_namespaces_and_mounts`` in PID 1 to enter, and what PID 1 would
+    good) for ``setup_namespaces_and_mounts`` in PID 2 to enter, and what PID 2 would
     compute. Never raises for the view: without one the task builds its own."""
     if not profile.enabled:
         return
@@ -393,11 +394,12 @@ def _flags(profile: Isolation) -> int:
     return flags
 
 
-def setup_namespaces_and_mounts(profile: Isolation) -> None:
+def setup_namespaces_and_mounts(profile: Isolation, own_pid_namespace: bool | None = None) -> None:
     """Give this process (and what it forks next) the profile's namespaces and view.
 
-    Call in PID 1 of the task's pid namespace, single-threaded, as root (or not root: a user
-    namespace is entered first), already inside the task's cgroups. Raises ``IsolationError``.
+    Call in the task's pid namespace (``own_pid_namespace``; None: we are its PID 1), single-
+    threaded, as root (or not root: a user namespace is entered first), already inside the
+    task's cgroups. Raises ``IsolationError``.
     In a zygote's child, a private copy of the view the zygote prepared (``prepare_view``) is
     entered and only what is per task is built here.
     """
@@ -416,7 +418,9 @@ def setup_namespaces_and_mounts(profile: Isolation) -> None:
         _step("private propagation", libc.mount, None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
         view_steps(profile)
         _step("working directory", _resolve_cwd_again)
-    _step("/proc", _proc, profile)
+    if own_pid_namespace is None:
+        own_pid_namespace = os.getpid() == 1
+    _step("/proc", _proc, profile, own_pid_namespace)
     if profile.private_tmp:
         _step("private /tmp", _private_tmp, profile)
     if profile.protect_system == "strict":

@@ -386,7 +386,8 @@ class ZygoteChild:
 
     def start(self) -> None:
         stdio = _open_stdio()
-        request = dataclasses.replace(self._request, stdio=stdio, cwd=_cwd())
+        native = os.environ.get("SANDBOXRUN_NATIVE") != "0"  # read per launch: tests flip it
+        request = dataclasses.replace(self._request, stdio=stdio, cwd=_cwd(), native=native)
         zygote = POOL.acquire(self._environment, self._birthplace)
         try:
             self.pid, self.pidfd, flags = zygote.launch(request, self._fds + stdio)

@@ -28,6 +28,7 @@ assert sys.platform.startswith("linux")  # mypy --platform win32/darwin skips th
 
 import contextlib
 import dataclasses
+import gc
 import os
 import pickle
 import socket
@@ -71,6 +72,8 @@ class Request:
     # slot: PID 1 builds the namespaces and mounts, PID 2 drops the privileges (its uid: slot).
     isolation: Any = None
     slot: int = 0
+    # PID 1 in C where sandboxrun._native is built; False: the Python PID 1 (SANDBOXRUN_NATIVE=0).
+    native: bool = True
 
 
 class Server:
@@ -82,7 +85,7 @@ class Server:
         self.status_r, self.status_w = os.pipe()
         os.set_blocking(self.status_r, False)
         self.user_namespace = False  # see main() and fork_through_helper()
-        self.own_pidfd = os.pidfd_open(os.getpid())  # a PID 1 made by a helper watches it
+        self.own_pidfd = os.pidfd_open(os.getpid())  # each PID 1 checks it once armed
 
     def serve(self) -> None:
         while True:
@@ -124,13 +127,15 @@ class Server:
                 _linux.unshare(_linux.CLONE_NEWPID)
             except OSError:  # no CAP_SYS_ADMIN, a seccomp filter: fork without one
                 own_namespace = False
-        pid = os.fork()
-        if pid == 0:
-            close = (self.sock.fileno(), self.status_r, self.pid_namespace_fd, self.own_pidfd)
-            reaper.run(request, fds, self.status_w, close)
-        if own_namespace:
-            # Must not fail: every later fork would go into the namespace of this task.
-            _linux.setns(self.pid_namespace_fd, _linux.CLONE_NEWPID)
+        _freeze_heap()
+        close = (self.sock.fileno(), self.status_r, self.pid_namespace_fd)
+        try:
+            pid = reaper.fork(request, fds, self.status_w, close, self.own_pidfd,
+                              native=request.native, own_pid_namespace=own_namespace)  # fmt: skip
+        finally:
+            if own_namespace:
+                # Must not fail: every later fork would go into the namespace of this task.
+                _linux.setns(self.pid_namespace_fd, _linux.CLONE_NEWPID)
         return pid, wire.FLAG_PID_NAMESPACE if own_namespace else 0
 
     def fork_through_helper(self, request: Request, fds: list[int]) -> int:
@@ -148,11 +153,9 @@ class Server:
                 os.close(read_fd)
                 _linux.unshare(_linux.CLONE_NEWPID)
                 ours = os.pidfd_open(os.getpid())
-                pid = os.fork()
-                if pid == 0:
-                    os.close(write_fd)
-                    close = (self.sock.fileno(), self.status_r, self.pid_namespace_fd)
-                    reaper.run(request, fds, self.status_w, close, (ours, self.own_pidfd))
+                close = (self.sock.fileno(), self.status_r, self.pid_namespace_fd, write_fd)
+                pid = reaper.fork(request, fds, self.status_w, close, self.own_pidfd, ours,
+                                  native=request.native)  # fmt: skip
                 os.write(write_fd, wire.EXITED_BODY.pack(pid))
                 code = 0
             finally:
@@ -199,6 +202,20 @@ class Server:
                 # The task's own unpickling reports a failure, inside its limits.
                 with contextlib.suppress(Exception):
                     __import__(name)
+
+
+_frozen_modules = 0
+
+
+def _freeze_heap() -> None:
+    """Move what the imports built into the collector's permanent generation (gc.freeze), once
+    per new import: a collection in a task or in PID 1 would otherwise walk -- write to -- every
+    object we hold, a copy-on-write fault per page (why gc.freeze exists: bpo-31558)."""
+    global _frozen_modules
+    if len(sys.modules) != _frozen_modules:
+        _frozen_modules = len(sys.modules)
+        gc.collect()
+        gc.freeze()
 
 
 def _single_threaded() -> bool:

@@ -1,0 +1,97 @@
+"""The zygote's PID 1 in C (sandboxrun/_native.c) and its pure-Python twin: both give the task
+the same namespace, /proc and verdicts; the C one runs no Python (its page faults show it).
+
+``SANDBOXRUN_NATIVE=0`` selects the Python PID 1 per launch; scripts/test.sh also runs the fault
+matrix, the isolation and supervision tests that way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from sandboxrun import ProcessManager, Task
+from sandboxrun._launch import ZYGOTE_AVAILABLE
+
+from . import tasks
+from .conftest import gone, wait_gone
+
+pytestmark = pytest.mark.skipif(not ZYGOTE_AVAILABLE, reason="no zygote launcher here")
+
+
+@pytest.fixture(params=["native", "python"])
+def pid1(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    from sandboxrun._zygote import reaper
+
+    if request.param == "native" and not reaper.native_available():
+        pytest.skip("sandboxrun._native is not built here")
+    monkeypatch.setenv("SANDBOXRUN_NATIVE", "1" if request.param == "native" else "0")
+    return str(request.param)
+
+
+def _can_compile() -> bool:
+    include = sysconfig.get_paths().get("include", "")
+    return shutil.which("gcc") is not None and os.path.exists(os.path.join(include, "Python.h"))
+
+
+@pytest.mark.skipif(not _can_compile(), reason="no C compiler or Python headers here")
+def test_the_native_pid1_is_built_where_it_can_be() -> None:
+    """A silent build failure would fall back to the slower PID 1 unnoticed."""
+    from sandboxrun._zygote import reaper
+
+    assert reaper.native_available()
+
+
+def proc_view() -> tuple[int, str, list[int]]:
+    """What the task sees of processes: its pid, /proc/self, and every pid in its /proc."""
+    return (os.getpid(), os.readlink("/proc/self"),
+            sorted(int(name) for name in os.listdir("/proc") if name.isdigit()))  # fmt: skip
+
+
+def pid1_faults() -> int:
+    """Minor page faults of our PID 1 (field 10 of /proc/1/stat)."""
+    with open("/proc/1/stat", "rb") as stat:
+        return int(stat.read().rsplit(b")", 1)[1].split()[7])
+
+
+def _run(*tasks_: Task, isolation: str = "default") -> list:  # type: ignore[type-arg]
+    with ProcessManager(1, 30, isolation=isolation, start_method="zygote") as pm:  # type: ignore[arg-type]
+        for task in tasks_:
+            pm.queue_task(task)
+    return list(pm.task_results)
+
+
+def test_the_task_sees_its_own_namespace_in_a_fresh_proc(pid1: str) -> None:
+    (result,) = _run(Task(proc_view))
+    assert result.success, result.exception
+    pid, self_link, pids = result.result
+    assert (pid, self_link) == (2, "2")  # PID 2 below its reaper, and /proc is its namespace's
+    assert pids == [1, 2], pids  # nothing of the host's: not the manager, not the zygote
+
+
+def test_the_native_pid1_runs_no_python(pid1: str) -> None:
+    """The C PID 1 writes its stack and little else; a Python one ran the interpreter's
+    after-fork work (~400 faults here). Measured from inside the task's fresh /proc."""
+    results = _run(*(Task(pid1_faults) for _ in range(3)))
+    faults = [r.result for r in results]
+    assert all(r.success for r in results), [r.exception for r in results]
+    if pid1 == "native":
+        assert max(faults) < 100, faults
+    else:
+        assert min(faults) > 100, faults
+
+
+def test_self_kill_and_an_orphan_daemon(pid1: str, tmp_path: Path) -> None:
+    """The reaper's two duties: the task's own status (SIGKILL is not dropped: the task is not
+    PID 1), and the namespace's end taking an orphaned setsid grandchild with it."""
+    pid_file = tmp_path / "daemon.pid"
+    orphan = Task(tasks.fork_grandchild_and_exit, (str(pid_file),))
+    killed, orphaned = _run(Task(tasks.kill_self), orphan, isolation="none")
+    assert not killed.success and killed.exit_code == -9, killed
+    assert orphaned.success, orphaned.exception
+    daemon = int(pid_file.read_text())  # its host pid
+    assert wait_gone(daemon) and gone(daemon)
