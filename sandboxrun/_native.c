@@ -6,7 +6,8 @@
  *   zygote --fork--> PID 1 (this file's C only: never returns to Python)
  *                      close the zygote's fds, PR_SET_PDEATHSIG, enter the cgroups,
  *                      [wait until the go frame is readable], fork PID 2, reap, report, _exit
- *                        --fork--> PID 2: PyOS_AfterFork_Child(), returns (0, failed, errno)
+ *                        --fork--> PID 2: oom_score_adj=1000, PyOS_AfterFork_Child(),
+ *                                  returns (0, failed, errno)
  *   zygote: returns (PID 1's pid, 0, 0)
  *
  * Why: PID 1 of a Python zygote that runs Python between its own fork and PID 2's pays the
@@ -129,8 +130,15 @@ pid1(const int *close_fds, Py_ssize_t n_close, char *const *files, Py_ssize_t n_
         wait_readable(control_fd);
 
     pid_t task = fork();
-    if (task == 0)
+    if (task == 0) {
+        /* PID 2. The zygote and we are the OOM killer's last choice (-1000) in the slot's
+         * cgroup: the task must be its first. Here, not in Python: fewer pages written. */
+        int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || write(fd, "1000", 4) != 4)
+            _exit(EXIT_MANAGER_GONE);
+        close(fd);
         return;
+    }
     if (task < 0)
         _exit(EXIT_MANAGER_GONE);
     signal(SIGINT, SIG_IGN); /* Python's handler would only set a flag nobody reads */

@@ -46,6 +46,9 @@ class WorkerSpec:
     # The task's isolation profile and worker slot (its uid under "strict"); None: none.
     isolation: Isolation | None = None
     slot: int = 0
+    # False where our parent's death already ends us: the zygote's PID 2 in its own PID
+    # namespace, which dies with its PID 1 (a prctl less per task: it cost ~25 page faults).
+    die_with_parent: bool = True
     # True under the zygote: the namespaces and mounts are built (_zygote/reaper.py), and the
     # zygote's environment is the allowlisted one; only the privileges are dropped here.
     isolation_prepared: bool = False
@@ -259,7 +262,8 @@ def main(spec: WorkerSpec) -> None:
     if spec.close_inherited_fds:
         keep = {result_fd} if spec.control is None else {result_fd, spec.control.fileno()}
         _close_inherited_fds(keep | _std_stream_fds())
-    _die_with_manager(spec.manager_pid)
+    if spec.die_with_parent:
+        _die_with_manager(spec.manager_pid)
     enter_sandbox(spec.enter_files, spec.result)
     if spec.options.subreaper:
         _linux.become_subreaper()

@@ -95,3 +95,31 @@ def test_self_kill_and_an_orphan_daemon(pid1: str, tmp_path: Path) -> None:
     assert orphaned.success, orphaned.exception
     daemon = int(pid_file.read_text())  # its host pid
     assert wait_gone(daemon) and gone(daemon)
+
+
+def reach_pid1() -> dict[str, str]:
+    """What the task gets of its PID 1, which lives in the zygote's mount namespace."""
+    found = {}
+    for what, attempt in (("root", lambda: os.listdir("/proc/1/root")),
+                          ("cwd", lambda: os.readlink("/proc/1/cwd")),
+                          ("environ", lambda: Path("/proc/1/environ").read_bytes()),
+                          ("mem", lambda: os.close(os.open("/proc/1/mem", os.O_RDONLY))),
+                          ("fd", lambda: [os.readlink(f"/proc/1/fd/{fd}")
+                                          for fd in os.listdir("/proc/1/fd")]),
+                          ("kill", lambda: os.kill(1, 9))):  # fmt: skip
+        try:
+            attempt()
+            found[what] = "reached"
+        except OSError as error:
+            found[what] = type(error).__name__
+    return found
+
+
+@pytest.mark.parametrize("isolation", ["default", "strict"])
+def test_the_task_cannot_reach_its_pid1(pid1: str, isolation: str) -> None:
+    """PID 1 keeps the zygote's mounts and every capability: ptrace-mode access (its root,
+    cwd, environ, mem, fds) needs CAP_SYS_PTRACE, which the task has not; signals from inside
+    its namespace are dropped (none has a handler). The task still ends normally after."""
+    (result,) = _run(Task(reach_pid1), isolation=isolation)
+    assert result.success, result.exception
+    assert "reached" not in {v for k, v in result.result.items() if k != "kill"}, result.result

@@ -85,7 +85,7 @@ def fork(
         if pid != 0:
             return int(pid)
         failure = _entered(request, failed, error)
-        _run_task(request, fds, status_w, failure, own_pid_namespace)  # PID 2
+        _run_task(request, fds, status_w, failure, own_pid_namespace, True)  # PID 2
     pid = os.fork()
     if pid == 0:
         _python_pid1(request, fds, status_w, close, zygote, helper, own_pid_namespace)
@@ -179,6 +179,7 @@ def _run_task(
     status_w: int,
     enter_failure: str | None,
     own_pid_namespace: bool,
+    oom_score_set: bool = False,
 ) -> NoReturn:
     """PID 2: prepare (``_prepare_task``), then the worker; exits."""
     code = protocol.EXIT_MANAGER_GONE
@@ -188,7 +189,7 @@ def _run_task(
         result = Connection(result_fd)
         if enter_failure is not None:  # PID 1 could not enter a cgroup: no task code
             _worker.refuse(enter_failure, result)
-        _prepare_task(request, result, stdio, own_pid_namespace)
+        _prepare_task(request, result, stdio, own_pid_namespace, oom_score_set)
         options = request.options
         if own_pid_namespace:  # below our PID 1: its exit ends every descendant, the kernel's way
             # (and psutil, reading the host's /proc with our namespace's pids, would signal
@@ -203,6 +204,7 @@ def _run_task(
             cpu_time_seconds=request.cpu_time_seconds,
             foreign_fds=(),
             manager_pid=None,  # our parent is PID 1 (dies with the zygote, with the manager)
+            die_with_parent=not own_pid_namespace,  # or we are in its namespace: ended with it
             close_inherited_fds=True,
             isolation=request.isolation,
             slot=request.slot,
@@ -218,7 +220,11 @@ def _run_task(
 
 
 def _prepare_task(
-    request: Request, result: Connection, stdio: list[int], own_pid_namespace: bool
+    request: Request,
+    result: Connection,
+    stdio: list[int],
+    own_pid_namespace: bool,
+    oom_score_set: bool,
 ) -> None:
     """PID 2, before any of the task's code: its stdio, cwd, OOM score, namespaces, mounts."""
     for fd, target in zip(stdio, request.stdio, strict=True):
@@ -226,10 +232,14 @@ def _prepare_task(
         os.close(fd)
     if request.cwd is not None:
         os.chdir(request.cwd)
-    # The zygote and PID 1 are the OOM killer's last choice (-1000) in the slot's cgroup: the
-    # task must be its first, not inherit that.
-    with open("/proc/self/oom_score_adj", "w") as adjust:
-        adjust.write("1000")
+    if not oom_score_set:
+        # The zygote and PID 1 are the OOM killer's last choice (-1000) in the slot's cgroup:
+        # the task must be its first, not inherit that.
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"1000")
+        finally:
+            os.close(fd)
     if request.isolation is not None:
         _worker.isolate_namespaces(request.isolation, result, own_pid_namespace)
         # Placed by now (born in place, entered by PID 1, or attached before the go frame PID 1

@@ -218,10 +218,21 @@ def _freeze_heap() -> None:
         gc.freeze()
 
 
+_threads_checked: tuple[int, bool] = (-1, False)
+
+
 def _single_threaded() -> bool:
-    with open("/proc/self/stat", "rb") as stat:
-        fields = stat.read().rsplit(b")", 1)[1].split()
-    return fields[17] == b"1"  # num_threads (field 20; fields[0] is field 3)
+    """Whether we have one thread (the kernel's count: C threads too). Read again only after
+    new imports: only an import can start a thread here (the zygote runs none of a task's
+    code), and a read per task cost a buffered open()."""
+    global _threads_checked
+    modules, single = _threads_checked
+    if modules != len(sys.modules):
+        with open("/proc/self/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        single = fields[17] == b"1"  # num_threads (field 20; fields[0] is field 3)
+        _threads_checked = (len(sys.modules), single)
+    return single
 
 
 def _import_main(preparation: Preparation) -> None:
