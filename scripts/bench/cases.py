@@ -214,6 +214,10 @@ def _gone(pid: int) -> bool:
 def _timeout_side(run: Run, pid_path: str, timeout: float, summary_w: int) -> None:
     """The forked child: run the hostile task through the tool, send a summary, exit."""
     code = 0
+    # The task reports its pids as /proc numbers them; under the default isolation its /proc is
+    # its own PID namespace's (pid 2, ...), which would make us poll -- and at the end kill --
+    # unrelated host pids. The tree kill is the same in every profile: SIGKILL of its PID 1.
+    os.environ["SANDBOXRUN_ISOLATION"] = "none"
     try:
         o = run([(hostile, (pid_path,))], timeout=timeout)[0]
         keys = ("success", "timed_out", "exit_code", "error", "start_time")

@@ -130,7 +130,7 @@ def section(sections: Any) -> list[str]:
              tri(sections.v("dask", ours, "speedup"))],
         ]  # fmt: skip
     return make_section(
-        "## 10. Beyond one manager: SandboxExecutor and Dask",
+        "## 11. Beyond one manager: SandboxExecutor and Dask",
         f"{n} trivial tasks, 2 workers, {sections.label(ours)}, in one interpreter: the"
         " executor refuses fork (it starts workers from its own thread), so its fair twin is"
         " the manager under forkserver. Dask: CPU-bound tasks through"

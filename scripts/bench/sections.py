@@ -253,7 +253,9 @@ class Sections:
         return section(
             f"## 5. Timeout enforcement: the whole tree, timeout {params.get('timeout')} s",
             "The task ignores SIGTERM, starts `sleep 300` in its own session"
-            " (`subprocess.Popen(..., start_new_session=True)`) and hangs. The tool runs in a"
+            " (`subprocess.Popen(..., start_new_session=True)`) and hangs (sandboxrun with"
+            " `isolation=\"none\"` here: the default profile's fresh `/proc` hides the host pids"
+            " polled; its tree kill is the same SIGKILL of the task's PID 1). The tool runs in a"
             " forked child of the measuring process, which polls both pids every millisecond"
             " (`/proc/PID/stat`; a zombie counts as gone). Milliseconds from the deadline until"
             " the process is gone. The deadline is the earlier of the task function's own entry"
