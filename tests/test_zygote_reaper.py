@@ -123,3 +123,24 @@ def test_the_task_cannot_reach_its_pid1(pid1: str, isolation: str) -> None:
     (result,) = _run(Task(reach_pid1), isolation=isolation)
     assert result.success, result.exception
     assert "reached" not in {v for k, v in result.result.items() if k != "kill"}, result.result
+
+
+def test_a_zygote_with_a_thread_forks_without_a_namespace(pid1: str, tmp_path: Path) -> None:
+    """An imported module started a thread in the zygote: no PID namespace then (the kernel
+    refuses it to a threaded caller). PID 1 is then an ordinary child subreaper, the task runs
+    with the host's /proc, and its orphan still dies with it (collected from the subreaper's
+    tree and the slot's cgroup)."""
+    from sandboxrun._zygote.client import POOL
+
+    from . import threaded_module
+
+    pid_file = tmp_path / "orphan.pid"
+    try:
+        (result,) = _run(Task(threaded_module.pid_and_orphan, (str(pid_file),)), isolation="none")
+    finally:
+        POOL.close()  # the threaded zygotes must not serve the next tests
+    assert result.success, result.exception
+    seen, host = result.result
+    assert seen == host and seen > 2  # no namespace of its own: its pid is the host's
+    orphan = int(pid_file.read_text())
+    assert wait_gone(orphan) and gone(orphan)
