@@ -22,10 +22,11 @@ def one(tool: str, case: str, params: dict[str, Any]) -> dict[str, Any]:
 
         return FLOORS[case](params)
     from .cases import CASES
-    from .tools import IMPORTS
+    from .tools import IMPORTS, SANDBOXRUN_IMPORTS, SANDBOXRUN_LINUX_IMPORTS
 
     # Imports are not what is measured: do them before any clock or rusage is read.
-    for module in IMPORTS.get(tool, ("sandboxrun",)):
+    linux = SANDBOXRUN_LINUX_IMPORTS if sys.platform.startswith("linux") else ()
+    for module in IMPORTS.get(tool, SANDBOXRUN_IMPORTS + linux):
         importlib.import_module(module)
     return CASES[case](tool, params)
 
