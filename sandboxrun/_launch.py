@@ -63,6 +63,15 @@ def _modules_of(task: Task) -> tuple[str, ...]:
     return (name,) if isinstance(name, str) and name != "__main__" else ()
 
 
+def _task_ids(isolation: Isolation, slot: int) -> tuple[int, int] | None:
+    """The (uid, gid) the task of ``slot`` will run as, or None: the manager's."""
+    if sys.platform == "linux":
+        from ._isolation._privileges import task_ids
+
+        return task_ids(isolation, slot)
+    return None
+
+
 class Launcher:
     """Chooses how workers start (once per manager) and starts one per call."""
 
@@ -142,6 +151,11 @@ class Launcher:
         siblings: Iterable[Job],
     ) -> Job:
         """Start the worker of ``task``; it waits for the go frame when the job has one."""
+        isolation = self._isolation_for(task)
+        slot = self._free_slot(siblings)
+        hook = getattr(task, "_launch_hook", None)
+        if hook is not None:  # before any process exists: what it prepares is there for the task
+            hook(_task_ids(isolation, slot))
         # The control pipe exists only when the worker must wait for us: to receive the pickled
         # task (spawn/forkserver), or until a parent-side attach has placed it (handshake).
         handshake = bool(payload) or sandbox.parent_attach
@@ -152,7 +166,6 @@ class Launcher:
         if forked:
             foreign = tuple(fd for other in siblings for fd in other.parent_fds())
             foreign += tuple(fd for fd in (result_r, control_w) if fd >= 0)
-        isolation = self._isolation_for(task)
         spec = WorkerSpec(
             control=child_control,
             result=child_result,
@@ -164,7 +177,7 @@ class Launcher:
             manager_pid=self._manager_pid,
             close_inherited_fds=transport.EXIT_BY_PIDFD,
             isolation=isolation,
-            slot=self._free_slot(siblings),
+            slot=slot,
         )
         process: Any
         if sys.platform == "linux" and self._zygote:

@@ -37,6 +37,29 @@ def _field(name: str, value: Any) -> str:
     return f"{name}={text}"[:_REPR_LIMIT] + (_ELLIPSIS if len(text) > _REPR_LIMIT else "")
 
 
+def _stays_in_manager() -> None:
+    """What a ``LaunchHook`` becomes once pickled: nothing."""
+    return None
+
+
+class LaunchHook:
+    """A call the manager makes just before a task's process starts, given the (uid, gid) the
+    task will run as (None: the manager's own). ``sandboxrun batch`` hands the task's staging
+    folder to that uid with it. It never leaves the manager: pickled (the payload of spawn and
+    forkserver, a Dask cluster's task) it becomes None."""
+
+    __slots__ = ("function",)
+
+    def __init__(self, function: Callable[[tuple[int, int] | None], None]) -> None:
+        self.function = function
+
+    def __call__(self, ids: tuple[int, int] | None) -> None:
+        self.function(ids)
+
+    def __reduce__(self) -> tuple[Callable[[], None], tuple[()]]:
+        return _stays_in_manager, ()
+
+
 def _is_glasswall_policy(value: Any) -> bool:
     # Recognised by the defining module of any class in its MRO, not by isinstance: importing
     # glasswall here would pull the engine wrapper (and lxml) into every sandboxrun user. The MRO
@@ -102,6 +125,9 @@ class Task:
     #: manager's ``Isolation.read_write_paths`` (``sandboxrun batch``: the task's own staging
     #: folder, so no task can write into a neighbour's). Not part of equality or hash.
     read_write_paths: tuple[str, ...] = ()
+    #: Run by the launcher in the manager just before this task's process starts (see
+    #: ``LaunchHook``); None for every task but ``sandboxrun batch``'s.
+    _launch_hook: LaunchHook | None = None
 
     def __init__(
         self,

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -213,15 +212,13 @@ def batch(
         workers, memory, timeout, cpu_time, max_processes, backend, cpus, profile,
         readable=(str(input_dir.resolve()),), command=template,
     )  # fmt: skip
-    other_uid = False  # the tasks run as another uid: staging folders writable by it
-    if sys.platform != "win32":
-        other_uid = os.geteuid() == 0 and local.isolation.user is not None
+    unknown_uid = False  # a local manager hands each task its staging folder at launch
     manager: Runner = local
     if scheduler is not None:  # the workers' working folder is not ours: absolute paths
         input_dir, out = input_dir.absolute(), out.absolute()
         limits = cluster_options(local, backend)
         try:
-            manager, other_uid = DaskBatch(scheduler, workers, limits), True  # theirs: unknown
+            manager, unknown_uid = DaskBatch(scheduler, workers, limits), True  # theirs: unknown
         except ClusterUnavailable as error:
             raise fail_usage(str(error)) from None
     journal_path = journal or out / "sandboxrun-journal.jsonl"
@@ -232,7 +229,7 @@ def batch(
     settings = Batch(
         input_dir=input_dir, out_dir=out, template=template, journal_path=journal_path,
         key_path=journal_key or journaling.default_key_path(journal_path), resume=resume,
-        follow_symlinks=follow_symlinks, progress=progress, other_uid=other_uid,
+        follow_symlinks=follow_symlinks, progress=progress, unknown_uid=unknown_uid,
     )  # fmt: skip
     console = Console(stderr=True)
     try:

@@ -36,7 +36,8 @@ def pytest_configure(config: pytest.Config) -> None:
     """Under the default isolation a task's /tmp is private (a fresh tmpfs), as with systemd's
     PrivateTmp=: folders handed to tasks must live elsewhere or be declared. So the tests'
     tmp_path (and TMPDIR, for tempfile and the bench's subprocesses) live in the checkout -- or,
-    where it is read-only (the qemu guest mounts it so), in a folder of the machine's."""
+    where it is read-only (the qemu guest mounts it so) or itself under /tmp (a clone there:
+    a task sees it read-only), in a folder of the machine's."""
     if config.option.basetemp is None and sys.platform.startswith("linux"):
         runs = _writable_runs_folder()
         for old in runs.glob("run-*"):  # earlier runs' (multiprocessing cleans its own at exit)
@@ -49,8 +50,15 @@ def pytest_configure(config: pytest.Config) -> None:
         tempfile.tempdir = None  # recomputed from TMPDIR
 
 
+def under_private_tmp(path: Path) -> bool:
+    """Below /tmp or /var/tmp, which the default isolation gives each task afresh."""
+    return os.path.realpath(path).startswith(("/tmp/", "/var/tmp/"))
+
+
 def _writable_runs_folder() -> Path:
     candidates = [Path(__file__).resolve().parents[1] / ".pytest-tmp"]
+    if under_private_tmp(candidates[0]):
+        candidates = []
     if os.geteuid() == 0:  # outside /root (0700: hidden from a task's other uid under strict)
         candidates.append(Path("/var/lib/sandboxrun-tests"))
     candidates.append(Path.home() / ".cache" / "sandboxrun-tests")

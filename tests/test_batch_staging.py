@@ -7,6 +7,7 @@ aim, every file must get its correct record, and the good files must be there, b
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -21,6 +22,7 @@ from typer.testing import CliRunner
 
 from sandboxrun._cli import journal as journaling
 from sandboxrun._isolation import STRICT, unavailable_reason
+from sandboxrun._isolation.profile import DEFAULT_UID_BASE
 from sandboxrun._launch import ZYGOTE_AVAILABLE
 from sandboxrun.cli import app
 
@@ -206,11 +208,13 @@ def test_hostile_converters_plant_nothing(
         assert why in records[name]["output_problem"], records[name]
         assert records[name]["output"] == []
         assert not os.path.lexists(out / name) and not os.path.lexists(out / f"{name}.2")
-    # (f) the neighbour's staging folder: read-only to the attacker; the victim's bytes are its own.
+    # (f) the neighbour's staging folder: closed to the attacker; the victim's bytes are its own.
     assert (out / "z-victim.txt").read_text() == "SLOWAPPEND VICTIM"
     assert not (out / "extra.txt").exists()
     attempts = (out / "y-neighbour.txt").read_text().splitlines()[1:]
-    assert attempts[:2] == ["refused (Read-only file system)"] * 2, attempts
+    # The neighbour's folder is its uid's, 0700: refused before its read-only mount is reached
+    # (which alone stops it too: test_each_task_writes_only_its_own_read_write_paths).
+    assert attempts[:2] == ["refused (Permission denied)"] * 2, attempts
     assert attempts[2] == "refused (Permission denied)"  # and it cannot even list them (0711)
     # (g) a set-uid file: moved with the manager's owner and a plain mode.
     info = (out / "setuid.txt").stat()
@@ -349,3 +353,124 @@ def test_each_task_writes_only_its_own_read_write_paths(base: Path, start_method
     assert (mine / "a").read_text() == "x"
     assert not (theirs / "b").exists() and not (theirs / "c").exists()
     assert "Read-only file system" in str(results[id(tasks[1])].exception)
+
+
+# Waits (its folder holding "ready") until the test puts "go" there, then writes its output.
+WAITING_CONVERTER = r"""
+import os, pathlib, sys, time
+src, dst = map(pathlib.Path, sys.argv[1:3])
+(dst.parent / "ready").write_text(str(os.getuid()))
+deadline = time.monotonic() + 600
+while not (dst.parent / "go").exists() and time.monotonic() < deadline:
+    time.sleep(0.01)
+for name in ("ready", "go"):
+    (dst.parent / name).unlink()
+dst.write_bytes(src.read_bytes().upper())
+"""
+
+
+def _create_as(uid: int, folder: Path) -> int:
+    """0 when uid ``uid`` could create a file in ``folder``, else the errno it got."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
+            os.close(os.open(folder / "intruder", flags, 0o644))
+        except OSError as error:
+            code = error.errno or 1
+        os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="another uid's task and an intruder: root only")
+@pytest.mark.parametrize(
+    ("backend", "isolation"),
+    [
+        *((kernel, "strict") for kernel in KERNEL_BACKENDS[:1]),
+        *([("psutil", "strict")] if "psutil" in AVAILABLE else []),
+        *((kernel, "default") for kernel in KERNEL_BACKENDS[:1]),
+    ],
+)
+def test_a_running_tasks_staging_folder_is_its_uid_alone(
+    base: Path, backend: str, isolation: str
+) -> None:
+    """While the task runs, its staging folder (and the parent made in it) is 0700 and owned by
+    the uid that runs the task (the slot's under strict, root's under default): another local
+    user who learnt its name cannot drop a file into it. Once done, the output is the manager's."""
+    files = {"a.txt": b"first", "sub/b.txt": b"second"}
+    for name, data in files.items():
+        (base / "in" / name).write_bytes(data)
+    (base / "wait.py").write_text(WAITING_CONVERTER)
+    out = base / "out"
+    process = subprocess.Popen(
+        [PY, "-m", "sandboxrun", "batch", str(base / "in"), "--out", str(out), "--no-progress",
+         "-j", "2", "--backend", backend, "--isolation", isolation,
+         "--cmd", f"{PY} {base / 'wait.py'} {{input}} {{output}}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "SANDBOXRUN_ISOLATION": ""},
+    )  # fmt: skip
+    try:
+        from .conftest import wait_until
+
+        staging = out / ".sandboxrun-staging"
+        ready = lambda: sorted(staging.glob("*/*/**/ready")) if staging.is_dir() else []  # noqa: E731
+        assert wait_until(lambda: len(ready()) == 2 or process.poll() is not None, 120)
+        assert process.poll() is None, process.communicate()[1].decode()
+        owners = set()
+        for flag in ready():
+            task_uid = int(flag.read_text())
+            folder = flag.parent
+            top = folder if folder.parent.parent == staging else folder.parent
+            assert top.parent.parent == staging, folder
+            assert _create_as(65534, folder) == errno.EACCES, f"uid 65534 wrote into {folder}"
+            assert not (folder / "intruder").exists()
+            for made in {top, folder}:  # the file's folder, and the parent made in it (sub/)
+                info = made.stat()
+                assert (info.st_uid, info.st_mode & 0o7777) == (task_uid, 0o700), made
+            owners.add(task_uid)
+        if isolation == "strict":  # a uid per slot: the two tasks' folders are not each other's
+            assert owners == {DEFAULT_UID_BASE, DEFAULT_UID_BASE + 1}
+        else:
+            assert owners == {0}
+        for flag in ready():
+            (flag.parent / "go").write_text("")
+        _, stderr = process.communicate(timeout=120 * SCALE)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, stderr.decode()
+    for name, data in files.items():
+        info = (out / name).stat()
+        assert (out / name).read_bytes() == data.upper()
+        assert (info.st_uid, info.st_gid) == (os.geteuid(), os.getegid())
+    assert not staging.exists()
+
+
+@pytest.mark.parametrize(
+    "start_method", [*(["zygote"] if ZYGOTE_AVAILABLE else []), "fork", "spawn"]
+)
+def test_a_launch_hook_runs_in_the_manager_with_the_tasks_uid(start_method: str) -> None:
+    """The hook ``sandboxrun batch`` hands folders over with: called once per task, before it
+    starts, with the uid it runs as; it never travels with the task (pickled: None)."""
+    import pickle
+
+    from sandboxrun import CommandTask, ProcessManager
+    from sandboxrun._task import LaunchHook
+
+    seen: list[tuple[int, int] | None] = []
+    task = CommandTask([PY, "-c", "import os; print(os.getuid())"])
+    task._launch_hook = LaunchHook(seen.append)
+    assert pickle.loads(pickle.dumps(task))._launch_hook is None
+    with ProcessManager(1, 20, isolation="strict", start_method=start_method) as manager:
+        manager.queue_task(task)
+    (result,) = manager.task_results
+    assert result.success, result.exception
+    uid = DEFAULT_UID_BASE if os.geteuid() == 0 else None
+    assert seen == [None if uid is None else (uid, uid)]
+    if uid is not None:  # not root: uid 0 of the task's user namespace, ours outside
+        assert int(result.result.stdout) == uid

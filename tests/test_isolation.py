@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import inspect
+import json
 import os
 import shutil
 import signal
@@ -30,7 +31,7 @@ from sandboxrun._isolation import DEFAULT, NONE, STRICT, build_environment, prob
 from sandboxrun._isolation.profile import DEFAULT_UID_BASE, Isolation
 
 from . import isolated
-from .conftest import _writable_runs_folder
+from .conftest import _writable_runs_folder, under_private_tmp
 from .isolated import run_isolated
 
 pytestmark = pytest.mark.skipif(
@@ -698,7 +699,7 @@ def outside_tmp() -> Path:
     """A scratch folder outside /tmp (private under default): next to the tests, or where the
     tests' tmp folders go when the checkout is read-only (the guest)."""
     parent = Path(__file__).parent
-    if not os.access(parent, os.W_OK):
+    if not os.access(parent, os.W_OK) or under_private_tmp(parent):  # a clone under /tmp
         parent = _writable_runs_folder()
     folder = parent / f".scratch-{uuid.uuid4().hex}"
     folder.mkdir()
@@ -961,3 +962,100 @@ def test_run_from_a_folder_under_tmp_holding_inputs_and_outputs() -> None:
     finally:
         os.chdir(old)
         shutil.rmtree(top, ignore_errors=True)
+
+
+# --- sandboxrun, its Python and the task's code under /tmp -----------------------------------
+
+_FROM_TMP = """
+import json, os, sys
+top, sibling = sys.argv[1:3]
+sys.path.insert(0, top)
+import sandboxrun
+from sandboxrun import CommandTask, ProcessManager, Task
+from sandboxrun._isolation import STRICT, unavailable_reason
+found = {"file": sandboxrun.__file__, "prefix": sys.prefix, "reason": unavailable_reason(STRICT)}
+show = "import sys; sys.path.insert(0, sys.argv[1]); import sandboxrun; print(sandboxrun.__file__)"
+tasks = [Task(os.path.exists, (sibling,)), Task(os.listdir, ("/tmp",)), Task(os.getuid),
+         CommandTask([sys.executable, "-c", show, top])]
+with ProcessManager(1, 60, isolation="strict") as manager:
+    for task in tasks:
+        manager.queue_task(task)
+results = {id(result.task): result for result in manager.task_results}
+found["results"] = [results[id(task)].result if results[id(task)].success
+                    else f"failed: {results[id(task)].exception}" for task in tasks]
+found["results"][3] = found["results"][3].stdout.decode().strip()
+print(json.dumps(found))
+"""
+
+
+def _only_kept_in_tmp(listing: list[str], top: Path, sibling: Path) -> None:
+    """The task's /tmp: ``top``, and what the tests themselves run from there (a clone under
+    /tmp: its checkout and venv); never ``sibling``, a file next to them."""
+    ours = [Path(os.path.realpath(p)) for p in (*sys.path, sys.prefix) if p.startswith("/")]
+    kept = {p.relative_to("/tmp").parts[0] for p in ours if p.is_relative_to("/tmp/")}
+    assert top.name in listing and sibling.name not in listing, listing
+    assert set(listing) <= {top.name} | kept, listing
+
+
+def test_strict_with_sandboxrun_and_its_python_under_tmp() -> None:
+    """A checkout and its venv under /tmp (a fresh clone there): the probe and the strict view
+    see them through the task's private /tmp, read-only, so strict works and its slot uid
+    imports sandboxrun; nothing else of the host's /tmp shows (a file next to the checkout)."""
+    from .conftest import SCALE
+
+    top = Path(tempfile.mkdtemp(prefix="sandboxrun-clone-", dir="/tmp"))
+    sibling = Path(tempfile.mkstemp(prefix="sandboxrun-sibling-", dir="/tmp")[1])
+    try:
+        top.chmod(0o755)  # as a clone's folder is (mkdtemp's are 0700)
+        package = Path(__file__).resolve().parents[1] / "sandboxrun"
+        shutil.copytree(package, top / "sandboxrun", ignore=shutil.ignore_patterns("__pycache__"))
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(top / "venv")],
+                       check=True, timeout=120 * SCALE)  # fmt: skip
+        deps = [path for path in sys.path if path.endswith("site-packages")]  # typer, psutil
+        run = subprocess.run(
+            [str(top / "venv" / "bin" / "python"), "-c", _FROM_TMP, str(top), str(sibling)],
+            capture_output=True, text=True, cwd=top, timeout=120 * SCALE,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(deps), "SANDBOXRUN_ISOLATION": ""},
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        found = json.loads(run.stdout.splitlines()[-1])
+        assert found["file"] == str(top / "sandboxrun" / "__init__.py")
+        assert found["prefix"] == str(top / "venv") and found["reason"] is None, found
+        shown = str(top / "sandboxrun" / "__init__.py")
+        assert found["results"][::2] == [False, DEFAULT_UID_BASE] and found["results"][3] == shown
+        _only_kept_in_tmp(found["results"][1], top, sibling)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+        sibling.unlink()
+
+
+def test_sockets_inside_a_folder_under_tmp_kept_visible_stay_hidden() -> None:
+    """hide_sockets inside what the private /tmp binds back (a checkout there): hidden too,
+    while the rest of the folder stays readable and nothing beside it shows."""
+    import dataclasses
+
+    top = Path(tempfile.mkdtemp(prefix="sandboxrun-kept-", dir="/tmp"))
+    sibling = Path(tempfile.mkstemp(prefix="sandboxrun-sibling-", dir="/tmp")[1])
+    sockets = top / "sockets"
+    try:
+        top.chmod(0o755)
+        sockets.mkdir()
+        (top / "code.py").write_text("kept")
+        profile = dataclasses.replace(
+            DEFAULT, name="custom", hide_sockets=(*DEFAULT.hide_sockets, str(sockets)),
+            read_only_paths=(str(top),),
+        )  # fmt: skip
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(str(sockets / "s.sock"))
+            server.listen(8)
+            assert run_isolated(NONE, connect_unix, str(sockets / "s.sock")) == ("ok", "connected")
+            outcome = run_isolated(profile, connect_unix, str(sockets / "s.sock"))
+            assert _refused(outcome) and "No such file" in outcome[1], outcome
+        assert run_isolated(profile, Path.read_text, top / "code.py") == ("ok", "kept")
+        assert run_isolated(profile, os.path.exists, str(sibling)) == ("ok", False)
+        listing = run_isolated(profile, os.listdir, "/tmp")
+        assert listing[0] == "ok", listing
+        _only_kept_in_tmp(listing[1], top, sibling)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+        sibling.unlink()

@@ -47,9 +47,10 @@ class Batch:
     resume: bool
     follow_symlinks: bool
     progress: bool
-    # The tasks run as another uid (strict, root manager; a cluster's workers): their staging
-    # folders must be writable by it (see staging.py for why that gives neighbours nothing).
-    other_uid: bool = False
+    # The tasks run under uids the launch cannot hand their staging folders to (a cluster's
+    # workers): the folders must be writable by anyone (see staging.py). A local manager's
+    # tasks get theirs handed over at launch (0700, the task's own uid).
+    unknown_uid: bool = False
 
 
 class _Named(Protocol):
@@ -168,7 +169,10 @@ def tasks_for(
         else:
             folder = staging.folder_for(relative)
         argv = command_for(template, input_dir, folder, relative)
-        yield relative, folder, CommandTask(argv, read_write_paths=(str(folder.absolute()),))
+        task = CommandTask(argv, read_write_paths=(str(folder.absolute()),))
+        if isinstance(staging, Staging):  # the folder becomes the task's uid's at its launch
+            task._launch_hook = staging.launch_hook(folder)
+        yield relative, folder, task
 
 
 def _deliver(entry: dict[str, Any], folder: Path, staging: Staging, expected: bool) -> None:
@@ -214,7 +218,7 @@ def _run(
     try:
         if STAGING_SUPPORTED:
             protected = (batch.journal_path, batch.key_path)
-            staging = Staging(batch.out_dir, protected, batch.other_uid)
+            staging = Staging(batch.out_dir, protected, batch.unknown_uid)
     except OSError as error:
         raise OutputUnusable(f"cannot stage outputs in {batch.out_dir}: {error}") from None
     try:

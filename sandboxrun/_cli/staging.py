@@ -2,9 +2,11 @@
 
     batch start ── OUT/.sandboxrun-staging/ (ours, 0711) ── leftover runs (no lock) removed
                 ── RUN = a fresh <random>/ in it (0711), flock held for the batch's life
-    each file   ── RUN/<random>/ (+ the file's parent folders) ──> {output}, {out_dir}
+    each file   ── RUN/<random>/ (+ the file's parent folders), 0700 ──> {output}, {out_dir}
                    └─ the task's only writable path (``CommandTask.read_write_paths``)
-    its result  ── ok? ── walk it by dir fds (no symlink followed), every entry checked:
+    its launch  ── slot picked: hand_over() fchowns those folders to the task's uid (strict, root)
+    its result  ── ok? ── walk it by dir fds (no symlink followed; each folder ours again, 0700),
+                   │      every entry checked:
                    │      a regular file with one link, under a name that is not the journal
                    │      └─ all fine: fchown + fchmod each, then rename() into OUT/<same place>
                    │      └─ anything else: nothing moved, verdict "no output" with the reason
@@ -17,11 +19,18 @@ whole files of converters that succeeded -- a failed, killed or timed-out one le
 Why the converter cannot plant anything (under ``strict``, the batch's default): its mount
 namespace has ``/`` read-only but its own staging folder (``ProtectSystem=strict`` +
 ``ReadWritePaths=`` of that one folder, added per task at launch), so OUT, the journal, the key
-and every neighbour's staging folder are read-only to it whatever their modes say. Root in the
-manager runs each task as the slot's uid (61000 + slot), which is not known when the folder is
-made (the slot is picked at launch): so the folder is mode 0777 then. That gives a neighbour
-nothing (its view of this folder is read-only), and other local users would have to guess a
-128-bit name in a folder they cannot list (0711). Without another uid the folder is 0700.
+and every neighbour's staging folder are read-only to it whatever their modes say.
+
+Why no one else can write into it: each folder is made 0700, the manager's. Root in the manager
+runs each task as its slot's uid (61000 + slot), known only once the launcher has picked the
+slot: the task's ``LaunchHook`` (``hand_over``) then gives the folder and the parents made in it
+to that uid, by fd and without following anything, just before the task's process starts
+(nothing else is in the folder yet). Other local users never get a writable folder, even one
+whose 128-bit name they learnt; RUN and the staging root are 0711 (no listing). Where the tasks
+run elsewhere under uids we cannot know (``sandboxrun batch --scheduler``: a Dask cluster's
+workers), the folders are 0777 as the only way they can write. When an ok task's folder is
+collected, each folder in it is the manager's (0700) again before its entries are looked at.
+
 What it leaves there is not trusted: symlinks, hard links, FIFOs and devices are refused, each
 file gets the manager's owner and a plain mode (no set-uid) before it becomes visible in OUT.
 """
@@ -36,6 +45,8 @@ import shutil
 import stat
 import sys
 from pathlib import Path
+
+from .._task import LaunchHook
 
 log = logging.getLogger("sandboxrun.cli")
 
@@ -63,14 +74,15 @@ def _umask() -> int:
 class Staging:
     """The batch's staging run: one private folder per file, moved or removed at its end."""
 
-    def __init__(self, out_dir: Path, protected: tuple[Path, ...], other_uid: bool) -> None:
+    def __init__(self, out_dir: Path, protected: tuple[Path, ...], unknown_uid: bool) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.out_dir = out_dir
         # OUT itself is the user's (it may be a symlink); below it nothing is followed.
         self._out_fd = os.open(out_dir, _DIR & ~getattr(os, "O_NOFOLLOW", 0))
         self._real_out = os.path.realpath(out_dir)
         self._protected = {os.path.realpath(path) for path in protected}  # the journal, its key
-        self._folder_mode = 0o777 if other_uid else 0o700
+        self._folder_mode = 0o777 if unknown_uid else 0o700  # see the module's docstring
+        self._parents: dict[str, tuple[str, ...]] = {}  # each folder's name -> what folder_for made
         self._file_mode = 0o666 & ~_umask()
         root_fd = self._root()
         try:
@@ -118,7 +130,39 @@ class Staging:
                 fd = child
         finally:
             os.close(fd)
+        self._parents[name] = relative.parts[:-1]
         return self.path / name
+
+    def launch_hook(self, folder: Path) -> LaunchHook:
+        """What the launcher calls for the task of ``folder``: ``hand_over`` with its uid."""
+        return LaunchHook(lambda ids: self.hand_over(folder, ids))
+
+    def hand_over(self, folder: Path, ids: tuple[int, int] | None) -> None:
+        """Just before the task starts: ``folder`` and the parents made in it owned by the uid
+        that runs the task, mode 0700 (None: the manager's own uid runs it, nothing to do).
+        Only what ``folder_for`` made, each opened by fd with O_NOFOLLOW from the run's fd.
+        Never raises: a folder not handed over stays ours, and the task just cannot write."""
+        if ids is None or sys.platform == "win32" or folder.name not in self._parents:
+            return
+        fd = os.dup(self._run_fd)
+        try:
+            for part in (folder.name, *self._parents[folder.name]):
+                child = os.open(part, _DIR, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                os.fchown(fd, *ids)
+                os.fchmod(fd, 0o700)
+        except OSError as error:
+            shown = f"cannot hand {folder} to uid {ids[0]} ({error}): its task cannot write"
+            log.warning("%s", shown)
+        finally:
+            os.close(fd)
+
+    def _take_back(self, fd: int) -> None:
+        """A folder the task had: the manager's again, 0700, before its entries are checked."""
+        if sys.platform != "win32" and os.geteuid() == 0:
+            os.fchown(fd, os.geteuid(), os.getegid())
+            os.fchmod(fd, 0o700)
 
     def collect(self, folder: Path) -> list[str]:
         """Move every file the converter left in ``folder`` into OUT, or nothing (``Refused``).
@@ -146,6 +190,7 @@ class Staging:
         try:
             while stack:
                 parts, dir_fd = stack.pop()
+                self._take_back(dir_fd)
                 with os.scandir(dir_fd) as scan:
                     names = [entry.name for entry in scan]
                 for entry in names:
@@ -213,6 +258,7 @@ class Staging:
     def discard(self, folder: Path) -> None:
         """Remove one file's staging folder, whatever it holds (fd-based: a symlink inside is
         removed, never followed)."""
+        self._parents.pop(folder.name, None)
         _rmtree(folder.name, self._run_fd, self.path)
 
     def close(self) -> None:

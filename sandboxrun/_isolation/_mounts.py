@@ -290,6 +290,7 @@ def _private_tmp(profile: Isolation) -> None:
             make_read_only(path, bind_first=False)
         for path, fd in held.items():
             _bind_back(path, fd)
+        _hide_sockets_bound_back(profile, [*readable, *held])
         _resolve_cwd_again()  # else the task writes into the host's /tmp by relative paths
     finally:
         for fd in (*held.values(), *readable.values()):
@@ -308,6 +309,18 @@ def _hide_sockets(profile: Isolation) -> None:
             continue  # already gone with the host's /tmp
         _tmpfs(real, "mode=755,size=4k", libc.MS_RDONLY | libc.MS_NOEXEC)
         done.add(real)
+
+
+def _hide_sockets_bound_back(profile: Isolation, bound: list[str]) -> None:
+    """Socket folders under /tmp were gone with the host's /tmp, but not those inside what the
+    private /tmp binds back (a checkout there): covered here, after every bind."""
+    for path in profile.hide_sockets:
+        if not _under_private(path):
+            continue
+        real = os.path.realpath(path)  # in the task's view: what it would connect() through
+        inside = any(real == b or real.startswith(b.rstrip("/") + "/") for b in bound)
+        if inside and os.path.isdir(real):
+            _tmpfs(real, "mode=755,size=4k", libc.MS_RDONLY | libc.MS_NOEXEC)
 
 
 def loopback_up() -> None:

@@ -79,6 +79,16 @@ def drop_privileges(profile: Isolation, slot: int = 0) -> None:
     log.debug("privileges dropped: uid %s, slot %s", os.geteuid(), slot)
 
 
+def task_ids(profile: Isolation, slot: int) -> tuple[int, int] | None:
+    """In the manager: the (uid, gid) ``drop_privileges`` will give the task of ``slot``, or
+    None when it keeps the manager's (no ``user``, a non-root manager, a single-id namespace).
+    A root manager's task stays in the manager's user namespace, so the same checks hold."""
+    if not profile.enabled or os.geteuid() != 0:
+        return None
+    ids = profile.uid_gid(slot)
+    return ids if ids is not None and _mapped(ids) else None
+
+
 def _mapped(ids: tuple[int, int]) -> bool:
     """In a single-id user namespace (non-root manager) only uid 0 exists: stay it."""
     with contextlib.suppress(OSError):

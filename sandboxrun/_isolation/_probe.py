@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from . import _cgroupns, _mounts, _privileges
 from . import _libc as libc
-from .profile import DEFAULT_UID_BASE
+from .profile import DEFAULT_UID_BASE, STRICT
 
 _PROBE_SECONDS = 10.0
 _cache: dict[str, bool | str] | None = None
@@ -37,13 +37,24 @@ def fork_call(function: Callable[..., object], *args: object) -> int:
     return pid
 
 
+def _private_tmp() -> None:
+    """The task's own private /tmp, as ``_mounts`` builds it: a fresh tmpfs with what the task
+    runs that lives under /tmp (a checkout, a venv: the manager's sys.path) bound back
+    read-only. The later steps then see what a task will."""
+    _mounts._private_tmp(STRICT)
+
+
 def _python_readable() -> None:
-    """A task under another uid imports from the interpreter's tree and from sandboxrun: both
-    must be readable to it (a Python under /root, mode 0700, is not)."""
+    """A task under another uid imports from the interpreter's tree and from sandboxrun, in its
+    view: both must be readable to it there (a Python under /root, mode 0700, is not; a
+    checkout under /tmp is only through what the private /tmp binds back)."""
     import encodings
 
     for module in (encodings, sys.modules[__name__.partition("._")[0]]):
-        os.listdir(os.path.dirname(os.path.dirname(str(module.__file__))))
+        path = str(module.__file__)
+        os.listdir(os.path.dirname(os.path.dirname(path)))
+        with open(path, "rb") as file:
+            file.read(1)
 
 
 def _steps(root: bool) -> list[tuple[str, Callable[[], object]]]:
@@ -51,7 +62,7 @@ def _steps(root: bool) -> list[tuple[str, Callable[[], object]]]:
         ("mount_namespace", lambda: libc.unshare(libc.CLONE_NEWNS | libc.CLONE_NEWIPC)),
         ("private_propagation",
          lambda: libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)),
-        ("private_tmp", lambda: libc.mount("tmpfs", "/tmp", "tmpfs", libc.MS_NOSUID, "size=4k")),
+        ("private_tmp", _private_tmp),
         ("mount_setattr", lambda: libc.mount_setattr("/tmp", libc.MOUNT_ATTR_RDONLY)),
         ("read_only_system", lambda: _mounts.make_read_only("/usr")),
         ("fresh_proc", lambda: libc.mount("proc", "/proc", "proc", libc.MS_NOSUID)),
