@@ -1011,7 +1011,11 @@ def test_strict_with_sandboxrun_and_its_python_under_tmp() -> None:
         shutil.copytree(package, top / "sandboxrun", ignore=shutil.ignore_patterns("__pycache__"))
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(top / "venv")],
                        check=True, timeout=120 * SCALE)  # fmt: skip
-        deps = [path for path in sys.path if path.endswith("site-packages")]  # typer, psutil
+        import psutil
+        import typer
+
+        # Where typer and psutil come from: a venv's site-packages here, PYTHONPATH in the guest.
+        deps = sorted({str(Path(str(module.__file__)).parents[1]) for module in (psutil, typer)})
         run = subprocess.run(
             [str(top / "venv" / "bin" / "python"), "-c", _FROM_TMP, str(top), str(sibling)],
             capture_output=True, text=True, cwd=top, timeout=120 * SCALE,
