@@ -30,7 +30,10 @@ if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
   fi
 fi
 
-stamp="$venv/.installed-$(cat "$repo/pyproject.toml" | sha1sum | cut -c1-12)-$extras"
+# setup.py and the C source too: the compiled PID 1 (sandboxrun/_native.c) is built in place by
+# the editable install, and a stale one would keep running after the source changed.
+stamp="$venv/.installed-$(cat "$repo/pyproject.toml" "$repo/setup.py" "$repo/sandboxrun/_native.c" \
+  | sha1sum | cut -c1-12)-$extras"
 if [ ! -f "$stamp" ]; then
   log=$(mktemp)
   if ! { "$python" -m venv "$venv" && "$venv/bin/python" -m pip install -q --upgrade pip \
