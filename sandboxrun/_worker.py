@@ -157,17 +157,25 @@ def refuse(text: str, result: Connection) -> None:
     os._exit(protocol.EXIT_ENTER_FAILED)
 
 
-def enter_sandbox(files: tuple[str, ...], result: Connection) -> None:
-    """Move this process into its cgroups; on failure report it and stop before any task code."""
+def enter_cgroups(files: tuple[str, ...]) -> str | None:
+    """Move this process into its cgroups (``cgroup.procs`` files); what failed, or None."""
     for path in files:
         try:
-            fd = os.open(path, os.O_WRONLY)
+            fd = os.open(path, os.O_WRONLY)  # closed at once: no O_CLOEXEC (none on Windows)
             try:
                 os.write(fd, b"0")
             finally:
                 os.close(fd)
         except OSError as error:
-            refuse(f"{path}: {error}", result)
+            return f"{path}: {error}"
+    return None
+
+
+def enter_sandbox(files: tuple[str, ...], result: Connection) -> None:
+    """Move this process into its cgroups; on failure report it and stop before any task code."""
+    failure = enter_cgroups(files)
+    if failure is not None:
+        refuse(failure, result)
 
 
 def isolate_namespaces(profile: Isolation, result: Connection, own_pid_namespace: bool) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -106,12 +107,16 @@ def reach_pid1() -> dict[str, str]:
                           ("mem", lambda: os.close(os.open("/proc/1/mem", os.O_RDONLY))),
                           ("fd", lambda: [os.readlink(f"/proc/1/fd/{fd}")
                                           for fd in os.listdir("/proc/1/fd")]),
+                          ("stop", lambda: os.kill(1, 19)),  # SIGSTOP: no reaping after it
                           ("kill", lambda: os.kill(1, 9))):  # fmt: skip
         try:
             attempt()
             found[what] = "reached"
         except OSError as error:
             found[what] = type(error).__name__
+    time.sleep(0.1)
+    with open("/proc/1/stat") as stat:
+        found["pid1_state"] = stat.read().rsplit(")", 1)[1].split()[0]
     return found
 
 
@@ -119,10 +124,13 @@ def reach_pid1() -> dict[str, str]:
 def test_the_task_cannot_reach_its_pid1(pid1: str, isolation: str) -> None:
     """PID 1 keeps the zygote's mounts and every capability: ptrace-mode access (its root,
     cwd, environ, mem, fds) needs CAP_SYS_PTRACE, which the task has not; signals from inside
-    its namespace are dropped (none has a handler). The task still ends normally after."""
+    its namespace are dropped (none has a handler), SIGSTOP and SIGKILL too (under strict the
+    other uid is refused them): PID 1 still runs, and the task ends normally after."""
     (result,) = _run(Task(reach_pid1), isolation=isolation)
     assert result.success, result.exception
-    assert "reached" not in {v for k, v in result.result.items() if k != "kill"}, result.result
+    signals = ("stop", "kill")  # sent (or refused): what counts is PID 1's state after
+    assert "reached" not in {v for k, v in result.result.items() if k not in signals}, result.result
+    assert result.result["pid1_state"] in ("S", "R"), result.result  # not stopped, not gone
 
 
 def test_a_zygote_with_a_thread_forks_without_a_namespace(pid1: str, tmp_path: Path) -> None:
@@ -144,3 +152,21 @@ def test_a_zygote_with_a_thread_forks_without_a_namespace(pid1: str, tmp_path: P
     assert seen == host and seen > 2  # no namespace of its own: its pid is the host's
     orphan = int(pid_file.read_text())
     assert wait_gone(orphan) and gone(orphan)
+
+
+def test_a_cgroup_pid1_cannot_enter_fails_the_task_before_its_code(
+    pid1: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PID 1 enters the task's cgroups before PID 2 exists (a per-task cgroup on v2, a systemd
+    scope it may enter); if it cannot, PID 2 reports why and runs nothing of the task's."""
+    from sandboxrun._backends.psutil_monitor import PsutilSandbox
+
+    missing = str(tmp_path / "no-such-cgroup" / "cgroup.procs")
+    monkeypatch.setattr(PsutilSandbox, "enter_files", lambda self: (missing,))
+    marker = tmp_path / "ran"
+    with ProcessManager(1, 30, backend="psutil", start_method="zygote") as pm:  # type: ignore[arg-type]
+        pm.queue_task(Task(tasks.touch_after, (str(marker), 0.0)))
+    (result,) = pm.task_results
+    assert not result.success and result.exit_code == 71, result  # EXIT_ENTER_FAILED
+    assert missing in str(result.exception) and "No such file" in str(result.exception)
+    assert not marker.exists()  # the task's code never ran

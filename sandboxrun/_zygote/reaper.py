@@ -119,7 +119,7 @@ def _python_pid1(
             raise SystemExit("the zygote ended before its task started")
         if os.getpid() != 1:  # no PID namespace (no privilege for one): keep orphans in our tree
             _linux.become_subreaper()
-        failure = _enter(request.enter_files)
+        failure = _worker.enter_cgroups(request.enter_files)  # PID 2 reports it, as in C
         if not request.fork_before_go and failure is None:  # placed once the go frame is readable
             select.select([fds[1]], [], [])
         task = os.fork()
@@ -136,20 +136,6 @@ def _python_pid1(
         traceback.print_exc()
     finally:
         os._exit(code)
-
-
-def _enter(files: tuple[str, ...]) -> str | None:
-    """Into the task's cgroups; what failed, for PID 2 to report (as _native.c does)."""
-    for path in files:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, b"0")
-            finally:
-                os.close(fd)
-        except OSError as error:
-            return f"{path}: {error}"
-    return None
 
 
 def _wait_for_adoption(helper: int) -> None:

@@ -12,8 +12,9 @@ no heap, no open files, no secrets. Per task::
             --> waitpid(PID 1)                                PID 1 reports PID 2's status first
             --> EXITED code
 
-Why ``unshare`` + ``os.fork`` + ``setns`` and not a raw ``clone(CLONE_NEWPID)``: ``os.fork`` does
-CPython's and glibc's fork bookkeeping (at-fork hooks, the GIL, the TID cache), and ``unshare``
+Why ``unshare`` + fork + ``setns`` and not a raw ``clone(CLONE_NEWPID)``: the fork is glibc's
+``fork()`` with CPython's bookkeeping around it (``os.fork``, or ``PyOS_BeforeFork`` and
+``PyOS_AfterFork_*`` in ``_native.c``: at-fork hooks, the GIL, the TID cache), and ``unshare``
 may be repeated once ``setns`` has put our children's PID namespace back to our own
 (``copy_pid_ns`` refuses only while they differ). It costs two syscalls per task, and no fork
 more than a bare fork. The namespace needs a single-threaded caller; a zygote that an imported
@@ -69,7 +70,7 @@ class Request:
     stdio: tuple[int, ...] = ()
     cwd: str | None = None  # the manager's working directory at launch (a zygote outlives it)
     # The task's isolation profile (a sandboxrun._isolation.Isolation; None: none) and worker
-    # slot: PID 1 builds the namespaces and mounts, PID 2 drops the privileges (its uid: slot).
+    # slot: PID 2 builds the namespaces and mounts, then drops the privileges (its uid: slot).
     isolation: Any = None
     slot: int = 0
     # PID 1 in C where sandboxrun._native is built; False: the Python PID 1 (SANDBOXRUN_NATIVE=0).
@@ -119,15 +120,14 @@ class Server:
             from .._isolation import prepare_view
 
             prepare_view(request.isolation)
-        if self.user_namespace:
+        own_namespace = _after_imports().single_threaded
+        if self.user_namespace:  # its helper is a fork: single-threaded whatever we are
             return self.fork_through_helper(request, fds), wire.FLAG_PID_NAMESPACE
-        own_namespace = _single_threaded()
         if own_namespace:
             try:
                 _linux.unshare(_linux.CLONE_NEWPID)
             except OSError:  # no CAP_SYS_ADMIN, a seccomp filter: fork without one
                 own_namespace = False
-        _freeze_heap()
         close = (self.sock.fileno(), self.status_r, self.pid_namespace_fd)
         try:
             pid = reaper.fork(request, fds, self.status_w, close, self.own_pidfd,
@@ -204,35 +204,33 @@ class Server:
                     __import__(name)
 
 
-_frozen_modules = 0
+@dataclasses.dataclass
+class _Imports:
+    """What is redone only when the set of imported modules changed (checked before each fork):
+    the imports are the only code of its own the zygote runs between tasks."""
+
+    modules: int = -1
+    single_threaded: bool = False
 
 
-def _freeze_heap() -> None:
-    """Move what the imports built into the collector's permanent generation (gc.freeze), once
-    per new import: a collection in a task or in PID 1 would otherwise walk -- write to -- every
-    object we hold, a copy-on-write fault per page (why gc.freeze exists: bpo-31558)."""
-    global _frozen_modules
-    if len(sys.modules) != _frozen_modules:
-        _frozen_modules = len(sys.modules)
+_imports = _Imports()
+
+
+def _after_imports() -> _Imports:
+    """Once per new import set: the heap it built moved into the collector's permanent
+    generation (gc.freeze), so that a collection in a task does not walk -- write to -- every
+    object we hold, a copy-on-write fault per page (why gc.freeze exists: bpo-31558); and our
+    thread count read (the kernel's: C threads too), since an import may start a thread and
+    unshare(CLONE_NEWPID) needs a single-threaded caller. Per task these cost a collection and a
+    buffered open()."""
+    if len(sys.modules) != _imports.modules:
+        _imports.modules = len(sys.modules)
         gc.collect()
         gc.freeze()
-
-
-_threads_checked: tuple[int, bool] = (-1, False)
-
-
-def _single_threaded() -> bool:
-    """Whether we have one thread (the kernel's count: C threads too). Read again only after
-    new imports: only an import can start a thread here (the zygote runs none of a task's
-    code), and a read per task cost a buffered open()."""
-    global _threads_checked
-    modules, single = _threads_checked
-    if modules != len(sys.modules):
         with open("/proc/self/stat", "rb") as stat:
             fields = stat.read().rsplit(b")", 1)[1].split()
-        single = fields[17] == b"1"  # num_threads (field 20; fields[0] is field 3)
-        _threads_checked = (len(sys.modules), single)
-    return single
+        _imports.single_threaded = fields[17] == b"1"  # num_threads (field 20; [0] is field 3)
+    return _imports
 
 
 def _import_main(preparation: Preparation) -> None:
