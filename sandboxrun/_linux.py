@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import signal
 import sys
@@ -11,15 +9,13 @@ import sys
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
-# Loaded once in the manager, inherited by every forked worker (loading libc per task would cost
-# milliseconds).
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+if sys.platform.startswith("linux"):
+    from . import _syscalls  # compiled where built, else ctypes: chosen once, here
 
 
 def prctl(option: int, value: int) -> None:
-    if _LIBC is not None:
-        with contextlib.suppress(OSError, AttributeError):
-            _LIBC.prctl(option, value, 0, 0, 0)
+    if sys.platform.startswith("linux"):
+        _syscalls.prctl(option, value)  # best effort, as before: an errno is ignored
 
 
 def die_with_parent() -> None:
@@ -41,15 +37,19 @@ CLONE_NEWUSER = 0x10000000
 
 def unshare(flags: int) -> None:
     """``unshare(2)`` (``os.unshare`` exists only from Python 3.12); raises ``OSError``."""
-    if _LIBC is None or _LIBC.unshare(flags) != 0:
-        error = ctypes.get_errno() if _LIBC is not None else 38  # ENOSYS
+    error = 38  # ENOSYS
+    if sys.platform.startswith("linux"):
+        error = _syscalls.unshare(flags)
+    if error:
         raise OSError(error, f"unshare({flags:#x}): {os.strerror(error)}")
 
 
 def setns(fd: int, nstype: int) -> None:
     """``setns(2)`` (``os.setns`` exists only from Python 3.12); raises ``OSError``."""
-    if _LIBC is None or _LIBC.setns(fd, nstype) != 0:
-        error = ctypes.get_errno() if _LIBC is not None else 38
+    error = 38
+    if sys.platform.startswith("linux"):
+        error = _syscalls.setns(fd, nstype)
+    if error:
         raise OSError(error, f"setns({fd}, {nstype:#x}): {os.strerror(error)}")
 
 

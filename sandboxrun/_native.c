@@ -17,8 +17,15 @@
  * memory, so it is a Python process as if os.fork() had made it: PyOS_BeforeFork() was called
  * before the first fork, PyOS_AfterFork_Child() runs in PID 2 only (the GIL, the import lock,
  * the at-fork hooks). PID 1 only ever calls async-signal-safe functions after its fork.
+ *
+ * Also the raw syscalls isolation makes in each task (unshare, setns, mount, mount_setattr,
+ * prctl, capset), for sandboxrun/_syscalls.py: through ctypes each first call in a fresh child
+ * wrote pages of ctypes' own state (argument converters, errno, the CDLL's function cache), a
+ * copy-on-write fault each -- here a call is an argument parse and the syscall. Each returns 0
+ * or the errno, never raises for the syscall: the caller words the error.
  */
 #define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE /* unshare, setns */
 #include <Python.h>
 
 #include <errno.h>
@@ -27,6 +34,8 @@
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
+#include <sched.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -223,7 +232,123 @@ done:
     return result;
 }
 
+/* None or a str/bytes/PathLike path, for O&: the bytes are kept in *out (Py_None: NULL). */
+static int
+optional_path(PyObject *object, void *out)
+{
+    if (object == NULL) { /* cleanup call */
+        Py_CLEAR(*(PyObject **)out);
+        return 1;
+    }
+    if (object == Py_None) {
+        *(PyObject **)out = NULL;
+        return 1;
+    }
+    return PyUnicode_FSConverter(object, out) ? Py_CLEANUP_SUPPORTED : 0;
+}
+
+static const char *
+path_bytes(PyObject *bytes)
+{
+    return bytes == NULL ? NULL : PyBytes_AS_STRING(bytes);
+}
+
+static PyObject *
+errno_of(long result)
+{
+    return PyLong_FromLong(result < 0 ? errno : 0);
+}
+
+static PyObject *
+sys_unshare(PyObject *self, PyObject *args)
+{
+    int flags;
+    if (!PyArg_ParseTuple(args, "i:unshare", &flags))
+        return NULL;
+    return errno_of(unshare(flags));
+}
+
+static PyObject *
+sys_setns(PyObject *self, PyObject *args)
+{
+    int fd, nstype;
+    if (!PyArg_ParseTuple(args, "ii:setns", &fd, &nstype))
+        return NULL;
+    return errno_of(setns(fd, nstype));
+}
+
+static PyObject *
+sys_mount(PyObject *self, PyObject *args)
+{
+    PyObject *source = NULL, *target = NULL, *fstype = NULL, *data = NULL;
+    unsigned long flags;
+    if (!PyArg_ParseTuple(args, "O&O&O&kO&:mount", optional_path, &source, PyUnicode_FSConverter,
+                          &target, optional_path, &fstype, &flags, optional_path, &data))
+        return NULL;
+    long result;
+    Py_BEGIN_ALLOW_THREADS /* a mount may wait on a filesystem */
+    result = mount(path_bytes(source), path_bytes(target), path_bytes(fstype), flags,
+                   path_bytes(data));
+    Py_END_ALLOW_THREADS
+    PyObject *answer = errno_of(result);
+    Py_XDECREF(source);
+    Py_XDECREF(target);
+    Py_XDECREF(fstype);
+    Py_XDECREF(data);
+    return answer;
+}
+
+struct mount_attr_v0 { /* linux/mount.h, MOUNT_ATTR_SIZE_VER0 */
+    uint64_t attr_set, attr_clr, propagation, userns_fd;
+};
+
+static PyObject *
+sys_mount_setattr(PyObject *self, PyObject *args)
+{
+    PyObject *path = NULL;
+    unsigned long long attr_set, attr_clr;
+    unsigned int flags;
+    if (!PyArg_ParseTuple(args, "O&KKI:mount_setattr", PyUnicode_FSConverter, &path, &attr_set,
+                          &attr_clr, &flags))
+        return NULL;
+    struct mount_attr_v0 attr = {.attr_set = attr_set, .attr_clr = attr_clr};
+    /* 442 on every architecture (it postdates the unified numbering); glibc may lack the name */
+    long result = syscall(442, -100 /* AT_FDCWD */, PyBytes_AS_STRING(path), flags, &attr,
+                          sizeof attr);
+    PyObject *answer = errno_of(result);
+    Py_DECREF(path);
+    return answer;
+}
+
+static PyObject *
+sys_prctl(PyObject *self, PyObject *args)
+{
+    int option;
+    unsigned long arg2 = 0, arg3 = 0;
+    if (!PyArg_ParseTuple(args, "i|kk:prctl", &option, &arg2, &arg3))
+        return NULL;
+    return errno_of(prctl(option, arg2, arg3, 0UL, 0UL));
+}
+
+static PyObject *
+sys_capset_empty(PyObject *self, PyObject *unused)
+{
+    /* linux/capability.h, _LINUX_CAPABILITY_VERSION_3: two 32-bit halves of each set, zeroed */
+    struct { uint32_t version; int pid; } header = {0x20080522, 0};
+    uint32_t data[6] = {0};
+    return errno_of(syscall(SYS_capset, &header, data));
+}
+
 static PyMethodDef methods[] = {
+    {"unshare", sys_unshare, METH_VARARGS, "unshare(flags) -> 0 or errno"},
+    {"setns", sys_setns, METH_VARARGS, "setns(fd, nstype) -> 0 or errno"},
+    {"mount", sys_mount, METH_VARARGS,
+     "mount(source, target, fstype, flags, data) -> 0 or errno (source, fstype, data: or None)"},
+    {"mount_setattr", sys_mount_setattr, METH_VARARGS,
+     "mount_setattr(path, attr_set, attr_clr, flags) -> 0 or errno (flags: AT_RECURSIVE or 0)"},
+    {"prctl", sys_prctl, METH_VARARGS, "prctl(option, arg2=0, arg3=0) -> 0 or errno"},
+    {"capset_empty", sys_capset_empty, METH_NOARGS,
+     "capset_empty() -> 0 or errno: clear this thread's effective, permitted, inheritable sets"},
     {"fork_reaper", (PyCFunction)(void (*)(void))fork_reaper, METH_VARARGS | METH_KEYWORDS,
      "fork_reaper(close_fds, enter_files, control_fd, wait_for_go, status_w, zygote_pidfd,"
      " helper_pidfd=-1) -> (pid, failed, errno)\n\n"

@@ -13,7 +13,6 @@ import os
 import pickle
 import sys
 import traceback
-from multiprocessing.connection import Connection
 from typing import Any
 
 from . import _header, _linux
@@ -31,8 +30,8 @@ if sys.platform != "win32":
 class WorkerSpec:
     """Everything one worker process is started with (built by ``_launch``, read here only)."""
 
-    control: Connection | None  # the go frame (and the task under spawn/forkserver); None: no wait
-    result: Connection  # where the one result frame goes
+    control: transport.Channel | None  # the go frame (the task under spawn/forkserver); None: none
+    result: transport.Channel  # where the one result frame goes
     task: Task | None  # fork only; otherwise it arrives pickled in the go frame
     enter_files: tuple[str, ...]  # cgroup.procs files to write "0" into, first thing
     options: WorkerOptions
@@ -54,14 +53,14 @@ class WorkerSpec:
     isolation_prepared: bool = False
 
 
-def _read_exactly(control: Connection, size: int) -> bytes:
+def _read_exactly(control: transport.Channel, size: int) -> bytes:
     data = transport.read_exactly(control, size)
     if data is None:  # the manager is gone or gave up on us: nothing to do
         os._exit(protocol.EXIT_MANAGER_GONE)
     return data
 
 
-def read_go_frame(control: Connection) -> bytes:
+def read_go_frame(control: transport.Channel) -> bytes:
     """Wait for the go frame and return its payload (the pickled task, or nothing)."""
     (length,) = protocol.LENGTH.unpack(_read_exactly(control, protocol.LENGTH.size))
     payload = _read_exactly(control, length) if length else b""
@@ -149,7 +148,7 @@ def _describe(kind: str, value: object, error: BaseException) -> protocol.Header
     )
 
 
-def refuse(text: str, result: Connection) -> None:
+def refuse(text: str, result: transport.Channel) -> None:
     """Report that the sandbox could not be set up, and stop before any task code."""
     head = _header.encode(protocol.Header(protocol.ENTER_FAILED, text=text))
     with contextlib.suppress(OSError):
@@ -171,14 +170,16 @@ def enter_cgroups(files: tuple[str, ...]) -> str | None:
     return None
 
 
-def enter_sandbox(files: tuple[str, ...], result: Connection) -> None:
+def enter_sandbox(files: tuple[str, ...], result: transport.Channel) -> None:
     """Move this process into its cgroups; on failure report it and stop before any task code."""
     failure = enter_cgroups(files)
     if failure is not None:
         refuse(failure, result)
 
 
-def isolate_namespaces(profile: Isolation, result: Connection, own_pid_namespace: bool) -> None:
+def isolate_namespaces(
+    profile: Isolation, result: transport.Channel, own_pid_namespace: bool
+) -> None:
     """The zygote's PID 2 (root, in the task's cgroups and pid namespace, alone): namespaces and
     mounts, before the task's code; on failure report it and stop before any task code."""
     if sys.platform.startswith("linux"):
@@ -190,7 +191,7 @@ def isolate_namespaces(profile: Isolation, result: Connection, own_pid_namespace
             refuse(str(error), result)
 
 
-def isolate_cgroups(profile: Isolation, result: Connection) -> None:
+def isolate_cgroups(profile: Isolation, result: transport.Channel) -> None:
     """The zygote's PID 2, placed by now (born in place, or a parent-side attach came before
     the go frame): the task's own cgroup namespace; on failure, no task code."""
     if sys.platform.startswith("linux"):

@@ -20,10 +20,10 @@ Linux only below the profile; elsewhere ``probe()`` says so and the manager acce
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable
 
+from .. import _log
 from .environment import build_environment, matcher, replace_environment
 from .profile import DEFAULT, NONE, PROFILES, STRICT, Isolation, resolve
 
@@ -129,7 +129,7 @@ def choose(value: str | Isolation | None) -> Isolation:
         )
     if sys.platform.startswith("linux") and reason not in _warned:
         _warned.add(reason)
-        logging.getLogger("sandboxrun.isolation").warning(
+        _log.get("sandboxrun.isolation").warning(
             "tasks run WITHOUT isolation (isolation='none'): %s. A compromised task can reach"
             " this process and the host as its uid; see `sandboxrun doctor`",
             reason,

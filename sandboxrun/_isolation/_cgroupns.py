@@ -32,19 +32,19 @@ import sys
 
 assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
 
-import logging
 
+from .. import _log
 from .._backends import cgroupfs
 from . import _libc as libc
 
-log = logging.getLogger("sandboxrun.isolation")
+log = _log.get("sandboxrun.isolation")
 
 _FLAGS = libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
 
 
 def cgroup2_mount_points() -> list[str]:
     """Mount points of cgroup2 in this mount namespace (cgroupfs's mountinfo parser)."""
-    points = [str(point) for kind, point, _ in cgroupfs.mounts() if kind == "cgroup2"]
+    points = [point for kind, point, _ in cgroupfs.cgroup_mount_lines() if kind == "cgroup2"]
     return list(dict.fromkeys(points))
 
 

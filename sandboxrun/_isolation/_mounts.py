@@ -28,7 +28,6 @@ assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/dar
 import contextlib
 import fcntl
 import functools
-import logging
 import os
 import site
 import socket
@@ -36,12 +35,12 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import _linux
+from .. import _linux, _log
 from . import _libc as libc
 from . import _view
 from .profile import Isolation
 
-log = logging.getLogger("sandboxrun.isolation")
+log = _log.get("sandboxrun.isolation")
 
 _SYSTEM_FULL = ("/usr", "/etc", "/boot", "/efi")
 _PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs", "acpi", "scsi", "latency_stats")

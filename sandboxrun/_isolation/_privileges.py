@@ -21,15 +21,15 @@ import sys
 assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
 
 import contextlib
-import logging
 import os
 import resource
 
+from .. import _log
 from . import _libc as libc
 from ._mounts import IsolationError
 from .profile import Isolation
 
-log = logging.getLogger("sandboxrun.isolation")
+log = _log.get("sandboxrun.isolation")
 
 
 def _rlimits(profile: Isolation) -> None:

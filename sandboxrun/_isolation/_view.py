@@ -30,16 +30,16 @@ import sys
 assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
 
 import contextlib
-import logging
 import os
 import select
 import traceback
 from collections.abc import Callable
 
+from .. import _log
 from . import _libc as libc
 from .profile import Isolation
 
-log = logging.getLogger("sandboxrun.isolation")
+log = _log.get("sandboxrun.isolation")
 
 MAX_VIEWS = 8  # profiles held at once by one zygote (each an fd and a few dozen mounts)
 

@@ -23,8 +23,9 @@ The API (same names in both modules):
     BARE_FORK                  True when the bare os.fork launcher may be used (needs pidfds)
     Selector()                 register(handle, events, data) / unregister / select(timeout)
                                -> [(key, mask)] with key.fd the handle, key.data the data
-    result_pipe()              -> (parent read handle, child's writing Connection)
-    control_pipe()             -> (child's reading Connection, parent write handle)
+    Channel(fd)                the worker's end of a pipe: fileno(), close()
+    result_pipe()              -> (parent read handle, child's writing Channel)
+    control_pipe()             -> (child's reading Channel, parent write handle)
     exit_handle(process)       -> handle that turns readable when the worker process ends
     read(handle, n) / readinto(handle, view)
                                non-blocking parent reads: BlockingIOError when nothing is there,
@@ -46,13 +47,15 @@ if sys.platform == "win32" or os.environ.get("SANDBOXRUN_TRANSPORT") == "portabl
     from ._portable import BARE_FORK, DEFAULT_START_METHOD, NAME, Selector, close, read, write
     from ._portable import control_pipe, exit_handle, readinto, result_pipe
     from ._portable import EXIT_BY_PIDFD, read_exactly, write_all
+    from ._portable import Channel
 else:
     from ._posix import BARE_FORK, DEFAULT_START_METHOD, NAME
     from ._posix import close, read, write  # type: ignore[assignment]
     from ._posix import Selector  # type: ignore[assignment]
-    from ._posix import control_pipe, exit_handle, result_pipe
+    from ._posix import control_pipe, exit_handle, result_pipe  # type: ignore[assignment]
     from ._posix import readinto  # type: ignore[assignment]
-    from ._posix import EXIT_BY_PIDFD, read_exactly, write_all
+    from ._posix import EXIT_BY_PIDFD, read_exactly, write_all  # type: ignore[assignment]
+    from ._posix import Channel  # type: ignore[assignment]
 # isort: on
 
 __all__ = [
@@ -60,6 +63,7 @@ __all__ = [
     "DEFAULT_START_METHOD",
     "EXIT_BY_PIDFD",
     "NAME",
+    "Channel",
     "Selector",
     "close",
     "control_pipe",

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from .._header import MAX_HEADER_BYTES
 
+Channel = Connection  # the worker's end of a pipe (the posix transport has its own, raw)
+
 if TYPE_CHECKING:
     from _typeshed import FileDescriptorLike
 

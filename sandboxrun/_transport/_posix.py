@@ -11,7 +11,6 @@ import os
 import selectors
 import sys
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from typing import Any
 
 assert sys.platform != "win32"  # the portable transport serves Windows
@@ -56,19 +55,62 @@ def _set_pipe_size(fd: int) -> None:
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
 
 
-def result_pipe(max_bytes: int | None = None) -> tuple[int, Connection]:
+class Channel:
+    """The worker's end of a pipe, read and written raw (``write_all``, ``read_exactly``): what
+    the worker needs of ``multiprocessing.connection.Connection``, without importing it. That
+    module imports threading, tempfile, subprocess and random: in the zygote they were 1.5 MiB
+    more heap to copy at each fork, and their at-fork hooks (threading's reinit, random's reseed)
+    ran in every task the zygote forked -- their Python code writes pages shared with the
+    zygote, one copy-on-write fault each (measured in a zygote's image: from the fork to the
+    child's first line 489 -> 130 us of CPU, 254 -> 65 page faults).
+    Under spawn and forkserver it is pickled as Connection is: the fd duplicated for the child."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise OSError("handle is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError):
+            self.close()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing import reduction  # the manager's side: imported there anyway
+
+        return _rebuild_channel, (reduction.DupFd(self.fileno()),)
+
+
+def _rebuild_channel(duplicate: Any) -> Channel:
+    return Channel(duplicate.detach())
+
+
+def result_pipe(max_bytes: int | None = None) -> tuple[int, Channel]:
     # max_bytes is the ResultReader's to enforce here: it reads the frame prefix before it
     # allocates, straight from the pipe.
     read_fd, write_fd = os.pipe()
     _set_pipe_size(write_fd)
     os.set_blocking(read_fd, False)
-    return read_fd, Connection(write_fd)
+    return read_fd, Channel(write_fd)
 
 
-def control_pipe() -> tuple[Connection, int]:
+def control_pipe() -> tuple[Channel, int]:
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
-    return Connection(read_fd), write_fd
+    return Channel(read_fd), write_fd
 
 
 def exit_handle(process: Any) -> int:
@@ -80,7 +122,7 @@ def exit_handle(process: Any) -> int:
     return os.dup(int(process.sentinel))  # no pidfd (macOS): multiprocessing's sentinel pipe
 
 
-def write_all(connection: Connection, data: bytes | memoryview) -> None:
+def write_all(connection: Channel, data: bytes | memoryview) -> None:
     """Blocking write of every byte (the worker side; the manager never blocks)."""
     fd = connection.fileno()
     view = memoryview(data)
@@ -89,7 +131,7 @@ def write_all(connection: Connection, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
-def read_exactly(connection: Connection, size: int) -> bytes | None:
+def read_exactly(connection: Channel, size: int) -> bytes | None:
     fd = connection.fileno()
     chunks = bytearray()
     while len(chunks) < size:

@@ -36,11 +36,11 @@ import os
 import select
 import signal
 import traceback
-from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, NoReturn
 
 from .. import _linux, _worker
 from .. import _protocol as protocol
+from .. import _transport as transport
 from . import wire
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ def _run_task(
     try:
         os.close(status_w)
         result_fd, control_fd, *stdio = fds
-        result = Connection(result_fd)
+        result = transport.Channel(result_fd)
         if enter_failure is not None:  # PID 1 could not enter a cgroup: no task code
             _worker.refuse(enter_failure, result)
         _prepare_task(request, result, stdio, own_pid_namespace, oom_score_set)
@@ -182,7 +182,7 @@ def _run_task(
             # the wrong processes).
             options = dataclasses.replace(options, kill_descendants_on_exit=False)
         spec = _worker.WorkerSpec(
-            control=Connection(control_fd),
+            control=transport.Channel(control_fd),
             result=result,
             task=None,
             enter_files=(),  # entered by PID 1: we were born inside
@@ -207,7 +207,7 @@ def _run_task(
 
 def _prepare_task(
     request: Request,
-    result: Connection,
+    result: transport.Channel,
     stdio: list[int],
     own_pid_namespace: bool,
     oom_score_set: bool,

@@ -1,0 +1,85 @@
+"""``_syscalls`` through ctypes, where ``sandboxrun._native`` is not built: the same functions,
+each returning 0 or the errno."""
+
+from __future__ import annotations
+
+import sys
+
+assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
+
+import ctypes
+import os
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_SYS_MOUNT_SETATTR = 442  # the same on every architecture (it postdates the unified numbering)
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _errno(result: int) -> int:
+    return ctypes.get_errno() if result < 0 else 0
+
+
+def _raw(text: str | bytes | None) -> bytes | None:
+    return None if text is None else os.fsencode(text)
+
+
+def unshare(flags: int, /) -> int:
+    return _errno(_LIBC.unshare(ctypes.c_int(flags)))
+
+
+def setns(fd: int, nstype: int, /) -> int:
+    return _errno(_LIBC.setns(ctypes.c_int(fd), ctypes.c_int(nstype)))
+
+
+def mount(
+    source: str | bytes | None,
+    target: str | bytes,
+    fstype: str | bytes | None,
+    flags: int,
+    data: str | bytes | None,
+    /,
+) -> int:
+    flags_ = ctypes.c_ulong(flags)
+    return _errno(_LIBC.mount(_raw(source), _raw(target), _raw(fstype), flags_, _raw(data)))
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def mount_setattr(path: str | bytes, attr_set: int, attr_clr: int, flags: int, /) -> int:
+    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+    result = _LIBC.syscall(
+        ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(-100), os.fsencode(path),  # AT_FDCWD
+        ctypes.c_uint(flags), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)),
+    )  # fmt: skip
+    return _errno(result)
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, /) -> int:
+    result = _LIBC.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
+                         ctypes.c_ulong(0), ctypes.c_ulong(0))  # fmt: skip
+    return _errno(result)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def capset_empty() -> int:
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()  # zero-filled: both 32-bit halves of each set
+    return _errno(_LIBC.capset(ctypes.byref(header), data))

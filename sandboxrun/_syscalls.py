@@ -1,0 +1,33 @@
+"""The raw Linux syscalls Python 3.10/3.11 lacks, chosen once at import (psutil style).
+
+Compiled (``sandboxrun._native``) where it was built, else through ctypes
+(``_ctypes_syscalls``, the same names and results): ``unshare``, ``setns``, ``mount``,
+``mount_setattr``, ``prctl``, ``capset_empty``, each returning 0 or the errno. The callers
+(``_linux``, ``_isolation._libc``) word the ``OSError``.
+
+Why not ctypes everywhere: a zygote's task makes these calls in a fresh child, and ctypes' first
+calls there write pages of its own state (converters, errno, the CDLL's cache) -- a copy-on-write
+fault each, and ctypes itself is 15 more mappings for every fork to copy (measured: see
+docs/benchmarks.md, section 10). ``SANDBOXRUN_NATIVE=0`` at import selects ctypes (the test
+pass of the pure-Python path).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
+
+NATIVE = False
+if os.environ.get("SANDBOXRUN_NATIVE") != "0":
+    try:
+        from ._native import capset_empty, mount, mount_setattr, prctl, setns, unshare
+
+        NATIVE = True
+    except ImportError:  # not built (no compiler at install)
+        pass
+if not NATIVE:
+    from ._ctypes_syscalls import capset_empty, mount, mount_setattr, prctl, setns, unshare
+
+__all__ = ["NATIVE", "capset_empty", "mount", "mount_setattr", "prctl", "setns", "unshare"]
