@@ -37,6 +37,7 @@
 #include <sched.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -232,6 +233,92 @@ done:
     return result;
 }
 
+/* watch(): the zygote's side of one task from STARTED to EXITED (server.Server.watch's steps).
+ *
+ * From PID 1's fork until it is reaped, every page the zygote writes is shared with PID 1 and
+ * PID 2: a copy-on-write fault each. Python between the fork and waitpid() wrote ~100 of them
+ * per task (frames, refcounts, the sendmsg's buffers); here it is the stack and a few bytes. */
+static int
+send_record(int sock, const void *data, size_t size, int fd)
+{
+    struct iovec iov = {.iov_base = (void *)data, .iov_len = size};
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (fd >= 0) {
+        memset(&control, 0, sizeof control);
+        msg.msg_control = control.buf;
+        msg.msg_controllen = sizeof control.buf;
+        struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+        cmsg->cmsg_level = SOL_SOCKET;
+        cmsg->cmsg_type = SCM_RIGHTS;
+        cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(cmsg), &fd, sizeof fd);
+    }
+    ssize_t sent;
+    while ((sent = sendmsg(sock, &msg, MSG_NOSIGNAL)) < 0 && errno == EINTR)
+        ;
+    return sent == (ssize_t)size ? 0 : -1;
+}
+
+static PyObject *
+watch(PyObject *self, PyObject *args)
+{
+    int sock, pid, status_r;
+    unsigned int flags;
+    if (!PyArg_ParseTuple(args, "iiIi:watch", &sock, &pid, &flags, &status_r))
+        return NULL;
+    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0); /* before waitpid: no pid reuse yet */
+    if (pidfd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    char started[1 + 8 + 4] = {'S'}; /* wire.STARTED + STARTED_BODY ("=qI", native order) */
+    int64_t pid64 = pid;
+    memcpy(started + 1, &pid64, 8);
+    memcpy(started + 9, &flags, 4);
+    int failed = send_record(sock, started, sizeof started, pidfd);
+    int saved = errno;
+    close(pidfd);
+    if (failed) {
+        errno = saved;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    int status;
+    while (waitpid(pid, &status, 0) < 0) {
+        if (errno != EINTR)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        if (PyErr_CheckSignals() < 0)
+            return NULL;
+    }
+    /* PID 2's status as PID 1 wrote it: exactly one record, else PID 1 itself was killed
+     * (timeout, OOM, the manager's abort) and its own status is the task's. */
+    int64_t code, record = 0;
+    char buffer[64];
+    size_t total = 0;
+    for (;;) { /* drained: whatever is there must not be read as the next task's */
+        ssize_t n = read(status_r, buffer, sizeof buffer);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        if (total < sizeof record)
+            memcpy((char *)&record + total, buffer,
+                   (size_t)n < sizeof record - total ? (size_t)n : sizeof record - total);
+        total += (size_t)n;
+    }
+    if (total == sizeof record) {
+        code = record;
+    } else {
+        code = WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
+    }
+    char exited[1 + 8] = {'E'}; /* wire.EXITED + EXITED_BODY ("=q") */
+    memcpy(exited + 1, &code, 8);
+    if (send_record(sock, exited, sizeof exited, -1))
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLongLong((long long)code);
+}
+
 /* None or a str/bytes/PathLike path, for O&: the bytes are kept in *out (Py_None: NULL). */
 static int
 optional_path(PyObject *object, void *out)
@@ -340,6 +427,10 @@ sys_capset_empty(PyObject *self, PyObject *unused)
 }
 
 static PyMethodDef methods[] = {
+    {"watch", watch, METH_VARARGS,
+     "watch(sock_fd, pid, flags, status_r) -> exit code\n\n"
+     "STARTED (pid, flags, PID 1's pidfd) on the socket, wait for PID 1, EXITED with PID 2's"
+     " status as PID 1 reported it through status_r (else PID 1's own); raises OSError."},
     {"unshare", sys_unshare, METH_VARARGS, "unshare(flags) -> 0 or errno"},
     {"setns", sys_setns, METH_VARARGS, "setns(fd, nstype) -> 0 or errno"},
     {"mount", sys_mount, METH_VARARGS,

@@ -26,7 +26,9 @@ AT_FORK_COSTLY = ("threading", "logging", "multiprocessing", "tempfile", "random
 
 
 def _one(task: Task) -> object:
-    with ProcessManager(max_workers=1) as manager:
+    # A zygote of its own (a new environment is a new pool key): pooled zygotes (cgroup v2,
+    # systemd) imported what earlier tasks' modules needed, and a task sees that too.
+    with ProcessManager(max_workers=1, env={"LEAN_ZYGOTE_TEST": os.urandom(8).hex()}) as manager:
         manager.queue_task(task)
     (result,) = manager.task_results
     assert result.success, result.exception

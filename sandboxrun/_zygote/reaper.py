@@ -55,6 +55,10 @@ except ImportError:  # not built (no compiler): the Python PID 1 below
     _native = None
 
 
+#: ``_native.watch`` (server.Server.watch in C), or None.
+native_watch = None if _native is None else getattr(_native, "watch", None)
+
+
 def native_available() -> bool:
     return _native is not None
 

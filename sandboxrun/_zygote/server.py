@@ -112,7 +112,7 @@ class Server:
             finally:
                 for fd in fds:
                     os.close(fd)
-            self.watch(pid, flags)
+            self.watch(pid, flags, request.native)
 
     def fork(self, request: Request, fds: list[int]) -> tuple[int, int]:
         self.import_modules(request)
@@ -171,7 +171,12 @@ class Server:
         (pid,) = wire.EXITED_BODY.unpack(data)
         return int(pid)
 
-    def watch(self, pid: int, flags: int) -> None:
+    def watch(self, pid: int, flags: int, native: bool = False) -> None:
+        """STARTED, reap PID 1, EXITED with the task's code. In C where built (``native``):
+        until PID 1 is reaped, every page written here is a copy-on-write fault."""
+        if native and reaper.native_watch is not None:
+            reaper.native_watch(self.sock.fileno(), pid, flags, self.status_r)
+            return
         pidfd = os.pidfd_open(pid)  # before waitpid: the pid cannot be reused yet
         try:
             wire.send(self.sock, wire.STARTED, wire.STARTED_BODY.pack(pid, flags), (pidfd,))
