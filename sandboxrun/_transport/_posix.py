@@ -58,8 +58,8 @@ def _set_pipe_size(fd: int) -> None:
 class Channel:
     """The worker's end of a pipe, read and written raw (``write_all``, ``read_exactly``): what
     the worker needs of ``multiprocessing.connection.Connection``, without importing it. That
-    module imports threading, tempfile, subprocess and random: in the zygote they were 1.5 MiB
-    more heap to copy at each fork, and their at-fork hooks (threading's reinit, random's reseed)
+    module imports threading, tempfile, subprocess and random: in the zygote they were more heap
+    to copy at each fork, and their at-fork hooks (threading's reinit, random's reseed)
     ran in every task the zygote forked -- their Python code writes pages shared with the
     zygote, one copy-on-write fault each (measured in a zygote's image: from the fork to the
     child's first line 489 -> 130 us of CPU, 254 -> 65 page faults).
@@ -74,10 +74,6 @@ class Channel:
         if self._fd < 0:
             raise OSError("handle is closed")
         return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
 
     def close(self) -> None:
         if self._fd >= 0:
