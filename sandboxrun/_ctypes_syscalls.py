@@ -13,6 +13,9 @@ import os
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _SYS_MOUNT_SETATTR = 442  # the same on every architecture (it postdates the unified numbering)
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_AT_EMPTY_PATH, _AT_RECURSIVE = 0x1000, 0x8000
+_MOUNT_ATTR_IDMAP = 0x00100000
+_MOVE_MOUNT_F_EMPTY_PATH, _MOVE_MOUNT_T_EMPTY_PATH = 0x4, 0x40
 
 
 def _errno(result: int) -> int:
@@ -59,6 +62,29 @@ def mount_setattr(path: str | bytes, attr_set: int, attr_clr: int, flags: int, /
         ctypes.c_uint(flags), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)),
     )  # fmt: skip
     return _errno(result)
+
+
+def bind_idmapped(source_fd: int, target_fd: int, userns_fd: int, recursive: bool, /) -> int:
+    """``_native.bind_idmapped``: open_tree (428) a copy, mount_setattr (442) the idmap,
+    move_mount (429) it onto ``target_fd``."""
+    tree_flags = 1 | os.O_CLOEXEC | _AT_EMPTY_PATH | (_AT_RECURSIVE if recursive else 0)
+    syscall = _LIBC.syscall
+    tree = syscall(ctypes.c_long(428), ctypes.c_int(source_fd), b"", ctypes.c_uint(tree_flags))
+    if tree < 0:
+        return _errno(tree)
+    try:
+        attr = _MountAttr(_MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+        flags = _AT_EMPTY_PATH | (_AT_RECURSIVE if recursive else 0)
+        result = syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(tree), b"",
+                         ctypes.c_uint(flags), ctypes.byref(attr),
+                         ctypes.c_size_t(ctypes.sizeof(attr)))  # fmt: skip
+        if result == 0:
+            result = syscall(ctypes.c_long(429), ctypes.c_int(tree), b"",
+                             ctypes.c_int(target_fd), b"",
+                             ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_T_EMPTY_PATH))
+        return _errno(result)
+    finally:
+        os.close(tree)
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, /) -> int:

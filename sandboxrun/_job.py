@@ -50,6 +50,7 @@ class Job:
         "error",
         "exit_fd",
         "go_frame",
+        "isolation",
         "kill_reason",
         "next_poll",
         "process",
@@ -76,6 +77,7 @@ class Job:
         self.next_poll: float | None = None
         self.kill_reason: KillReason | None = None
         self.error: BaseException | None = None
+        self.isolation = ""  # TaskResult.isolation when it differs from the manager's profile
 
     def parent_fds(self) -> tuple[int, ...]:
         """The manager's open fds of this job (a forked sibling must close them)."""

@@ -46,6 +46,8 @@ StartMethod = Literal["zygote", "fork", "forkserver", "spawn"]
 ZYGOTE_AVAILABLE = sys.platform == "linux" and transport.EXIT_BY_PIDFD
 
 log = logging.getLogger("sandboxrun.launch")
+#: TaskResult.isolation's note when a task kept the manager's uid (the zygote logs the path).
+KEPT_UID_WHY = "a handed path's filesystem cannot be idmapped here, see `sandboxrun doctor`"
 
 
 def _kill_started(process: Any) -> None:
@@ -82,9 +84,11 @@ class Launcher:
         max_result_bytes: int = protocol.DEFAULT_MAX_RESULT_BYTES,
         environment: dict[str, str] | None = None,
         isolation: Isolation = NONE,
+        shm_bytes: int | None = None,
     ) -> None:
         self.start_method = start_method
         self.isolation = isolation
+        self._shm_bytes = shm_bytes  # a private /dev/shm's size where no cgroup charges it
         self._slots: dict[int, int] = {}  # id(job) -> its worker slot (its uid under strict)
         self.options = options
         self.max_result_bytes = max_result_bytes  # each job's reader reads no longer a body
@@ -142,6 +146,21 @@ class Launcher:
             return self.isolation
         return self.isolation.with_paths(extra)
 
+    def _handed(self, task: Task, isolation: Isolation) -> tuple[str, ...]:
+        """What ``task``'s call hands it (``_isolation/handed.py``), where the profile hands
+        paths and the task runs as another uid than ours (a root manager's)."""
+        if sys.platform != "linux":
+            return ()
+        if not isolation.hand_paths or isolation.user is None or os.geteuid() != 0:
+            return ()
+        from ._isolation.handed import handed_paths
+
+        try:
+            cwd: str | None = os.getcwd()
+        except OSError:
+            cwd = None
+        return handed_paths(task, cwd, isolation.read_write_paths)
+
     def launch(
         self,
         task: Task,
@@ -178,6 +197,7 @@ class Launcher:
             close_inherited_fds=transport.EXIT_BY_PIDFD,
             isolation=isolation,
             slot=slot,
+            environment=None if self._zygote else self.environment,
         )
         process: Any
         if sys.platform == "linux" and self._zygote:
@@ -190,6 +210,8 @@ class Launcher:
                 fork_before_go=not sandbox.parent_attach,
                 isolation=isolation if isolation.enabled else None,
                 slot=spec.slot,
+                handed=self._handed(task, isolation),
+                shm_bytes=self._shm_bytes,
             )
             assert child_control is not None  # a zygote's task always comes in the go frame
             birthplace = sandbox.birthplace or ()
@@ -227,6 +249,8 @@ class Launcher:
         job.result_fd, job.control_fd = result_r, control_w
         if sys.platform == "linux" and self._zygote:
             job.exit_fd = os.dup(process.pidfd)  # pidfd_open(pid) could hit a reused pid
+            if process.kept_uid:
+                job.isolation = f"{isolation.name} (kept the manager's uid: {KEPT_UID_WHY})"
         else:
             job.exit_fd = transport.exit_handle(process)
         if handshake:

@@ -20,13 +20,13 @@ import pickle
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Literal, cast
 
-from . import _environment as environment
 from . import _transport as transport
 from ._backends import create_backend
 from ._backends.base import Backend
 from ._cpus import available_cpus
 from ._errors import BackendUnavailable
-from ._isolation import Isolation, choose
+from ._isolation import Isolation, build_environment, choose
+from ._isolation.environment import validate as validate_env
 from ._launch import ZYGOTE_AVAILABLE, Launcher, StartMethod
 from ._limits import Limits, validate_max_result_bytes, validate_max_workers, validate_poll_interval
 from ._outcome import Terms
@@ -68,7 +68,8 @@ class ProcessManager:
     ``Backend`` instance), ``start_method`` (``"zygote"``, ``"fork"``, ``"forkserver"``,
     ``"spawn"``; default: ``"zygote"`` on Linux, else multiprocessing's default),
     ``poll_interval_seconds`` (psutil backend only) and ``env`` (variables the tasks get on top
-    of the allowlisted ones of this process, see ``_environment``; zygote and spawn only).
+    of this process's environment, as under fork; ``strict`` keeps only an allowlist of it, see
+    ``_isolation/environment.py``; every start method).
 
     The zygote (docs/guide.md, "Start methods"): a fresh interpreter per worker slot that forks
     each task into a PID namespace of its own; like spawn and forkserver (Python 3.14's POSIX
@@ -138,14 +139,14 @@ class ProcessManager:
             transport.DEFAULT_START_METHOD
             or ("zygote" if ZYGOTE_AVAILABLE else multiprocessing.get_start_method()),
         )
-        self.env = environment.validate(env)
+        self.env = validate_env(env)
         self.backend: Backend = (
             backend
             if isinstance(backend, Backend)
             else create_backend(backend, poll_interval_seconds=poll_interval_seconds)
         )
         _check_cpu_quota(self.limits, self.backend)
-        self.isolation: Isolation = choose(isolation)
+        self.isolation: Isolation = choose(isolation, self.start_method, start_method is not None)
         self.task_results: list[TaskResult] = []
         memory = self.limits.memory_bytes
         self.max_result_bytes = validate_max_result_bytes(max_result_bytes, memory)
@@ -167,8 +168,11 @@ class ProcessManager:
             self.start_method,
             self.backend.worker_options,
             self.max_result_bytes,
-            environment.build(self.env),
+            build_environment(self.isolation, self.env),
             self.isolation,
+            # tmpfs pages are charged to the task's memory cgroup; the psutil monitor sees
+            # no /dev/shm, so there the private one is as big as the memory limit.
+            None if "memory" in self.backend.kernel_enforced else self.limits.memory_bytes,
         )
         self._scheduler = Scheduler(self.backend, launcher, terms, self.max_workers)
         self._aborted_by: str | None = None  # set once: why this manager was aborted

@@ -288,7 +288,7 @@ def _common(job: Job, exit_code: int, terms: Terms) -> dict[str, Any]:
         "end_time": job.end_time,
         "elapsed_time": job.end_time - job.start_time,
         "backend": terms.backend,
-        "isolation": terms.isolation,
+        "isolation": job.isolation or terms.isolation,
     }
 
 

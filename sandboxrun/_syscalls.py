@@ -25,12 +25,31 @@ assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/dar
 NATIVE = False
 if os.environ.get("SANDBOXRUN_NATIVE") != "0":
     try:
-        from ._native import capset_empty, mount, mount_setattr, prctl, setns, unshare
+        from ._native import (
+            bind_idmapped,
+            capset_empty,
+            mount,
+            mount_setattr,
+            prctl,
+            setns,
+            unshare,
+        )  # fmt: skip
 
         NATIVE = True
     except ImportError:  # not built (no compiler at install)
         pass
 if not NATIVE:
-    from ._ctypes_syscalls import capset_empty, mount, mount_setattr, prctl, setns, unshare
+    from ._ctypes_syscalls import (
+        bind_idmapped,
+        capset_empty,
+        mount,
+        mount_setattr,
+        prctl,
+        setns,
+        unshare,
+    )  # fmt: skip
 
-__all__ = ["NATIVE", "capset_empty", "mount", "mount_setattr", "prctl", "setns", "unshare"]
+__all__ = [
+    "NATIVE", "bind_idmapped", "capset_empty", "mount", "mount_setattr", "prctl", "setns",
+    "unshare",
+]  # fmt: skip

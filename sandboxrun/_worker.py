@@ -48,9 +48,12 @@ class WorkerSpec:
     # False where our parent's death already ends us: the zygote's PID 2 in its own PID
     # namespace, which dies with its PID 1 (a prctl less per task: it cost ~25 page faults).
     die_with_parent: bool = True
-    # True under the zygote: the namespaces and mounts are built (_zygote/reaper.py), and the
-    # zygote's environment is the allowlisted one; only the privileges are dropped here.
+    # True under the zygote: the namespaces and mounts are built (_zygote/reaper.py); only the
+    # privileges are dropped here.
     isolation_prepared: bool = False
+    # The task's environment (_isolation/environment.py), set before its code; None: the
+    # zygote's, which was exec'd with it.
+    environment: dict[str, str] | None = None
 
 
 def _read_exactly(control: transport.Channel, size: int) -> bytes:
@@ -178,7 +181,12 @@ def enter_sandbox(files: tuple[str, ...], result: transport.Channel) -> None:
 
 
 def isolate_namespaces(
-    profile: Isolation, result: transport.Channel, own_pid_namespace: bool
+    profile: Isolation,
+    result: transport.Channel,
+    own_pid_namespace: bool,
+    handed: tuple[str, ...] = (),
+    idmap_fd: int = -1,
+    shm_bytes: int | None = None,
 ) -> None:
     """The zygote's PID 2 (root, in the task's cgroups and pid namespace, alone): namespaces and
     mounts, before the task's code; on failure report it and stop before any task code."""
@@ -186,7 +194,9 @@ def isolate_namespaces(
         from . import _isolation
 
         try:
-            _isolation.setup_namespaces_and_mounts(profile, own_pid_namespace)
+            _isolation.setup_namespaces_and_mounts(
+                profile, own_pid_namespace, handed, idmap_fd, shm_bytes
+            )
         except OSError as error:
             refuse(str(error), result)
 
@@ -216,7 +226,6 @@ def _isolate(spec: WorkerSpec) -> None:
             if not spec.isolation_prepared:
                 _isolation.setup_namespaces_and_mounts(profile, own_pid_namespace=False)
                 _isolation.isolate_cgroups(profile)
-                _isolation.replace_environment(_isolation.build_environment(profile))
             _isolation.drop_privileges(profile, spec.slot)
         except OSError as error:
             refuse(str(error), spec.result)
@@ -279,6 +288,9 @@ def main(spec: WorkerSpec) -> None:
     payload = b""
     if spec.control is not None:  # wait for the go frame (and the task, under spawn/forkserver)
         payload = read_go_frame(spec.control)
+    if spec.environment is not None:
+        os.environ.clear()
+        os.environ.update(spec.environment)
     if spec.isolation is not None and spec.isolation.enabled:
         _isolate(spec)
     # From here on we are inside the sandbox.

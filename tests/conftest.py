@@ -25,11 +25,8 @@ if os.environ.get("SANDBOXRUN_TEST_BACKEND"):
 KERNEL_BACKENDS = [name for name in AVAILABLE if name != "psutil"]
 
 
-# Managers that do not choose run without isolation here: tests/tasks.py reads the host's pids
-# through /proc (host_pid), which the default profile's fresh /proc hides from a task under the
-# zygote. tests/test_isolation.py chooses its profiles explicitly. Set SANDBOXRUN_ISOLATION=
-# default to run the whole suite under isolation.
-os.environ.setdefault("SANDBOXRUN_ISOLATION", "none")
+# The suite runs what users get: the default isolation profile (managers that do not choose).
+# Tests about another profile choose it; SANDBOXRUN_ISOLATION set by the caller still wins.
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -103,21 +103,37 @@ def unavailable_reason(profile: Isolation) -> str | None:
 _warned: set[str] = set()
 
 
-def choose(value: str | Isolation | None) -> Isolation:
-    """``ProcessManager(isolation=...)``: the profile to use here.
+def choose(
+    value: str | Isolation | None, start_method: str = "zygote", start_chosen: bool = False
+) -> Isolation:
+    """``ProcessManager(isolation=..., start_method=...)``: the profile to use here.
 
     ``None`` means ``$SANDBOXRUN_ISOLATION`` if set (an operator's default for every manager
     that does not choose), else ``"default"``. Asked for by name or instance and not possible
-    here: ``ValueError`` saying which measure is missing (no silent weaker sandbox). Left to
-    the default and not possible (macOS, Windows, a kernel or container that forbids
-    namespaces): ``"none"``, with one warning per process naming the reason (``sandboxrun
-    doctor`` explains the fix).
+    here: ``ValueError`` saying which measure is missing (no silent weaker sandbox). Only the
+    zygote start method gives a profile (each task PID 2 of its own PID namespace, below a
+    reaper); a profile with ``start_method`` fork, spawn or forkserver chosen on purpose is
+    refused naming the zygote. Left to the default and not possible (macOS, Windows, a kernel
+    or container that forbids namespaces, the portable transport): ``"none"``, with one warning
+    per process naming the reason (``sandboxrun doctor`` explains the fix).
     """
     import os
 
     default = os.environ.get("SANDBOXRUN_ISOLATION") or None  # the operator's default profile
     profile = resolve(value if value is not None else default)
     reason = unavailable_reason(profile)
+    if reason is None and profile.enabled and start_method != "zygote":
+        reason = (
+            f"start_method={start_method!r} cannot give it: only the zygote forks each task into"
+            " a PID namespace of its own below a reaper (fork, spawn and forkserver workers share"
+            " this process's PID namespace, uid and terminal)"
+        )
+        if start_chosen or value is not None or default is not None:
+            raise ValueError(
+                f"isolation={profile.name!r} {reason}; use start_method='zygote' (the default"
+                f" on Linux), or pass isolation='none' to run start_method={start_method!r}"
+                " tasks unisolated on purpose"
+            )
     if reason is None:
         if profile.environment is not None:
             matcher(profile.environment)  # compiled here, inherited by every forked worker

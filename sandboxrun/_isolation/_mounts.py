@@ -36,8 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import _linux, _log
+from . import _idmap, _view
 from . import _libc as libc
-from . import _view
 from .profile import Isolation
 
 log = _log.get("sandboxrun.isolation")
@@ -218,6 +218,51 @@ def _tmpfs(path: str, options: str, flags: int = 0) -> None:
     log.debug("tmpfs on %s (%s)", path, options)
 
 
+#: What a private /dev holds of the host's (bubblewrap's --dev): harmless character devices.
+_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+_DEV_LINKS = (
+    ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"),
+)  # fmt: skip
+
+
+def _private_dev() -> None:
+    """A tmpfs on /dev with only ``_DEVICES`` bound from the host's, the ``_DEV_LINKS`` and
+    empty mount points for pts, shm and mqueue, then read-only: nothing of the host's devtmpfs
+    (loop devices, KVM, vcs, disks, consoles, other sessions' ptys) is reachable, and nothing
+    can be planted. Not MS_NODEV: the bound devices must open. A view step: per task only the
+    mounts inside it are new (``_dev_per_task``)."""
+    held = {}
+    for name in _DEVICES:
+        with contextlib.suppress(OSError):
+            held[name] = os.open(f"/dev/{name}", os.O_PATH | os.O_CLOEXEC)
+    try:
+        libc.mount("tmpfs", "/dev", "tmpfs", libc.MS_NOSUID | libc.MS_NOEXEC, "mode=755,size=64k")
+        for name, fd in held.items():
+            os.close(os.open(f"/dev/{name}", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
+            libc.mount(f"/proc/self/fd/{fd}", f"/dev/{name}", None, libc.MS_BIND)
+        for name in ("pts", "shm", "mqueue"):
+            os.mkdir(f"/dev/{name}", 0o755)
+        for name, target in _DEV_LINKS:
+            os.symlink(target, f"/dev/{name}")
+        libc.mount_setattr("/dev", libc.MOUNT_ATTR_RDONLY, recursive=False)
+    finally:
+        for fd in held.values():
+            os.close(fd)
+    log.debug("private /dev: %s", ", ".join(held))
+
+
+def _dev_per_task(profile: Isolation, shm_bytes: int | None) -> None:
+    """A new devpts instance (the task's ptys only), its own /dev/shm -- sized to the memory
+    limit where no cgroup charges tmpfs pages to the task (``shm_bytes``) -- and mqueue."""
+    flags = libc.MS_NOSUID | libc.MS_NOEXEC
+    libc.mount("devpts", "/dev/pts", "devpts", flags, "newinstance,ptmxmode=0666,mode=620")
+    size = f",size={shm_bytes}" if shm_bytes else ""
+    _tmpfs("/dev/shm", f"mode=1777{size}")
+    if profile.private_ipc:
+        libc.mount("mqueue", "/dev/mqueue", "mqueue", _TMPFS_FLAGS | libc.MS_NOEXEC)
+
+
 _PRIVATE = ("/tmp/", "/var/tmp/")
 
 
@@ -276,8 +321,9 @@ def _private_tmp(profile: Isolation) -> None:
     if cwd:  # a cwd above kept paths (a checkout under /tmp run from its top) covers them
         kept = [p for p in kept if not p.startswith(cwd[0].rstrip("/") + "/")]
     readable = {p: os.open(p, os.O_PATH) for p in [*kept, *cwd] if p not in held}
+    shared = ("/tmp", "/var/tmp") if profile.private_dev else ("/tmp", "/var/tmp", "/dev/shm")
     try:
-        for path in ("/tmp", "/var/tmp", "/dev/shm"):
+        for path in shared:
             if os.path.isdir(path) and not os.path.islink(path):
                 _tmpfs(path, "mode=1777")
         # Read-only ones first, writable ones last: a writable path inside a read-only one
@@ -294,7 +340,7 @@ def _private_tmp(profile: Isolation) -> None:
     finally:
         for fd in (*held.values(), *readable.values()):
             os.close(fd)
-    if profile.private_ipc and os.path.isdir("/dev/mqueue"):
+    if profile.private_ipc and not profile.private_dev and os.path.isdir("/dev/mqueue"):
         libc.mount("mqueue", "/dev/mqueue", "mqueue", _TMPFS_FLAGS | libc.MS_NOEXEC)
 
 
@@ -352,6 +398,8 @@ def view_steps(profile: Isolation) -> None:
             if not _under_private(path):  # those are bound back with the private /tmp
                 _step(f"read_write_paths {path}", _make_writable, path)
     _step("hide sockets", _hide_sockets, profile)
+    if profile.private_dev:
+        _step("private /dev", _private_dev)
 
 
 @functools.lru_cache(maxsize=16)
@@ -406,12 +454,20 @@ def _flags(profile: Isolation) -> int:
     return flags
 
 
-def setup_namespaces_and_mounts(profile: Isolation, own_pid_namespace: bool | None = None) -> None:
+def setup_namespaces_and_mounts(
+    profile: Isolation,
+    own_pid_namespace: bool | None = None,
+    handed: tuple[str, ...] = (),
+    idmap_fd: int = -1,
+    shm_bytes: int | None = None,
+) -> None:
     """Give this process (and what it forks next) the profile's namespaces and view.
 
     Call in the task's pid namespace (``own_pid_namespace``; None: we are its PID 1), single-
     threaded, as root (or not root: a user namespace is entered first), already inside the
-    task's cgroups. Raises ``IsolationError``.
+    task's cgroups. ``handed``: the paths mounted idmapped through the user namespace
+    ``idmap_fd`` (``_idmap``); ``shm_bytes``: the size of the private /dev/shm, or None.
+    Raises ``IsolationError``.
     In a zygote's child, a private copy of the view the zygote prepared (``prepare_view``) is
     entered and only what is per task is built here.
     """
@@ -433,8 +489,14 @@ def setup_namespaces_and_mounts(profile: Isolation, own_pid_namespace: bool | No
     if own_pid_namespace is None:
         own_pid_namespace = os.getpid() == 1
     _step("/proc", _proc, profile, own_pid_namespace)
+    if profile.private_dev:
+        _step("/dev/pts, /dev/shm", _dev_per_task, profile, shm_bytes)
     if profile.private_tmp:
         _step("private /tmp", _private_tmp, profile)
+    for path in handed:  # last: a handed folder under /tmp goes over the private one
+        _step(f"hand {path} to the task", _idmap.bind, path, idmap_fd)
+    if handed:
+        _step("working directory", _resolve_cwd_again)  # a cwd inside a handed folder
     if profile.protect_system == "strict":
         for path in _outermost(list(profile.read_write_paths)):
             if _under_private(path):

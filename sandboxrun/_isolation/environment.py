@@ -1,8 +1,14 @@
-"""The environment a task starts with: an allowlist of the manager's plus what the user adds.
+"""The environment a task starts with -- the one builder, for every start method and profile.
 
-Portable. The zygote is exec'd with it (so even ``/proc/self/environ`` of a task holds nothing
-else: clearing ``os.environ`` after a fork does not change the kernel's copy, measured); a
-``CommandTask`` gets it as its ``env``.
+Portable. The manager's environment, as a forked worker would have it (Glasswall-shaped code
+configures its converter through environment variables), with ``env=`` on top; a profile with
+an ``environment`` allowlist (strict) keeps only the variables it names. The zygote is exec'd
+with the result (so ``/proc/self/environ`` of a task holds nothing else: clearing
+``os.environ`` after a fork does not change the kernel's copy, measured); fork, spawn and
+forkserver workers replace ``os.environ`` with it before the task's code.
+
+Secrets in the manager's environment reach the tasks under ``none`` and ``default``: the price
+of the drop-in (docs/security.md). ``strict`` scrubs them.
 """
 
 from __future__ import annotations
@@ -14,6 +20,22 @@ import re
 from collections.abc import Callable, Mapping
 
 from .profile import Isolation
+
+
+def validate(extra: Mapping[str, str] | None) -> dict[str, str]:
+    """``env=`` as given, checked: names and values are non-empty-name strings without NUL."""
+    if extra is None:
+        return {}
+    if not isinstance(extra, Mapping):
+        raise TypeError(f"env must be a mapping of str to str, got {type(extra).__name__}")
+    checked = {}
+    for name, value in extra.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError(f"env must map str to str, got {name!r}: {value!r}")
+        if not name or "=" in name or "\0" in name or "\0" in value:
+            raise ValueError(f"env: {name!r} is not a valid environment variable name/value")
+        checked[name] = value
+    return checked
 
 
 def build_environment(
@@ -32,8 +54,7 @@ def build_environment(
     else:
         allowed = matcher(profile.environment)
         kept = {key: value for key, value in source.items() if allowed(key)}
-    if extra:
-        kept.update(extra)
+    kept.update(validate(extra))
     return kept
 
 

@@ -1,18 +1,25 @@
 """``Isolation``: what a task may not do, named in systemd.exec(5)'s vocabulary.
 
 Portable (pure data): the manager builds and validates a profile on every platform; only the
-Linux step modules (``_mounts``, ``_privileges``) act on it. The three built-in profiles:
+Linux step modules (``_mounts``, ``_privileges``, ``_idmap``, ``_seccomp``) act on it. The rule of
+the default profile is **a task gets what it was handed** (docs/security.md). The three
+built-in profiles:
 
-- ``"none"``: today's behaviour (the task shares the manager's namespaces, uid and files).
-- ``"default"``: ``ProtectSystem=full`` (``/usr``, ``/etc``, ``/boot``, the Python installation
-  and sandboxrun's own code read-only), ``ProtectKernelTunables``, ``ProtectControlGroups``
-  (``=strict``: its own cgroup namespace, cgroupfs showing only its cgroup),
-  ``PrivateTmp`` (with ``/dev/shm``), ``PrivateIPC``, the system's socket directories hidden,
-  every capability dropped, ``NoNewPrivileges``, ``LimitCORE=0``, an allowlisted environment.
-  Other paths keep the manager's view, so a task writing its output next to its input works.
+- ``"none"``: the task shares the manager's uid, namespaces and files (a fork, limits only).
+- ``"default"``: never host root -- an unprivileged uid per worker slot (``user="slot"``) --
+  and the paths its call names, its working folder and ``read_write_paths`` mounted idmapped
+  (``hand_paths``: it acts on those as the manager would, ``handed.py`` says which); everything
+  else as an unprivileged local user meets it: ``ProtectSystem=full`` (``/usr``, ``/etc``,
+  ``/boot``, the Python installation and sandboxrun's own code read-only),
+  ``ProtectKernelTunables``, ``ProtectControlGroups`` (its own cgroup namespace), the host's
+  ``/tmp`` and ``/var/tmp``, a private minimal ``/dev`` (``PrivateDevices``), ``PrivateIPC``, the
+  system's socket directories hidden, a session of its own (no controlling terminal), every
+  capability dropped, ``NoNewPrivileges``, a seccomp filter, ``LimitCORE=0``; the manager's
+  environment, as under fork.
 - ``"strict"``: as default plus ``ProtectSystem=strict`` (``/`` read-only but
-  ``read_write_paths`` and the private ``/tmp``), ``PrivateNetwork`` (loopback only) and an
-  unprivileged uid/gid per worker slot when the manager is root.
+  ``read_write_paths`` and the private ``/tmp``), ``PrivateTmp``, ``PrivateNetwork`` (loopback
+  only), an allowlisted environment, and nothing handed automatically (only
+  ``read_write_paths``).
 """
 
 from __future__ import annotations
@@ -50,19 +57,28 @@ class Isolation:
     # Own cgroup namespace, cgroup2 remounted to show only the task's cgroup (systemd 257's
     # ProtectControlGroups=strict): a root task cannot name another cgroup for CLONE_INTO_CGROUP.
     private_cgroups: bool = True
-    private_tmp: bool = True  # tmpfs on /tmp, /var/tmp, /dev/shm (gone with the task)
+    private_tmp: bool = False  # tmpfs on /tmp and /var/tmp (gone with the task)
+    # A tmpfs /dev with null, zero, full, random, urandom, tty, a new devpts, fd/std* links and
+    # its own /dev/shm: no host device (loop, KVM, vcs, disks, other ptys) is reachable.
+    private_dev: bool = True
+    new_session: bool = True  # setsid(): no controlling terminal (TIOCSTI, the operator's tty)
+    seccomp: bool = True  # the syscall filter of _seccomp.py, loaded in the task's own process
+    # Mount what the task's call names idmapped (handed.py), so a task running as another uid
+    # acts on it as the manager would. Root managers only (a non-root manager's task keeps its
+    # uid, so it has nothing to map).
+    hand_paths: bool = True
     private_ipc: bool = True  # own SysV IPC and POSIX mqueue namespace
     private_network: bool = False  # own network namespace, loopback only
     hide_sockets: tuple[str, ...] = DEFAULT_HIDDEN_SOCKETS
     no_new_privileges: bool = True
     drop_capabilities: bool = True  # bounding, ambient, inheritable, effective, permitted
-    user: User = None  # "slot": uid_base + slot; (uid, gid); None: keep the manager's
+    user: User = "slot"  # "slot": uid_base + slot; (uid, gid); None: keep the manager's
     uid_base: int = DEFAULT_UID_BASE
     read_write_paths: tuple[str, ...] = ()  # writable under strict; visible through /tmp
     # Visible (read-only) through the private /tmp: what the tasks run (a command's script, a
     # checkout under /tmp). The Python installation and sys.path are always kept visible.
     read_only_paths: tuple[str, ...] = ()
-    environment: tuple[str, ...] | None = DEFAULT_ENVIRONMENT  # None: the manager's, whole
+    environment: tuple[str, ...] | None = None  # an allowlist; None: the manager's, whole
     max_open_files: int | None = None  # RLIMIT_NOFILE (hard = soft)
     max_file_size: int | None = None  # RLIMIT_FSIZE in bytes (hard = soft)
     core: int | None = 0  # RLIMIT_CORE: no core dumps of a task's memory
@@ -111,9 +127,13 @@ NONE = Isolation(
     name="none", protect_system=None, protect_kernel_tunables=False, protect_control_groups=False,
     private_cgroups=False, private_tmp=False, private_ipc=False, hide_sockets=(),
     no_new_privileges=False, drop_capabilities=False, environment=None, core=None,
+    private_dev=False, new_session=False, seccomp=False, hand_paths=False, user=None,
 )  # fmt: skip
 DEFAULT = Isolation(name="default")
-STRICT = Isolation(name="strict", protect_system="strict", private_network=True, user="slot")
+STRICT = Isolation(
+    name="strict", protect_system="strict", private_network=True, private_tmp=True,
+    environment=DEFAULT_ENVIRONMENT, hand_paths=False,
+)  # fmt: skip
 PROFILES = {"none": NONE, "default": DEFAULT, "strict": STRICT}
 
 

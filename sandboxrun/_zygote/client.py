@@ -382,6 +382,7 @@ class ZygoteChild:
         self.pidfd = -1
         self.exitcode: int | None = None
         self.own_pid_namespace = False
+        self.kept_uid = False  # a handed path could not be idmapped: the manager's uid kept
         self._joined = False
 
     def start(self) -> None:
@@ -396,6 +397,7 @@ class ZygoteChild:
             raise
         self._zygote = zygote
         self.own_pid_namespace = bool(flags & wire.FLAG_PID_NAMESPACE)
+        self.kept_uid = bool(flags & wire.FLAG_UID_KEPT)
         if not self.own_pid_namespace:
             _warn_no_namespace(zygote.pid)
 

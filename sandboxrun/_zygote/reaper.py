@@ -36,7 +36,7 @@ import os
 import select
 import signal
 import traceback
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import _linux, _worker
 from .. import _protocol as protocol
@@ -196,7 +196,7 @@ def _run_task(
             manager_pid=None,  # our parent is PID 1 (dies with the zygote, with the manager)
             die_with_parent=not own_pid_namespace,  # or we are in its namespace: ended with it
             close_inherited_fds=True,
-            isolation=request.isolation,
+            isolation=_kept_uid(request.isolation) if request.keep_uid else request.isolation,
             slot=request.slot,
             isolation_prepared=True,  # just done; the zygote's environment is allowlisted
         )
@@ -230,8 +230,17 @@ def _prepare_task(
             os.write(fd, b"1000")
         finally:
             os.close(fd)
-    if request.isolation is not None:
-        _worker.isolate_namespaces(request.isolation, result, own_pid_namespace)
+    profile = request.isolation
+    if profile is not None:
+        _worker.isolate_namespaces(profile, result, own_pid_namespace, request.handed,
+                                   request.idmap_fd, request.shm_bytes)  # fmt: skip
         # Placed by now (born in place, entered by PID 1, or attached before the go frame PID 1
         # waited for): the cgroup namespace's root is the task's cgroup.
-        _worker.isolate_cgroups(request.isolation, result)
+        _worker.isolate_cgroups(profile, result)
+        if profile.new_session:  # no controlling terminal: no TIOCSTI into the operator's
+            os.setsid()
+
+
+def _kept_uid(profile: Any) -> Any:
+    """``profile`` with the manager's uid kept (``Request.keep_uid``)."""
+    return dataclasses.replace(profile, user=None)

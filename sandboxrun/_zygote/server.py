@@ -1,9 +1,9 @@
 """The zygote: a fresh interpreter per worker slot that forks one task at a time on request.
 
-Started by the manager (``client.Zygote``) as ``python -I -c ...`` with an allowlisted environment
-(``_environment``), no fd but its socket and stdio, in a session of its own (a terminal's Ctrl-C
-reaches the manager, which kills the tasks; not the zygotes). It holds nothing of the manager's:
-no heap, no open files, no secrets. Per task::
+Started by the manager (``client.Zygote``) as ``python -I -c ...`` with the tasks' environment
+(``_isolation/environment.py``), no fd but its socket and stdio, in a session of its own (a
+terminal's Ctrl-C reaches the manager, which kills the tasks; not the zygotes). It holds nothing
+of the manager's: no heap, no open files. Per task::
 
     LAUNCH  --> import the task's module (once: later tasks find it in sys.modules)
             --> the profile's mount view (once: later tasks copy it, _isolation/_view.py)
@@ -75,6 +75,14 @@ class Request:
     slot: int = 0
     # PID 1 in C where sandboxrun._native is built; False: the Python PID 1 (SANDBOXRUN_NATIVE=0).
     native: bool = True
+    # What the task's call hands it (_isolation/handed.py), mounted idmapped by PID 2.
+    handed: tuple[str, ...] = ()
+    # The size of the task's private /dev/shm where no cgroup charges it to the task, or None.
+    shm_bytes: int | None = None
+    # Filled here, before the fork: the idmap's user namespace (an fd PID 2 inherits), and
+    # whether the task keeps the manager's uid because a handed path cannot be idmapped.
+    idmap_fd: int = -1
+    keep_uid: bool = False
 
 
 class Server:
@@ -116,17 +124,30 @@ class Server:
 
     def fork(self, request: Request, fds: list[int]) -> tuple[int, int]:
         self.import_modules(request)
+        flags = 0
         if request.isolation is not None:  # before NEWPID: its builder must not be a PID 1
             from .._isolation import prepare_view
 
             prepare_view(request.isolation)
+            request = _plan_handing(request)
+            flags |= wire.FLAG_UID_KEPT if request.keep_uid else 0
         own_namespace = _after_imports().single_threaded
         if self.user_namespace:  # its helper is a fork: single-threaded whatever we are
-            return self.fork_through_helper(request, fds), wire.FLAG_PID_NAMESPACE
+            return self.fork_through_helper(request, fds), wire.FLAG_PID_NAMESPACE | flags
+        if request.isolation is not None and not own_namespace:
+            # unshare(CLONE_NEWPID) needs a single-threaded caller; an isolated task without
+            # its PID namespace would see and signal the host's processes: refused, not weaker.
+            raise OSError(
+                "a module imported for the task started a thread in the zygote, so the task"
+                " cannot get a PID namespace of its own: isolation refuses to run it (import"
+                " that module inside the task function, or use isolation='none')"
+            )
         if own_namespace:
             try:
                 _linux.unshare(_linux.CLONE_NEWPID)
-            except OSError:  # no CAP_SYS_ADMIN, a seccomp filter: fork without one
+            except OSError as error:  # no CAP_SYS_ADMIN, a seccomp filter: fork without one
+                if request.isolation is not None:
+                    raise OSError(f"no PID namespace for the isolated task: {error}") from error
                 own_namespace = False
         close = (self.sock.fileno(), self.status_r, self.pid_namespace_fd)
         try:
@@ -136,7 +157,7 @@ class Server:
             if own_namespace:
                 # Must not fail: every later fork would go into the namespace of this task.
                 _linux.setns(self.pid_namespace_fd, _linux.CLONE_NEWPID)
-        return pid, wire.FLAG_PID_NAMESPACE if own_namespace else 0
+        return pid, (wire.FLAG_PID_NAMESPACE if own_namespace else 0) | flags
 
     def fork_through_helper(self, request: Request, fds: list[int]) -> int:
         """In our own user namespace (non-root): ``setns`` back into the host's PID namespace
@@ -236,6 +257,31 @@ def _after_imports() -> _Imports:
             fields = stat.read().rsplit(b")", 1)[1].split()
         _imports.single_threaded = fields[17] == b"1"  # num_threads (field 20; [0] is field 3)
     return _imports
+
+
+def _plan_handing(request: Request) -> Request:
+    """The idmap of the task's uid (a user namespace, made once per uid and kept), and whether
+    every handed path's filesystem can be idmapped here (probed once per filesystem: tmpfs
+    before Linux 6.3, NFS and others cannot). Where one cannot, this task keeps the manager's
+    uid -- honest code still reaches what it was handed -- and STARTED says so
+    (``FLAG_UID_KEPT``: ``TaskResult.isolation`` names the weaker profile)."""
+    profile = request.isolation
+    ids = None if profile is None else profile.uid_gid(request.slot)
+    if not request.handed or ids is None or os.geteuid() != 0:
+        return request
+    from .._isolation import _idmap
+
+    try:
+        fd = _idmap.user_namespace(*ids)
+        why = next(filter(None, (_idmap.probe(path, fd) for path in request.handed)), None)
+    except OSError as error:
+        fd, why = -1, f"no user namespace for the idmap: {error}"
+    if why is not None:
+        from .. import _log
+
+        _log.get("sandboxrun.isolation").warning("the task keeps the manager's uid: %s", why)
+        return dataclasses.replace(request, handed=(), keep_uid=True)
+    return dataclasses.replace(request, idmap_fd=fd)
 
 
 def _import_main(preparation: Preparation) -> None:

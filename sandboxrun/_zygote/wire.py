@@ -40,6 +40,7 @@ STARTED_BODY = struct.Struct("=qI")
 EXITED_BODY = struct.Struct("=q")
 FLAGS = struct.Struct("=I")
 FLAG_PID_NAMESPACE = 1  # the task got its own PID namespace
+FLAG_UID_KEPT = 2  # the task kept the manager's uid: a handed path cannot be idmapped here
 
 MAX_MESSAGE = 1 << 20  # manager -> zygote (a Preparation with a long sys.path stays far below)
 MAX_REPLY = 4096  # zygote -> manager: anything longer is not one of ours
