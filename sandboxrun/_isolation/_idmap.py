@@ -26,6 +26,7 @@ assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/dar
 import contextlib
 import errno
 import os
+import stat
 
 from .. import _log, _syscalls
 from . import _libc as libc
@@ -88,20 +89,12 @@ def open_path(path: str) -> int:
             child = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             os.close(fd)
             fd = child
-            if os.path.islink(f"/proc/self/fd/{fd}") and _is_symlink(fd):
+            if stat.S_ISLNK(os.fstat(fd).st_mode):  # O_PATH|O_NOFOLLOW opens the link itself
                 raise OSError(errno.ELOOP, "a symlink in a handed path", path)
     except BaseException:
         os.close(fd)
         raise
     return fd
-
-
-def _is_symlink(fd: int) -> bool:
-    import stat
-
-    return stat.S_ISLNK(os.stat(f"/proc/self/fd/{fd}", follow_symlinks=False).st_mode) and (
-        stat.S_ISLNK(os.fstat(fd).st_mode)
-    )
 
 
 def bind(path: str, userns_fd: int) -> None:

@@ -24,9 +24,11 @@ its shell string split as a shell would, its ``cwd`` and ``stdin_file``):
   is handed alone, see below); a folder that is, or holds, a folder of the manager's
   ``sys.path`` or ``PATH``, the Python installation (or is inside it), the manager's home, or
   any home-like folder (one holding ``.ssh``, ``.bashrc``, ``.profile``...). A file whose folder
-  is never handed is handed alone (a bind of that file: read and written in place, no rename
-  beside it); a missing one there gets nothing, and the task meets that folder as any local
-  user would (``/tmp`` is writable by all: its output lands there owned by the task's uid).
+  is directly in a shared folder (``FILE_ALONE``: ``/tmp``, ``/srv``...) is handed alone (a
+  bind of that file: read and written in place, no rename beside it); a missing one there gets
+  nothing, and the task meets that folder as any local user would (``/tmp`` is writable by all:
+  its output lands there owned by the task's uid). Any other file in a folder never handed
+  (``~/.bashrc``, ``/etc/passwd``) is not handed.
 
 Paths inside another handed folder are dropped (the outer mount covers them).
 """
@@ -57,6 +59,8 @@ SHARED = (
     "/", "/tmp", "/var/tmp", "/var", "/var/lib", "/home", "/root", "/srv", "/opt", "/mnt",
     "/media", "/dev/shm", "/usr/local",
 )  # fmt: skip
+#: Shared folders a file directly inside which is handed alone (a bind of that one file).
+FILE_ALONE = ("/tmp", "/var/tmp", "/dev/shm", "/srv", "/mnt", "/media")
 #: A folder holding one of these is someone's home: never handed (start-up files, keys).
 HOME_MARKS = (
     ".ssh", ".bashrc", ".bash_profile", ".profile", ".zshrc", ".bash_login", ".gnupg", ".config",
@@ -141,7 +145,8 @@ def _handed_for(text: str, cwd: str | None) -> str | None:
             folder = os.path.dirname(real)
             if not never_handed(folder):
                 return folder
-            return None if never_handed(real) else real  # the file alone
+            alone = folder in FILE_ALONE and os.path.basename(real) not in HOME_MARKS
+            return real if alone else None
         parent = os.path.dirname(path)
         while parent and not os.path.exists(parent):  # the first existing parent, no further
             parent = os.path.dirname(parent)

@@ -1,0 +1,145 @@
+"""Task functions for tests/test_default_profile.py: honest Glasswall-shaped work, and attacks.
+
+Every attack only probes: it opens for append without writing, creates a uniquely named empty
+file and removes it at once, connects and closes. What it reports is "refused: ..." or what it
+reached, so a failing test names the hole without leaving anything on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import threading
+import uuid
+from typing import Any
+
+
+def convert(input_file: str, output_file: str) -> str:
+    """Glasswall-shaped: read the upload, write the output beside it through a temporary file
+    and a rename, configured by an environment variable."""
+    with open(input_file) as source:
+        data = source.read()
+    with open(output_file + ".part", "w") as target:
+        target.write(data.upper() + os.environ.get("CONVERTER_SUFFIX", ""))
+    os.replace(output_file + ".part", output_file)
+    return output_file
+
+
+def write_relative(name: str, text: str) -> str:
+    with open(name, "w") as file:
+        file.write(text)
+    return os.path.abspath(name)
+
+
+def environment(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def ids() -> tuple[int, int]:
+    return os.getuid(), os.getgid()
+
+
+def honest_work() -> dict[str, Any]:
+    """What converters do besides their files: a subprocess, threads, a pool inside the task."""
+    import multiprocessing
+
+    found: dict[str, Any] = {}
+    found["subprocess"] = subprocess.run(["echo", "hi"], capture_output=True, text=True).stdout
+    box: list[int] = []
+    thread = threading.Thread(target=lambda: box.append(1))
+    thread.start()
+    thread.join()
+    found["thread"] = box
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        found["pool"] = pool.map(abs, [-1, -2, -3])
+    return found
+
+
+def _attempt(what: str, action: Any) -> str:
+    try:
+        result = action()
+    except OSError as error:
+        return f"refused: {what}: {error.strerror}"
+    return f"REACHED {what}: {result}"
+
+
+def create_and_remove(folder: str) -> str:
+    """Create an empty uniquely named file in ``folder`` (persistence) and remove it at once."""
+    path = os.path.join(folder, f".sandboxrun-probe-{uuid.uuid4().hex}")
+
+    def action() -> str:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(path)
+        return path
+
+    return _attempt(f"create in {folder}", action)
+
+
+def open_for_append(path: str) -> str:
+    """Open ``path`` for appending, write nothing."""
+
+    def action() -> str:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        return path
+
+    return _attempt(f"append to {path}", action)
+
+
+def read_file(path: str) -> str:
+    def action() -> int:
+        with open(path, "rb") as file:
+            return len(file.read(64))
+
+    return _attempt(f"read {path}", action)
+
+
+def connect_unix(path: str) -> str:
+    def action() -> str:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(path)
+        return "connected"
+
+    return _attempt(f"connect {path}", action)
+
+
+def open_device(path: str) -> str:
+    def action() -> str:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+        return "opened"
+
+    return _attempt(f"open {path}", action)
+
+
+def dev_listing() -> list[str]:
+    return sorted(os.listdir("/dev"))
+
+
+def controlling_terminal() -> str:
+    """The task's controlling terminal, as /dev/tty opens it (ENXIO: none)."""
+    return open_device("/dev/tty")
+
+
+def write_and_read_back(path: str, text: str) -> str | None:
+    with open(path, "w") as file:
+        file.write(text)
+    with contextlib.suppress(OSError), open(path) as file:
+        return file.read()
+    return None
+
+
+def connect_unix_in_tmp(folder_name: str) -> str:
+    """Connect to /tmp/<folder_name>/default, a path built here (nothing in the call names it)."""
+    return connect_unix(os.path.join("/tmp", folder_name, "default"))
+
+
+def open_pty() -> str:
+    def action() -> str:
+        leader, follower = os.openpty()
+        os.close(leader)
+        os.close(follower)
+        return "opened"
+
+    result = _attempt("openpty", action)
+    return "opened" if result.endswith("opened") else result

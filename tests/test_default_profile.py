@@ -1,0 +1,215 @@
+"""The default profile: a task gets what it was handed (issue 23, docs/security.md).
+
+Honest Glasswall-shaped code runs unchanged (uploads in a ``mkdtemp()`` folder, outputs beside
+them or under /tmp, configuration in the environment); a hostile task meets everything else as
+an unprivileged local user: no root file, socket or device of the host, no terminal. Through
+the real ``ProcessManager``, under the default profile, as users get it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandboxrun import ProcessManager, Task
+from sandboxrun._isolation.profile import DEFAULT_UID_BASE
+
+from . import profile_tasks as tasks
+
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="isolation is Linux only"),
+    pytest.mark.skipif(
+        sys.platform.startswith("linux") and os.geteuid() != 0,
+        reason="a non-root manager's tasks keep its uid (nothing to hand over)",
+    ),
+]
+
+ROOT = sys.platform.startswith("linux") and os.geteuid() == 0
+
+
+def run(func: object, *args: object, **options: object) -> object:
+    """One task under the default profile; its value, or the exception it failed with."""
+    with ProcessManager(1, worker_timeout_seconds=60, **options) as manager:  # type: ignore[arg-type]
+        manager.queue_task(Task(func, args))  # type: ignore[arg-type]
+    (result,) = manager.task_results
+    assert result.isolation.startswith("default"), result.isolation
+    return result.result if result.success else result.exception
+
+
+@pytest.fixture
+def upload_folder() -> Iterator[Path]:
+    """What Glasswall's users do: a 0700 mkdtemp() folder under /tmp, a 0600 upload in it."""
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))
+    (folder / "in.txt").write_text("hello")
+    (folder / "in.txt").chmod(0o600)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- honest code --------------------------------------------------------------------------
+
+
+def test_mkdtemp_upload_read_and_output_written_beside_it(
+    upload_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CONVERTER_SUFFIX", "!")  # configured through the environment
+    assert (upload_folder.stat().st_mode & 0o777) == 0o700
+    output = upload_folder / "in.txt.out"
+    assert run(tasks.convert, str(upload_folder / "in.txt"), str(output)) == str(output)
+    assert output.read_text() == "HELLO!"
+    assert output.stat().st_uid == os.geteuid()  # landed as the manager's, not the task's uid
+    assert not (upload_folder / "in.txt.out.part").exists()
+
+
+def test_output_directly_under_tmp(upload_folder: Path) -> None:
+    output = Path(f"/tmp/sandboxrun-test-{uuid.uuid4().hex}.out")
+    try:
+        assert run(tasks.convert, str(upload_folder / "in.txt"), str(output)) == str(output)
+        assert output.read_text() == "HELLO"
+    finally:
+        output.unlink(missing_ok=True)
+
+
+def test_path_objects_are_handed_too(upload_folder: Path) -> None:
+    output = upload_folder / "out.txt"
+    assert run(tasks.write_and_read_back, output, "x") == "x"
+    assert output.stat().st_uid == os.geteuid()
+
+
+def test_relative_output_in_a_job_folder_under_tmp(
+    upload_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(upload_folder)  # the working folder is handed
+    assert run(tasks.write_relative, "out.txt", "data") == str(upload_folder / "out.txt")
+    assert (upload_folder / "out.txt").read_text() == "data"
+
+
+def test_environment_is_the_managers_and_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDBOXRUN_TEST_SETTING", "from the manager")
+    assert run(tasks.environment, "SANDBOXRUN_TEST_SETTING") == "from the manager"
+    overridden = run(tasks.environment, "SANDBOXRUN_TEST_SETTING", env={
+        "SANDBOXRUN_TEST_SETTING": "from env="})  # fmt: skip
+    assert overridden == "from env="
+
+
+def test_honest_work_inside_the_task() -> None:
+    found = run(tasks.honest_work)
+    assert found == {"subprocess": "hi\n", "thread": [1], "pool": [1, 2, 3]}, found
+
+
+def test_a_write_that_cannot_land_fails_loudly() -> None:
+    """Not handed, not writable by a local user: an error, never success with the data gone."""
+    outcome = run(tasks.write_and_read_back, "/usr/local/sandboxrun-test-output", "x")
+    assert isinstance(outcome, OSError), outcome
+    assert not os.path.exists("/usr/local/sandboxrun-test-output")
+
+
+# --- never host root ----------------------------------------------------------------------
+
+
+def test_the_task_is_never_host_root() -> None:
+    uid, gid = run(tasks.ids)  # type: ignore[misc]
+    assert uid != 0 and gid != 0
+    assert DEFAULT_UID_BASE <= uid < DEFAULT_UID_BASE + 1024
+
+
+@pytest.mark.parametrize(
+    "folder",
+    ["/opt", "/var/lib/dpkg/info", "/usr/local/bin", "/etc", "/root",
+     os.path.dirname(os.path.dirname(tasks.__file__)),  # beside the tests' modules (sys.path)
+     os.path.dirname(os.__file__)],  # the standard library
+)  # fmt: skip
+def test_no_persistence_in_host_folders(folder: str) -> None:
+    if not os.path.isdir(folder):
+        pytest.skip(f"no {folder} here")
+    outcome = run(tasks.create_and_remove, folder)
+    assert str(outcome).startswith("refused"), outcome
+
+
+def test_no_persistence_in_the_first_folder_of_roots_path() -> None:
+    first = os.environ.get("PATH", "").split(os.pathsep)[0]
+    if not first or not os.path.isdir(first):
+        pytest.skip("no PATH folder")
+    outcome = run(tasks.create_and_remove, first)
+    assert str(outcome).startswith("refused"), outcome
+
+
+def test_shell_start_up_file_not_open_for_append() -> None:
+    startup = os.path.expanduser("~/.bashrc")
+    if not os.path.exists(startup):
+        pytest.skip("no ~/.bashrc")
+    outcome = run(tasks.open_for_append, startup)
+    assert str(outcome).startswith("refused"), outcome
+
+
+def test_shadow_unreadable() -> None:
+    outcome = run(tasks.read_file, "/etc/shadow")
+    assert str(outcome).startswith("refused"), outcome
+
+
+def test_root_socket_in_a_0700_folder_under_tmp() -> None:
+    """tmux's /tmp/tmux-0/default takes commands from any uid-0 peer: as another uid the task
+    cannot even reach it. The task is given only the folder's name (nothing handed)."""
+    folder = Path(tempfile.mkdtemp(prefix="sandboxrun-sock-", dir="/tmp"))
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(str(folder / "default"))
+        server.listen(1)
+        os.chmod(folder / "default", 0o777)
+        outcome = run(tasks.connect_unix_in_tmp, folder.name)
+        assert str(outcome).startswith("refused") and "Permission denied" in str(outcome)
+    finally:
+        server.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- devices and terminals ----------------------------------------------------------------
+
+
+def test_a_private_minimal_dev() -> None:
+    assert run(tasks.dev_listing) == sorted([
+        "fd", "full", "mqueue", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin",
+        "stdout", "tty", "urandom", "zero"])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "device", ["/dev/kvm", "/dev/loop-control", "/dev/loop0", "/dev/vcs", "/dev/mem", "/dev/sda",
+               "/dev/vda", "/dev/console", "/dev/tty1", "/dev/pts/0"],
+)  # fmt: skip
+def test_host_devices_unreachable(device: str) -> None:
+    outcome = run(tasks.open_device, device)
+    assert str(outcome).startswith("refused") and "No such file" in str(outcome), outcome
+
+
+def test_nothing_planted_in_dev() -> None:
+    outcome = run(tasks.create_and_remove, "/dev")
+    assert str(outcome).startswith("refused"), outcome
+
+
+def test_no_controlling_terminal() -> None:
+    outcome = run(tasks.controlling_terminal)
+    assert str(outcome).startswith("refused"), outcome
+
+
+def test_ptys_of_its_own_work() -> None:
+    assert run(tasks.open_pty) == "opened"
+
+
+# --- start methods ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_other_start_methods_are_refused_naming_the_zygote(method: str) -> None:
+    with pytest.raises(ValueError, match="zygote"):
+        ProcessManager(1, start_method=method)  # type: ignore[arg-type]
+    with ProcessManager(1, start_method=method, isolation="none") as manager:  # type: ignore[arg-type]
+        manager.queue_task(Task(tasks.ids))
+    assert manager.task_results[0].result == (os.getuid(), os.getgid())
