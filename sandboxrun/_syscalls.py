@@ -2,8 +2,8 @@
 
 Compiled (``sandboxrun._native``) where it was built, else through ctypes
 (``_ctypes_syscalls``, the same names and results): ``unshare``, ``setns``, ``mount``,
-``mount_setattr``, ``prctl``, ``capset_empty``, each returning 0 or the errno. The callers
-(``_linux``, ``_isolation._libc``) word the ``OSError``.
+``mount_setattr``, ``prctl``, ``capset_empty``, ``seccomp_load``, each returning 0 or the errno.
+The callers (``_linux``, ``_isolation._libc``, ``_isolation._seccomp``) word the ``OSError``.
 
 Why not ctypes everywhere: a zygote's task makes these calls in a fresh child, and ctypes' first
 calls there write pages of its own state (converters, errno, the CDLL's cache) -- a copy-on-write
@@ -25,12 +25,29 @@ assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/dar
 NATIVE = False
 if os.environ.get("SANDBOXRUN_NATIVE") != "0":
     try:
-        from ._native import capset_empty, mount, mount_setattr, prctl, setns, unshare
+        from ._native import capset_empty, mount, mount_setattr, prctl, seccomp_load, setns, unshare
 
         NATIVE = True
     except ImportError:  # not built (no compiler at install)
         pass
 if not NATIVE:
-    from ._ctypes_syscalls import capset_empty, mount, mount_setattr, prctl, setns, unshare
+    from ._ctypes_syscalls import (
+        capset_empty,
+        mount,
+        mount_setattr,
+        prctl,
+        seccomp_load,
+        setns,
+        unshare,
+    )
 
-__all__ = ["NATIVE", "capset_empty", "mount", "mount_setattr", "prctl", "setns", "unshare"]
+__all__ = [
+    "NATIVE",
+    "capset_empty",
+    "mount",
+    "mount_setattr",
+    "prctl",
+    "seccomp_load",
+    "setns",
+    "unshare",
+]
