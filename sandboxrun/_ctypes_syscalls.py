@@ -8,6 +8,7 @@ import sys
 assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
 
 import ctypes
+import errno
 import os
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -109,3 +110,25 @@ def capset_empty() -> int:
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()  # zero-filled: both 32-bit halves of each set
     return _errno(_LIBC.capset(ctypes.byref(header), data))
+
+
+class _SockFprog(ctypes.Structure):  # linux/filter.h, struct sock_fprog
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+# seccomp(2) has no glibc wrapper; its number differs per architecture (the raw syscall).
+_SYS_SECCOMP = {"x86_64": 317, "aarch64": 277, "arm64": 277}.get(os.uname().machine)
+
+
+def seccomp_load(program: bytes, flags: int, /) -> int:
+    """seccomp(SECCOMP_SET_MODE_FILTER, flags, program): as _native.c's (a positive TSYNC
+    result, the thread that could not be synchronised, is ESRCH)."""
+    if _SYS_SECCOMP is None:
+        return errno.ENOSYS
+    if not program or len(program) % 8 or len(program) // 8 > 4096:  # BPF_MAXINSNS
+        return errno.EINVAL
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    result = _LIBC.syscall(ctypes.c_long(_SYS_SECCOMP), ctypes.c_uint(1),  # SET_MODE_FILTER
+                           ctypes.c_uint(flags), ctypes.byref(fprog))  # fmt: skip
+    return errno.ESRCH if result > 0 else _errno(result)

@@ -465,6 +465,41 @@ sys_capset_empty(PyObject *self, PyObject *unused)
     return errno_of(syscall(SYS_capset, &header, data));
 }
 
+/* seccomp(SECCOMP_SET_MODE_FILTER, flags, program) for sandboxrun/_isolation/_seccomp.py, which
+ * assembles the program (struct sock_filter[] as bytes) and sets no_new_privs first. Spelled
+ * here (linux/filter.h's struct sock_fprog, linux/seccomp.h's constants) so that the build needs
+ * no particular kernel headers. With SECCOMP_FILTER_FLAG_TSYNC a positive result is the thread
+ * that could not be synchronised: answered as ESRCH, as SECCOMP_FILTER_FLAG_TSYNC_ESRCH would. */
+struct seccomp_fprog {
+    unsigned short len; /* instructions */
+    const void *filter;
+};
+
+static PyObject *
+sys_seccomp_load(PyObject *self, PyObject *args)
+{
+    Py_buffer program;
+    unsigned int flags;
+    if (!PyArg_ParseTuple(args, "y*I:seccomp_load", &program, &flags))
+        return NULL;
+    long result;
+    if (program.len <= 0 || program.len % 8 != 0 || program.len / 8 > 4096 /* BPF_MAXINSNS */) {
+        errno = EINVAL;
+        result = -1;
+    }
+    else {
+        struct seccomp_fprog fprog = {(unsigned short)(program.len / 8), program.buf};
+#ifdef SYS_seccomp
+        result = syscall(SYS_seccomp, 1 /* SECCOMP_SET_MODE_FILTER */, flags, &fprog);
+#else
+        errno = ENOSYS;
+        result = -1;
+#endif
+    }
+    PyBuffer_Release(&program);
+    return PyLong_FromLong(result < 0 ? errno : result > 0 ? ESRCH : 0);
+}
+
 static PyMethodDef methods[] = {
     {"watch", watch, METH_VARARGS,
      "watch(sock_fd, pid, flags, status_r) -> exit code\n\n"
@@ -481,6 +516,7 @@ static PyMethodDef methods[] = {
     {"prctl", sys_prctl, METH_VARARGS, "prctl(option, arg2=0, arg3=0) -> 0 or errno"},
     {"capset_empty", sys_capset_empty, METH_NOARGS,
      "capset_empty() -> 0 or errno: clear this thread's effective, permitted, inheritable sets"},
+    {"seccomp_load", sys_seccomp_load, METH_VARARGS, "seccomp_load(program, flags) -> 0 or errno"},
     {"fork_reaper", (PyCFunction)(void (*)(void))fork_reaper, METH_VARARGS | METH_KEYWORDS,
      "fork_reaper(close_fds, enter_files, control_fd, wait_for_go, status_w, zygote_pidfd,"
      " helper_pidfd=-1) -> (pid, failed, errno)\n\n"

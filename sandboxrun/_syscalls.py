@@ -2,8 +2,9 @@
 
 Compiled (``sandboxrun._native``) where it was built, else through ctypes
 (``_ctypes_syscalls``, the same names and results): ``unshare``, ``setns``, ``mount``,
-``mount_setattr``, ``prctl``, ``capset_empty``, each returning 0 or the errno. The callers
-(``_linux``, ``_isolation._libc``) word the ``OSError``.
+``mount_setattr``, ``bind_idmapped``, ``prctl``, ``capset_empty``, ``seccomp_load``, each
+returning 0 or the errno.
+The callers (``_linux``, ``_isolation._libc``, ``_isolation._seccomp``) word the ``OSError``.
 
 Why not ctypes everywhere: a zygote's task makes these calls in a fresh child, and ctypes' first
 calls there write pages of its own state (converters, errno, the CDLL's cache) -- a copy-on-write
@@ -31,9 +32,10 @@ if os.environ.get("SANDBOXRUN_NATIVE") != "0":
             mount,
             mount_setattr,
             prctl,
+            seccomp_load,
             setns,
             unshare,
-        )  # fmt: skip
+        )
 
         NATIVE = True
     except ImportError:  # not built (no compiler at install)
@@ -45,11 +47,19 @@ if not NATIVE:
         mount,
         mount_setattr,
         prctl,
+        seccomp_load,
         setns,
         unshare,
-    )  # fmt: skip
+    )
 
 __all__ = [
-    "NATIVE", "bind_idmapped", "capset_empty", "mount", "mount_setattr", "prctl", "setns",
+    "NATIVE",
+    "bind_idmapped",
+    "capset_empty",
+    "mount",
+    "mount_setattr",
+    "prctl",
+    "seccomp_load",
+    "setns",
     "unshare",
-]  # fmt: skip
+]
