@@ -143,3 +143,65 @@ def open_pty() -> str:
 
     result = _attempt("openpty", action)
     return "opened" if result.endswith("opened") else result
+
+
+def _syscall(number: int, *args: int) -> str:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    result = libc.syscall(ctypes.c_long(number), *(ctypes.c_long(a) for a in args))
+    if result < 0:
+        return f"refused: {os.strerror(ctypes.get_errno())}"
+    return f"REACHED: {result}"
+
+
+def keyrings() -> dict[str, str]:
+    """The session keyring (the manager's under a fork), add_key and request_key."""
+    import platform
+
+    if platform.machine() != "x86_64":
+        return {"skipped": platform.machine()}
+    key_spec_session, keyctl_get_keyring_id = -3, 0
+    return {
+        "keyctl": _syscall(250, keyctl_get_keyring_id, key_spec_session, 0),
+        "add_key": _syscall(248, 0, 0, 0, 0, key_spec_session),
+        "request_key": _syscall(249, 0, 0, 0, 0),
+    }
+
+
+def new_namespaces() -> dict[str, str]:
+    """unshare(CLONE_NEWUSER | CLONE_NEWCGROUP | CLONE_NEWNS) -- the way to a fresh cgroup2
+    mount whose root knobs a uid-0 task owned -- and the same through clone()."""
+    import platform
+
+    if platform.machine() != "x86_64":
+        return {"skipped": platform.machine()}
+    flags = 0x10000000 | 0x02000000 | 0x00020000
+    return {"unshare": _syscall(272, flags), "ptrace_attach_1": _syscall(101, 16, 1, 0, 0)}
+
+
+def inject_into_terminal(fd: int) -> str:
+    """TIOCSTI: push a command into the input of the terminal behind ``fd``."""
+    import fcntl
+    import termios
+
+    def action() -> str:
+        for char in b"echo pwned\n":
+            fcntl.ioctl(fd, termios.TIOCSTI, bytes([char]))
+        return "injected"
+
+    return _attempt("TIOCSTI", action)
+
+
+def threads(count: int) -> int:
+    """How many threads of ``count`` start (each sleeps)."""
+    import time
+
+    started = 0
+    for _ in range(count):
+        try:
+            threading.Thread(target=time.sleep, args=(3,), daemon=True).start()
+        except RuntimeError:
+            break
+        started += 1
+    return started

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import pathlib
@@ -17,17 +18,33 @@ MIB = 1024 * 1024
 T = TypeVar("T")
 
 
-def host_pid() -> int:
-    """This process's pid as the test (outside the task's PID namespace) sees it: /proc numbers
-    processes in the namespace of whoever mounted it, os.getpid() in the task's own."""
+def host_pid() -> int | str:
+    """This process's pid as the test (outside the task's PID namespace) sees it, or a mark the
+    test resolves to it (``read_pid``). /proc numbers processes in the namespace of whoever
+    mounted it: under the default profile a task has a /proc of its own, in which its pid is
+    its namespace's, and no file there names its host pid (by design). It then names itself
+    (its comm) with a mark no other process has and hands that over with its namespace pid."""
     try:
-        return int(os.readlink("/proc/self"))
+        pid = int(os.readlink("/proc/self"))
     except (OSError, ValueError):  # no /proc (macOS)
         return os.getpid()
+    if pid != os.getpid():  # the host's /proc: a host pid
+        return pid
+    return f"mark:{_mark_self()}:{pid}"
 
 
-def host_pid_of_child(pid: int) -> int:
-    """The /proc pid of our child ``pid`` (a pid of the task's namespace)."""
+def _mark_self() -> str:
+    mark = "sbr" + os.urandom(6).hex()  # comm holds 15 bytes
+    with open("/proc/self/comm", "w") as comm:
+        comm.write(mark)
+    return mark
+
+
+def host_pid_of_child(pid: int) -> int | str:
+    """The /proc pid of our child ``pid`` (a pid of the task's namespace), or a mark."""
+    own = host_pid()
+    if isinstance(own, str):  # our own /proc: the test finds the child below us
+        return f"{own}:child:{pid}"
     try:
         for tid in os.listdir("/proc/self/task"):
             with open(f"/proc/self/task/{tid}/children") as children:
@@ -39,6 +56,49 @@ def host_pid_of_child(pid: int) -> int:
     except (OSError, ValueError):
         pass
     return pid
+
+
+#: What ``read_pid`` answers for a marked process that is gone: no such pid exists
+#: (pid_max is at most 2**22), and it is no special value for kill(2) as -1 or 0 are.
+GONE_PID = 2**31 - 2
+
+
+def read_pid(path: str | os.PathLike[str]) -> int:
+    """The host pid in a pid file written by ``write_pid``: a number, or a mark resolved by
+    scanning the host's /proc (``GONE_PID`` when the marked process has ended)."""
+    text = pathlib.Path(path).read_text().strip()
+    if not text.startswith("mark:"):
+        return int(text)
+    _, mark, nspid, *child = text.split(":")
+    found = _find_marked(mark, int(nspid))
+    if found is None:
+        return GONE_PID
+    if child:
+        for tid in os.listdir(f"/proc/{found}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{found}/task/{tid}/children") as f:
+                for candidate in f.read().split():
+                    if _nspid(int(candidate)) == int(child[1]):
+                        return int(candidate)
+        return GONE_PID
+    return found
+
+
+def _nspid(pid: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    return None
+
+
+def _find_marked(mark: str, nspid: int) -> int | None:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError), open(f"/proc/{entry}/comm") as comm:
+            if comm.read().strip() == mark and _nspid(int(entry)) == nspid:
+                return int(entry)
+    return None
 
 
 def write_pid(path: str, pid: int | None = None) -> None:

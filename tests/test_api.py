@@ -196,7 +196,7 @@ def test_queue_task_rejects_non_tasks_and_a_finished_manager_runs_again() -> Non
 
 
 def test_unsendable_task_is_refused_at_queue_time_under_spawn() -> None:
-    pm = ProcessManager(1, backend="psutil", start_method="spawn")
+    pm = ProcessManager(1, backend="psutil", start_method="spawn", isolation="none")
     with pytest.raises(TypeError, match="cannot be sent to a worker"):
         pm.queue_task(Task(lambda: 1))
     with pytest.raises(TypeError, match="cannot be sent"):
@@ -206,7 +206,7 @@ def test_unsendable_task_is_refused_at_queue_time_under_spawn() -> None:
 def test_lambda_is_fine_under_fork() -> None:
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("no fork here")
-    with ProcessManager(1, backend="psutil", start_method="fork") as pm:
+    with ProcessManager(1, backend="psutil", start_method="fork", isolation="none") as pm:
         pm.queue_task(Task(lambda: 7))
     assert pm.task_results[0].result == 7
 
@@ -222,7 +222,8 @@ def test_unavailable_backend_is_a_clear_error() -> None:
 
 @pytest.mark.parametrize("method", multiprocessing.get_all_start_methods())
 def test_start_methods(method: str, backend: str) -> None:
-    with ProcessManager(2, backend=backend, start_method=method, worker_timeout_seconds=60) as pm:
+    with ProcessManager(2, backend=backend, start_method=method, worker_timeout_seconds=60,
+                        isolation="none") as pm:
         pm.queue_task(Task(tasks.double, (5,)))
         pm.queue_task(Task(tasks.raise_value_error, ("m",)))
         pm.queue_task(Task(tasks.exit_hard, (2,)))
@@ -240,7 +241,7 @@ def test_safe_when_the_caller_has_threads(backend: str) -> None:
     for worker in workers:
         worker.start()
     try:
-        with ProcessManager(2, backend=backend, start_method="forkserver") as pm:
+        with ProcessManager(2, backend=backend, start_method="forkserver", isolation="none") as pm:
             for index in range(10):
                 pm.queue_task(Task(tasks.check_threads_safe, (index,)))
         assert sorted(r.result for r in pm.task_results) == sorted(sum(range(i)) for i in range(10))

@@ -95,7 +95,7 @@ def test_cancelling_the_await_kills_the_task(tmp_path: Path) -> None:
             )
             while not pid_file.exists():
                 await asyncio.sleep(0.02)
-            pid = int(pid_file.read_text())
+            pid = tasks.read_pid(pid_file)
             call.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await call
@@ -120,7 +120,7 @@ def test_leaving_the_stream_early_kills_the_rest(tmp_path: Path) -> None:
             while not (tmp_path / "pid").exists():
                 await asyncio.sleep(0.02)
             await stream.aclose()
-            return [first, int((tmp_path / "pid").read_text())]
+            return [first, tasks.read_pid((tmp_path / "pid"))]
 
     started = time.monotonic()
     first, pid = asyncio.run(main())

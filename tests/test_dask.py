@@ -189,7 +189,7 @@ def test_a_worker_that_dies_mid_task_loses_no_record(
         pure=False,
     )  # fmt: skip
     assert wait_until(pid_file.exists, 60)
-    sandboxed_pid = int(pid_file.read_text())
+    sandboxed_pid = tasks.read_pid(pid_file)
     # The Dask worker process running it (an ancestor: forkserver sits between): killed.
     workers = set(client.run(os.getpid).values())
     holders = [p.pid for p in psutil.Process(sandboxed_pid).parents() if p.pid in workers]

@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 
 from sandboxrun import ProcessManager, Task
+from sandboxrun._launch import ZYGOTE_AVAILABLE
 from sandboxrun._isolation.profile import DEFAULT_UID_BASE
 
 from . import profile_tasks as tasks
 
 pytestmark = [
-    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="isolation is Linux only"),
+    pytest.mark.skipif(not ZYGOTE_AVAILABLE, reason="isolation needs the zygote (Linux, pidfds)"),
     pytest.mark.skipif(
         sys.platform.startswith("linux") and os.geteuid() != 0,
         reason="a non-root manager's tasks keep its uid (nothing to hand over)",
@@ -213,3 +214,71 @@ def test_other_start_methods_are_refused_naming_the_zygote(method: str) -> None:
     with ProcessManager(1, start_method=method, isolation="none") as manager:  # type: ignore[arg-type]
         manager.queue_task(Task(tasks.ids))
     assert manager.task_results[0].result == (os.getuid(), os.getgid())
+
+
+# --- the kernel's shared objects: keyrings, namespaces, the operator's terminal --------------
+
+
+def test_keyrings_unreachable() -> None:
+    found = run(tasks.keyrings)
+    if "skipped" in found:  # type: ignore[operator]
+        pytest.skip(str(found))
+    assert all(outcome.startswith("refused") for outcome in found.values()), found  # type: ignore[union-attr]
+
+
+def test_no_new_namespaces_and_no_ptrace() -> None:
+    """A fresh user + cgroup namespace is the way to a cgroup2 mount of one's own (a uid-0 task
+    wrote the host's root knobs through one); ptrace of PID 1 the way out of the sandbox."""
+    found = run(tasks.new_namespaces)
+    if "skipped" in found:  # type: ignore[operator]
+        pytest.skip(str(found))
+    assert all(outcome.startswith("refused") for outcome in found.values()), found  # type: ignore[union-attr]
+
+
+_TERMINAL_MANAGER = """
+import fcntl, json, os, sys, termios
+sys.path.insert(0, {root!r})
+from sandboxrun import ProcessManager, Task
+from tests import profile_tasks
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # the pty is the manager's controlling terminal
+with ProcessManager(1, 20) as pm:
+    pm.queue_task(Task(profile_tasks.inject_into_terminal, (1,)))
+os.set_blocking(0, False)
+try:
+    pending = os.read(0, 100).decode()
+except BlockingIOError:
+    pending = ""
+with open({report!r}, "w") as report:
+    json.dump([pm.task_results[0].result, pm.task_results[0].isolation, pending], report)
+"""
+
+
+def test_no_tiocsti_into_the_operators_terminal(tmp_path: Path) -> None:
+    """The manager runs in a terminal (a real pty, its controlling one); the task's stdout is
+    that terminal. Pushing "echo pwned" into its input would run it in the operator's shell."""
+    import pty
+    import subprocess
+
+    leader, follower = pty.openpty()
+    report = tmp_path / "report.json"
+    script = _TERMINAL_MANAGER.format(root=str(Path(__file__).parents[1]), report=str(report))
+    try:
+        process = subprocess.run(  # the watchdog: a manager that hangs is killed, not awaited
+            [sys.executable, "-c", script], stdin=follower, stdout=follower, stderr=follower,
+            start_new_session=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(follower)
+        os.set_blocking(leader, False)
+        try:
+            output = os.read(leader, 65536).decode(errors="replace")
+        except OSError:
+            output = ""
+        os.close(leader)
+    assert process.returncode == 0, output
+    import json
+
+    outcome, isolation, pending = json.loads(report.read_text())
+    assert isolation == "default"
+    assert outcome.startswith("refused"), outcome
+    assert "pwned" not in pending

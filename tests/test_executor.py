@@ -141,7 +141,7 @@ def test_kill_ends_a_running_task_and_its_process(tmp_path: Path) -> None:
     with SandboxExecutor(1) as executor:
         future = executor.submit(tasks.wait_for_file, str(pid_file), str(tmp_path / "never"), 60)
         assert wait_until(pid_file.exists, 20)
-        pid = int(pid_file.read_text())
+        pid = tasks.read_pid(pid_file)
         executor.kill(future)
         with pytest.raises(TaskCancelled):
             future.result(timeout=30)
@@ -231,7 +231,7 @@ def test_exception_reducers_installed_in_the_manager_do_not_break_results(
     # class, which fork (and forkserver's __main__ import) children inherit. A task's exception
     # then named tblib's function, which the restricted unpickler refuses: ResultTypeRefused.
     monkeypatch.setitem(copyreg.dispatch_table, ValueError, _foreign_reducer)
-    with sandboxrun.ProcessManager(1, start_method="fork") as manager:
+    with sandboxrun.ProcessManager(1, start_method="fork", isolation="none") as manager:
         manager.queue_task(sandboxrun.Task(tasks.raise_value_error, ("still a ValueError",)))
     error = manager.task_results[0].exception
     assert type(error) is ValueError and str(error) == "still a ValueError"

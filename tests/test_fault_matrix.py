@@ -68,7 +68,7 @@ def test_leftover_check_sees_a_running_tasks_cgroups(kernel_backend: str, tmp_pa
     def inspect() -> None:
         try:
             if wait_until(pid_file.exists, 30):
-                pid = int(pid_file.read_text())
+                pid = tasks.read_pid(pid_file)
                 own = cgroup_dirs()
                 seen["task"] = [d for h, d in cgroup_dirs(pid).items() if d != own.get(h)]
                 seen["leftovers"] = [pathlib.Path(p) for p in leftover_cgroups()]
@@ -265,7 +265,7 @@ def test_ignoring_sigterm_past_timeout(backend: str, tmp_path: Path) -> None:
         worker_timeout_seconds=0.5 * SCALE,
     )
     assert result.timed_out and isinstance(result.exception, TimeoutError)
-    assert gone(int(pid_file.read_text()))
+    assert gone(tasks.read_pid(pid_file))
 
 
 def test_grandchild_left_running_is_killed(backend: str, tmp_path: Path) -> None:
@@ -281,14 +281,14 @@ def test_grandchild_of_a_timed_out_task_is_killed(backend: str, tmp_path: Path) 
         backend, tasks.spawn_grandchild, str(pid_file), 60, worker_timeout_seconds=1 * SCALE
     )
     assert result.timed_out
-    assert wait_gone(int(pid_file.read_text()))
+    assert wait_gone(tasks.read_pid(pid_file))
 
 
 def test_double_forked_orphan_is_killed(backend: str, tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     result = run_one(backend, tasks.fork_grandchild_and_exit, str(pid_file))
     assert result.success
-    assert wait_gone(int(pid_file.read_text()))
+    assert wait_gone(tasks.read_pid(pid_file))
 
 
 def test_256_mib_result_arrives_intact(backend: str) -> None:
@@ -351,7 +351,7 @@ def test_keyboard_interrupt_in_with_body_kills_and_drops(backend: str, tmp_path:
         for _ in pm.as_completed():  # the first result: the SIGTERM-ignorer is running
             wait_until(pid_file.exists, 10)
             raise KeyboardInterrupt("boom")
-    assert pid_file.exists() and wait_gone(int(pid_file.read_text()))
+    assert pid_file.exists() and wait_gone(tasks.read_pid(pid_file))
     # Every process the manager started must end; once none is left, nothing can still write
     # the marker, so its absence is final (not just "not yet").
     assert wait_until(lambda: not new_descendants(before), 10), new_descendants(before)

@@ -100,7 +100,7 @@ def test_policy_objects_become_their_text(fake_glasswall):
 def test_policy_reaches_the_worker_as_text(fake_glasswall, method):
     # Before: RecursionError in a spawn/forkserver worker; under fork the function got the object.
     policy = fake_glasswall.Editor()
-    with ProcessManager(1, start_method=method, worker_timeout_seconds=60) as pm:
+    with ProcessManager(1, start_method=method, worker_timeout_seconds=60, isolation="none") as pm:
         pm.queue_task(Task(tasks.identity, kwargs={"x": policy}))
         pm.queue_task(Task(tasks.identity, args=(policy,)))
     assert [r.exception for r in pm.task_results] == [None, None]

@@ -168,7 +168,7 @@ def test_non_exception_in_body_kills_and_drops(stop: type[BaseException], tmp_pa
             assert wait_until(pid_file.exists, 10)
             raise stop()
     assert time.monotonic() - started < 30  # not the sleeper's 60 s
-    assert wait_gone(int(pid_file.read_text()))
+    assert wait_gone(tasks.read_pid(pid_file))
     assert not marker.exists() and pm.task_results == []
     with pytest.raises(RuntimeError, match=f"aborted ProcessManager: a {stop.__name__}"):
         pm.queue_task(Task(tasks.double, (1,)))
@@ -206,7 +206,7 @@ def test_ctrl_c_while_the_exit_finishes_the_work_stops_at_once(
         child.wait()
     assert child.returncode != 0
     assert "KeyboardInterrupt" in stderr and "ValueError: the body's own" in stderr, stderr
-    assert wait_gone(int(pid_file.read_text()))
+    assert wait_gone(tasks.read_pid(pid_file))
     assert not marker.exists()
 
 

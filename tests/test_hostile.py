@@ -200,7 +200,8 @@ def test_reduce_result_runs_nothing_in_the_manager(
     backend: str, start_method: str, tmp_path: Path
 ) -> None:
     marker = tmp_path / "MARKER"
-    (result,) = run_batch(backend, [Task(return_evil, (str(marker),))], start_method=start_method)
+    (result,) = run_batch(backend, [Task(return_evil, (str(marker),))], start_method=start_method,
+                         isolation="none")
     assert not marker.exists(), "the task's result ran os.system in the manager"
     assert not result.success and result.result is None
     assert isinstance(result.exception, ResultTypeRefused)
@@ -354,7 +355,8 @@ def test_task_sees_only_its_own_fds(backend: str, start_method: str, tmp_path: P
     # spawn/forkserver multiprocessing reopens stdin on /dev/null): its output, not a leak.
     streams = stream_targets()
     with open(tmp_path / "journal", "a"), select.epoll():  # what an embedding server has open
-        (result,) = run_batch(backend, [Task(list_fds)], start_method=start_method)
+        (result,) = run_batch(backend, [Task(list_fds)], start_method=start_method,
+                                 isolation="none")
     assert result.success, result.exception
     extra = {fd: t for fd, t in result.result.items() if fd > 2 and t not in streams}
     pipes = [target for target in extra.values() if target.startswith("pipe:")]
@@ -364,7 +366,7 @@ def test_task_sees_only_its_own_fds(backend: str, start_method: str, tmp_path: P
 def test_task_cannot_unregister_the_managers_epoll(backend: str) -> None:
     """On old code this hangs the manager (its registrations dropped): hence the subprocess."""
     options = {"backend": backend, "func": "delete_epoll_registrations", "args": [],
-               "start_method": "fork", "worker_timeout_seconds": 30}  # fmt: skip
+               "start_method": "fork", "worker_timeout_seconds": 30, "isolation": "none"}  # fmt: skip
     report = run_manager(options, watchdog=60)
     assert sorted(map(str, report["results"])) == sorted(
         map(str, [[True, 3, "NoneType"], [True, [], "NoneType"], [True, 4, "NoneType"]])
@@ -385,7 +387,8 @@ def test_a_failure_while_building_one_result_fails_that_task_only(
         return real(job, *args)
 
     monkeypatch.setattr(_outcome, "_build_result", flaky)
-    (result,) = run_batch("psutil", [Task(write_frame, (b"",))], start_method="fork")
+    (result,) = run_batch("psutil", [Task(write_frame, (b"",))], start_method="fork",
+                          isolation="none")
     assert not result.success and isinstance(result.exception, SandboxrunError)
     assert isinstance(result.exception.__cause__, RuntimeError)
 

@@ -131,7 +131,7 @@ def test_escaped_grandchild_dies_with_its_task(backend: str, tmp_path: Path) -> 
     if backend == "cgroup_v1":
         assert marker.read_text(), "the child did not leave its cgroup: the test proves nothing"
     assert result.success and result.result == 7
-    assert wait_gone(int(pid_file.read_text()), 1.0), "the escaped grandchild outlived its task"
+    assert wait_gone(tasks.read_pid(pid_file), 1.0), "the escaped grandchild outlived its task"
     assert not leftover_cgroups()
 
 
@@ -167,7 +167,7 @@ def test_sub_cgroup_with_a_parked_child_fails_nothing(tmp_path: Path) -> None:
     result, _ = _batch("cgroup_v1", hostile, worker_timeout_seconds=30, isolation="none")
     assert time.time() - result.start_time < 5 * SCALE  # zygote start-up not counted
     assert result.success and result.result == 1
-    assert gone(int(pid_file.read_text()))
+    assert gone(tasks.read_pid(pid_file))
     assert not leftover_cgroups()
     assert not cgroupfs.LEFTOVERS.paths()
 

@@ -563,9 +563,8 @@ def _zygote_available() -> bool:
 
 
 #: (profile, start method) pairs where the manager's pid is out of a task's reach: the zygote's
-#: PID namespace (every profile), or under fork strict's other uid.
-_REACH = [("strict", "fork")] + ([("default", "zygote"), ("strict", "zygote")]
-                                 if _zygote_available() else [])  # fmt: skip
+#: PID namespace and another uid (every profile; other start methods refuse a profile).
+_REACH = [("default", "zygote"), ("strict", "zygote")] if _zygote_available() else []
 
 _MANAGER = """
 import json, os, signal, sys
@@ -656,7 +655,14 @@ def test_manager_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     results = _in_queue_order(pm)
     assert results[0].result[0] == "hunter2"  # (the kernel's copy: the test set it late)
     assert results[1].result.stdout.strip() == b"hunter2"
-    with ProcessManager(2, 20, isolation="default", start_method="fork") as pm:
+    # default: the manager's environment, as under fork (the drop-in's price, security.md)
+    with ProcessManager(2, 20, isolation="default") as pm:
+        pm.queue_task(Task(read_secret))
+        pm.queue_task(shown)
+    results = _in_queue_order(pm)
+    assert results[0].result[0] == "hunter2"
+    assert results[1].result.stdout.strip() == b"hunter2"
+    with ProcessManager(2, 20, isolation="strict") as pm:  # strict scrubs it
         pm.queue_task(Task(read_secret))
         pm.queue_task(shown)
         pm.queue_task(Task(double, (4,)))
@@ -671,7 +677,7 @@ def test_manager_secret_not_even_in_proc_environ(monkeypatch: pytest.MonkeyPatch
     from sandboxrun import ProcessManager, Task
 
     monkeypatch.setenv("SECRET", "hunter2")
-    with ProcessManager(2, 20, isolation="default", start_method="zygote") as pm:  # type: ignore[arg-type]
+    with ProcessManager(2, 20, isolation="strict", start_method="zygote") as pm:  # type: ignore[arg-type]
         pm.queue_task(Task(read_secret))
     assert pm.task_results[0].result == (None, False)
 
@@ -688,7 +694,7 @@ def test_inherited_fd_and_listening_socket(tmp_path: Path) -> None:
         server.listen(8)
         fds = [journal.fileno(), server.fileno()]
         for isolation in ("default", "strict"):
-            with ProcessManager(2, 20, isolation=isolation, start_method="fork") as pm:
+            with ProcessManager(2, 20, isolation=isolation) as pm:
                 pm.queue_task(Task(fstat_fds, (fds,)))
                 pm.queue_task(Task(double, (5,)))
             assert sorted(map(repr, (r.result for r in pm.task_results))) == ["10", "[]"]
@@ -715,7 +721,7 @@ def test_seed_examples_under_default(outside_tmp: Path) -> None:
 
     source = outside_tmp / "in.txt"
     source.write_bytes(b"input")
-    with ProcessManager(2, 20, isolation="default", start_method="fork") as pm:
+    with ProcessManager(2, 20, isolation="default") as pm:
         pm.queue_task(Task(write_file, (str(outside_tmp / "out.txt"), "converted")))
         pm.queue_task(Task(Path.read_bytes, (source,)))
     assert sorted(map(repr, (r.result for r in pm.task_results))) == ["'written'", "b'input'"]
@@ -832,7 +838,7 @@ def cgroup_v2_line() -> str:
     return next(x for x in Path("/proc/self/cgroup").read_text().splitlines() if x[:3] == "0::")
 
 
-@pytest.mark.parametrize("method", ["fork", *(["zygote"] if _zygote_available() else [])])
+@pytest.mark.parametrize("method", ["zygote"] if _zygote_available() else [])
 def test_manager_task_cannot_clone3_into_another_cgroup(
     kernel_backend: str, method: str, v2_pair: tuple[Path, Path]
 ) -> None:

@@ -67,7 +67,7 @@ def test_killed_by_hand_is_not_out_of_memory(kernel_backend, tmp_path):
         deadline = time.monotonic() + 20 * SCALE
         while time.monotonic() < deadline:
             if pid_file.exists() and pid_file.read_text():
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                os.kill(tasks.read_pid(pid_file), signal.SIGKILL)
                 return
             time.sleep(0.01)
 

@@ -364,7 +364,8 @@ def _exit_at_once() -> None:
 
 def test_failed_collect_is_logged_and_leaves_the_worker_s_own_peak(caplog) -> None:
     caplog.set_level("WARNING", logger="sandboxrun")
-    with sandboxrun.ProcessManager(1, backend=_BrokenBackend(), start_method="fork") as pm:
+    with sandboxrun.ProcessManager(1, backend=_BrokenBackend(), start_method="fork",
+                              isolation="none") as pm:
         pm.queue_task(Task(func=abs, args=(-3,)))
         pm.queue_task(Task(func=_exit_at_once))
     returned, died = pm.task_results
@@ -393,7 +394,8 @@ def test_abort_logs_a_failed_kill_and_still_cleans_up(caplog) -> None:
     import time
 
     caplog.set_level("WARNING", logger="sandboxrun")
-    pm = sandboxrun.ProcessManager(2, backend=_UnkillableBackend(), start_method="fork")
+    pm = sandboxrun.ProcessManager(2, backend=_UnkillableBackend(), start_method="fork",
+                                   isolation="none")
     # A KeyboardInterrupt: since issue 13 only a non-Exception aborts (an Exception lets the
     # queued work finish first).
     with pytest.raises(KeyboardInterrupt, match="the with-body's own"), pm:

@@ -274,7 +274,7 @@ def test_timeout_kills_the_tree(mode, tmp_path):
     result = run(mode, tasks.spawn_grandchild, str(pid_file), 60, worker_timeout_seconds=1 * SCALE)
     assert result.timed_out and isinstance(result.exception, TimeoutError)
     assert result.exit_code == -signal.SIGKILL
-    assert wait_gone(int(pid_file.read_text()))
+    assert wait_gone(tasks.read_pid(pid_file))
 
 
 @needs_systemd

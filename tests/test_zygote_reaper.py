@@ -94,7 +94,7 @@ def test_self_kill_and_an_orphan_daemon(pid1: str, tmp_path: Path) -> None:
     killed, orphaned = _run(Task(tasks.kill_self), orphan, isolation="none")
     assert not killed.success and killed.exit_code == -9, killed
     assert orphaned.success, orphaned.exception
-    daemon = int(pid_file.read_text())  # its host pid
+    daemon = tasks.read_pid(pid_file)  # its host pid
     assert wait_gone(daemon) and gone(daemon)
 
 
@@ -150,7 +150,7 @@ def test_a_zygote_with_a_thread_forks_without_a_namespace(pid1: str, tmp_path: P
     assert result.success, result.exception
     seen, host = result.result
     assert seen == host and seen > 2  # no namespace of its own: its pid is the host's
-    orphan = int(pid_file.read_text())
+    orphan = tasks.read_pid(pid_file)
     assert wait_gone(orphan) and gone(orphan)
 
 

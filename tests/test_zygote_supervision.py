@@ -45,7 +45,7 @@ def test_zygote_killed_under_a_running_task(backend: str, tmp_path: Path) -> Non
 
     def kill_its_zygote() -> None:
         if wait_until(pid_file.exists, 60):
-            task_pid = int(pid_file.read_text())
+            task_pid = tasks.read_pid(pid_file)
             zygote = _zygote_of(task_pid)
             killed.update(task=task_pid, zygote=zygote.pid)
             os.kill(zygote.pid, signal.SIGKILL)

@@ -63,9 +63,11 @@ _NEEDS: dict[str, Callable[[Isolation, bool], bool]] = {
     "cgroup_namespace": lambda p, root: p.private_cgroups,
     "network_namespace": lambda p, root: p.private_network,
     "loopback": lambda p, root: p.private_network,
+    "private_dev": lambda p, root: p.private_dev,
     "drop_capabilities": lambda p, root: p.drop_capabilities,
     "no_new_privileges": lambda p, root: p.no_new_privileges,
     "slot_uid_reads_python": lambda p, root: root and p.user is not None,
+    "seccomp": lambda p, root: p.seccomp,
 }
 
 

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import _linux, _log
-from . import _idmap, _view
+from . import _idmap, _seccomp, _view
 from . import _libc as libc
 from .profile import Isolation
 
@@ -436,6 +436,8 @@ def prepare_view(profile: Isolation) -> None:
     _view.prepare(profile, view_steps, inputs)
     _proc_read_only()  # read here once, not in every task
     libc.cap_last_cap()
+    if profile.seccomp:
+        _seccomp.program()  # assembled here once; every task loads the same bytes
     if profile.private_tmp and _KEPT.get(profile, (None,))[0] != inputs:
         _KEPT[profile] = (inputs, _kept_readable(profile))
 

@@ -8,8 +8,11 @@ Order (systemd exec-invoke.c, nsjail contain.cc; research/isolation.md §6, §11
                              regains every capability on its next execve
     setgroups / setresgid / setresuid   (a different uid owns no cgroup file and cannot
                              signal or ptrace the manager; the kernel clears caps on the change)
+    PR_SET_DUMPABLE 1        our own /proc/self back (the uid change took it)
     capset(empty)            what is left for a task that stays uid 0
     PR_SET_NO_NEW_PRIVS      set-uid bits and file caps inert from here on
+    seccomp filter           last: it refuses mount, unshare, setns... (_seccomp.py); compiled
+                             once in the zygote, loaded here in the task's own process
 
 The result and control pipes are already-open fds: they keep working after the uid change.
 """
@@ -26,6 +29,7 @@ import resource
 
 from .. import _log
 from . import _libc as libc
+from . import _seccomp
 from ._mounts import IsolationError
 from .profile import Isolation
 
@@ -70,10 +74,16 @@ def drop_privileges(profile: Isolation, slot: int = 0) -> None:
         ids = profile.uid_gid(slot)
         if ids is not None and root and _mapped(ids):
             _switch_user(*ids)
+            # The uid change made us non-dumpable: /proc/self would be root's, and the task
+            # could not list its own fds or name itself. bubblewrap sets it back likewise; no
+            # other process has our uid (a slot's), and ptrace is filtered anyway.
+            libc.prctl(libc.PR_SET_DUMPABLE, 1)
         if profile.drop_capabilities:
             libc.capset_empty()
         if profile.no_new_privileges:
             libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
+        if profile.seccomp:
+            _seccomp.load(_seccomp.program(), profile.seccomp_log)
     except OSError as error:
         raise IsolationError(error.errno, f"dropping privileges failed: {error}") from error
     log.debug("privileges dropped: uid %s, slot %s", os.geteuid(), slot)

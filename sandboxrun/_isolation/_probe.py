@@ -18,9 +18,9 @@ import os
 import time
 from collections.abc import Callable
 
-from . import _cgroupns, _mounts, _privileges
+from . import _cgroupns, _idmap, _mounts, _privileges, _seccomp
 from . import _libc as libc
-from .profile import DEFAULT_UID_BASE, STRICT
+from .profile import DEFAULT, DEFAULT_UID_BASE, STRICT
 
 _PROBE_SECONDS = 10.0
 _cache: dict[str, bool | str] | None = None
@@ -57,6 +57,29 @@ def _python_readable() -> None:
             file.read(1)
 
 
+def _private_dev() -> None:
+    _mounts._private_dev()
+    _mounts._dev_per_task(DEFAULT, None)
+
+
+def _idmapped_mounts() -> None:
+    """What the default profile hands a task is mounted idmapped: tried on /tmp, where
+    Glasswall-shaped code keeps its uploads (tmpfs: Linux 6.3; ext4, xfs, btrfs: 5.12)."""
+    why = _idmap.probe("/tmp", _idmap.user_namespace(DEFAULT_UID_BASE, DEFAULT_UID_BASE))
+    if why is not None:
+        raise OSError(f"{why}: such tasks keep the manager's uid")
+
+
+def _seccomp_filter() -> None:
+    """Loaded last, as in a task; then a call it must refuse is refused."""
+    _seccomp.load(_seccomp.program())
+    try:
+        libc.unshare(libc.CLONE_NEWUSER)
+    except OSError:
+        return
+    raise OSError("the filter is loaded but unshare(CLONE_NEWUSER) still works")
+
+
 def _steps(root: bool) -> list[tuple[str, Callable[[], object]]]:
     return [
         ("mount_namespace", lambda: libc.unshare(libc.CLONE_NEWNS | libc.CLONE_NEWIPC)),
@@ -67,6 +90,8 @@ def _steps(root: bool) -> list[tuple[str, Callable[[], object]]]:
         ("read_only_system", lambda: _mounts.make_read_only("/usr")),
         ("fresh_proc", lambda: libc.mount("proc", "/proc", "proc", libc.MS_NOSUID)),
         ("protect_kernel_tunables", lambda: _mounts.make_read_only("/proc/sys")),
+        ("private_dev", _private_dev),
+        ("idmapped_mounts", _idmapped_mounts if root else (lambda: None)),
         ("cgroup_namespace", _cgroupns.enter_cgroup_namespace),
         ("network_namespace", lambda: libc.unshare(libc.CLONE_NEWNET)),
         ("loopback", _mounts.loopback_up),
@@ -77,6 +102,7 @@ def _steps(root: bool) -> list[tuple[str, Callable[[], object]]]:
          if root else (lambda: None)),
         ("slot_uid_reads_python", _python_readable),
         ("no_new_privileges", lambda: libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)),
+        ("seccomp", _seccomp_filter),
     ]  # fmt: skip
 
 

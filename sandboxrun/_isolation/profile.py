@@ -63,6 +63,9 @@ class Isolation:
     private_dev: bool = True
     new_session: bool = True  # setsid(): no controlling terminal (TIOCSTI, the operator's tty)
     seccomp: bool = True  # the syscall filter of _seccomp.py, loaded in the task's own process
+    # Each call the filter refuses written to the kernel log (audit type=1326, syscall=NNN):
+    # how to see which call a task was refused (docs/security.md).
+    seccomp_log: bool = False
     # Mount what the task's call names idmapped (handed.py), so a task running as another uid
     # acts on it as the manager would. Root managers only (a non-root manager's task keeps its
     # uid, so it has nothing to map).
