@@ -8,17 +8,26 @@ import collections
 import contextlib
 import copyreg
 import dataclasses
+import datetime
+import enum
 import importlib.util
+import ipaddress
+import json
 import mmap
 import os
+import pathlib
 import pickle
 import struct
 import subprocess
 import sys
+import textwrap
 import types
+import uuid
+import zoneinfo
 
 import pytest
 
+from sandboxrun import ProcessManager, Task
 from sandboxrun._command import CommandFailed, CommandResult
 from sandboxrun._errors import (
     CpuTimeLimitExceeded,
@@ -32,6 +41,7 @@ from sandboxrun._errors import (
 )
 from sandboxrun._result_types import ResultTypes, loads
 
+from . import result_values
 from .hostile_bytes import variants
 
 
@@ -153,18 +163,17 @@ def test_a_user_allowed_dataclass_passes_and_only_when_allowed():
     assert isinstance(refused, SandboxrunError)
 
 
-def test_allowing_a_builtin_class_such_as_ordered_dict():
-    data = pickle.dumps(collections.OrderedDict(a=1), protocol=5)
-    assert _refused(data).type_name == "collections.OrderedDict"
-    assert loads(data, allowed=[collections.OrderedDict]) == {"a": 1}
+def test_allowing_a_stdlib_class_not_accepted_by_default():
+    data = pickle.dumps(ipaddress.IPv4Address("10.0.0.1"), protocol=5)
+    assert _refused(data).type_name == "ipaddress.IPv4Address"
+    assert loads(data, allowed=[ipaddress.IPv4Address]) == ipaddress.IPv4Address("10.0.0.1")
 
 
 def test_trusted_results_is_plain_pickle():
-    import fractions
-
-    data = pickle.dumps(fractions.Fraction(1, 3), protocol=5)
-    assert _refused(data).type_name == "fractions.Fraction"
-    assert loads(data, trusted=True) == fractions.Fraction(1, 3)
+    value = datetime.datetime(2026, 1, 1, tzinfo=zoneinfo.ZoneInfo("UTC"))
+    data = pickle.dumps(value, protocol=5)
+    assert _refused(data).type_name == "builtins.getattr"
+    assert loads(data, trusted=True) == value
 
 
 @pytest.mark.parametrize("bad", [[len], "not a list", [MyResult("a")], MyResult])
@@ -222,10 +231,10 @@ def test_callables_are_refused_under_protocol_5(func, marker):
         loads(pickle.dumps(_Calls(func, argument), protocol=5))
 
 
-def test_copyreg_reconstructor_with_a_disallowed_class_is_refused():
-    old = pickle.dumps(collections.OrderedDict(a=1), protocol=1)
-    with pytest.raises(ResultTypeRefused):
-        loads(old)
+def test_copyreg_reconstructor_is_refused_even_for_an_allowed_class():
+    old = pickle.dumps(MyResult("a"), protocol=1, fix_imports=False)
+    assert b"_reconstructor" in old
+    assert _refused(old, allowed=[MyResult]).type_name == "copyreg._reconstructor"
 
 
 def test_a_stream_never_imports(tmp_path, monkeypatch, marker):
@@ -374,3 +383,309 @@ class Interrupting(Exception):
 def test_keyboard_interrupt_is_not_swallowed():
     with pytest.raises(KeyboardInterrupt):
         loads(b"\x80\x05c" + __name__.encode() + b"\nInterrupting\n)R.", allowed=[Interrupting])
+
+
+# ---------------------------------------------------------------- default types beyond builtins
+
+
+def _dumps(value: object) -> bytes:
+    return pickle.dumps(value, protocol=5)
+
+
+def _global(module: str, name: str) -> bytes:
+    """SHORT_BINUNICODE module, name, STACK_GLOBAL (protocol 4+)."""
+    out = b""
+    for text in (module, name):
+        raw = text.encode()
+        out += b"\x8c" + bytes([len(raw)]) + raw
+    return out + b"\x93"
+
+
+def _text(text: str) -> bytes:
+    raw = text.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def _int(number: int) -> bytes:
+    raw = number.to_bytes((number.bit_length() + 8) // 8 or 1, "little", signed=True)
+    return b"\x8b" + struct.pack("<I", len(raw)) + raw  # LONG4
+
+
+@pytest.mark.parametrize("name", sorted(result_values.VALUES))
+def test_default_types_round_trip_in_process(name):
+    value = result_values.VALUES[name]()
+    data = _dumps(value)
+    got = loads(data)
+    assert type(got) is type(value) and got == value
+    if isinstance(value, collections.defaultdict):
+        assert got.default_factory is value.default_factory
+    if isinstance(value, collections.deque):
+        assert got.maxlen == value.maxlen
+    if isinstance(value, enum.Enum):
+        assert got is value
+
+
+def test_default_types_round_trip_through_a_real_manager():
+    names = sorted(result_values.VALUES)
+    with ProcessManager(2) as manager:
+        for name in names:
+            manager.queue_task(Task(result_values.make, (name,)))
+    results = {r.task.args[0]: r for r in manager.task_results}
+    for name in names:
+        result, value = results[name], result_values.VALUES[name]()
+        assert result.success, (name, result.exception)
+        assert type(result.result) is type(value) and result.result == value, name
+
+
+@pytest.mark.parametrize("name", ["FakeTuple", "HookedPoint", "Lenient"])
+def test_look_alikes_are_refused_through_a_real_manager(name):
+    result_values.CALLS.clear()
+    with ProcessManager(1) as manager:
+        manager.queue_task(Task(result_values.make_hostile, (name,)))
+    (result,) = manager.task_results
+    assert not result.success
+    refused = result.exception
+    assert isinstance(refused, ResultTypeRefused), result.exception
+    assert refused.type_name.startswith("tests.result_values.") and refused.allowable
+    assert result_values.CALLS == []  # none of the look-alike's code ran in the manager
+
+
+def test_look_alikes_pass_once_allowed_by_name():
+    data = _dumps(result_values.FakeTuple(1))
+    result_values.CALLS.clear()
+    assert type(loads(data, allowed=[result_values.FakeTuple])) is result_values.FakeTuple
+    assert result_values.CALLS == ["FakeTuple.__new__"]  # now trusted: its code runs
+    assert loads(_dumps(result_values.Lenient.A), allowed=[result_values.Lenient]) is (
+        result_values.Lenient.A
+    )
+
+
+def test_zoneinfo_datetime_is_refused_without_reading_a_tz_file():
+    stream = (
+        b"\x80\x05" + _global("builtins", "getattr") + _global("zoneinfo", "ZoneInfo")
+        + _text("_unpickle") + b"\x86R" + _text("../../etc/passwd") + b"\x88\x86R."
+    )  # fmt: skip
+    assert _refused(stream).type_name == "builtins.getattr"
+
+
+# ------------------------------------------------ hostile streams naming the default types
+
+
+def test_defaultdict_factory_must_be_none_or_an_accepted_class(marker):
+    dd = _global("collections", "defaultdict")
+    assert _refused(b"\x80\x05" + dd + _global("posix", "system") + b"\x85R.").type_name in (
+        "posix.system"
+    )
+    _refused(_dumps(collections.defaultdict(os.system)))
+    factories = [
+        ("builtins", "ValueError"),
+        ("tests.result_values", "Point"),
+        ("tests.result_values", "Color"),
+        ("builtins", "BaseExceptionGroup"),
+    ]
+    for factory in factories:
+        refused = _refused(b"\x80\x05" + dd + _global(*factory) + b"\x85R.")
+        assert refused.type_name == "collections.defaultdict" and "default_factory" in str(refused)
+    # an enum member, a namedtuple, a path: instances, not classes
+    member = _global("tests.result_values", "Level") + b"K\x01\x85R"
+    _refused(b"\x80\x05" + dd + member + b"\x85R.")
+    # items as an argument (the constructor would copy them) instead of SETITEMS
+    _refused(b"\x80\x05" + dd + b"N}\x86R.")
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        # the bombs a copying constructor would build from a few bytes
+        _global("builtins", "bytearray") + _int(10**11) + b"\x85R.",
+        _global("builtins", "set") + _global("builtins", "range") + _int(10**12) + b"\x85R\x85R.",
+        _global("builtins", "list") + _global("builtins", "range") + _int(10**9) + b"\x85R\x85R.",
+        _global("builtins", "bytes") + _int(10**11) + b"\x85R.",
+        _global("collections", "deque")
+        + _global("builtins", "range")
+        + _int(10**18)
+        + b"\x85RK\x00\x86R.",
+        _global("collections", "Counter")
+        + _global("builtins", "range")
+        + _int(10**9)
+        + b"\x85R\x85R.",
+        _global("collections", "OrderedDict") + b"]\x85R.",
+        # the functional enum API would make a new class
+        _global("tests.result_values", "Color") + _text("New") + _text("A B") + b"\x86R.",
+        # Flag values outside the members' bits (Flag._missing_ would cache each one)
+        _global("tests.result_values", "Perm") + _int(1 << 40) + b"\x85R.",
+        _global("re", "RegexFlag") + _int(-1) + b"\x85R.",
+        # Decimal: one str only (no context, no int to convert, no tuple)
+        _global("decimal", "Decimal") + _text("1") + _global("decimal", "Context") + b")R\x86R.",
+        _global("decimal", "Decimal") + _text("1") + b"N\x86R.",
+        _global("decimal", "Decimal") + _int(10**5000) + b"\x85R.",
+        # Fraction("1e999999999") would compute 10**999999999
+        _global("fractions", "Fraction") + _text("1e999999999") + b"\x85R.",
+        _global("fractions", "Fraction") + b"K\x01K\x00\x86R.",
+        # a path from a non-str part
+        _global("pathlib", "PosixPath") + b"K\x01\x85R.",
+        # an exception group over a lazily huge range
+        _global("builtins", "ExceptionGroup")
+        + _text("g")
+        + _global("builtins", "range")
+        + _int(10**10)
+        + b"\x85R\x86R.",
+    ],
+)
+def test_checked_constructors_refuse_what_reduce_never_gives(stream):
+    with pytest.raises(ResultDecodeError):
+        loads(b"\x80\x05" + stream)
+
+
+def test_memoized_arguments_cannot_multiply_a_copy():
+    # one 64 KiB string memoized, then handed to a path constructor 10 000 times as parts
+    part = _text("p" * (1 << 16)) + b"\x940"  # memoized, then popped
+    stream = b"\x80\x05" + _global("pathlib", "PurePosixPath") + part + b"(" + b"h\x00" * 10_000
+    with pytest.raises(ResultDecodeError, match="expand"):
+        loads(stream + b"tR.")
+    # a 40 000-item dict given to Counter 1 000 times
+    items = b"}\x94(" + b"".join(b"J" + struct.pack("<i", i) + b"K\x01" for i in range(40_000))
+    counter = _global("collections", "Counter") + b"\x94"
+    calls = b"(" + b"h\x01h\x00\x85R" * 1000 + b"l."
+    with pytest.raises(ResultDecodeError, match="expand"):
+        loads(b"\x80\x05" + items + b"u" + counter + calls)
+
+
+def test_a_class_object_as_a_value_is_refused_not_replaced():
+    for module, name in [("builtins", "list"), ("decimal", "Decimal"),
+                         ("tests.result_values", "Color")]:  # fmt: skip
+        refused = _refused(b"\x80\x05" + _global(module, name) + b"\x85.")
+        assert refused.type_name == f"{module}.{name}" and "class object" in refused.reason
+    # a default_factory is the class itself
+    got = loads(_dumps(collections.defaultdict(list)))
+    assert got.default_factory is list
+
+
+def test_build_cannot_change_an_enum_member_or_a_stand_in(caplog):
+    member = _global("tests.result_values", "Color") + _text("red") + b"\x85R"
+    stream = b"\x80\x05" + member + b"}" + _text("_value_") + _text("blue") + b"sb."
+    with pytest.raises(ResultDecodeError, match="enum member"):
+        loads(stream)
+    assert result_values.Color.RED.value == "red"
+    assert result_values.Color("red") is result_values.Color.RED
+    # slot state on a stand-in would redirect it to another class
+    stand_in = _global("decimal", "Decimal")
+    slots = b"N}" + _text("cls") + _global("builtins", "list") + b"s\x86b"
+    with pytest.raises(ResultTypeRefused):
+        loads(b"\x80\x05" + stand_in + slots + b".")
+
+
+def test_build_cannot_patch_a_namedtuple_class_or_uuid():
+    for module, name, cls in [("tests.result_values", "Point", result_values.Point),
+                              ("uuid", "UUID", uuid.UUID)]:  # fmt: skip
+        original = vars(cls)["__repr__"]
+        stream = (
+            b"\x80\x05" + _global(module, name) + b"\x94N}" + _text("__repr__")
+            + b"h\x00s\x86b."
+        )  # fmt: skip
+        with pytest.raises(ResultDecodeError) as info:
+            loads(stream)
+        assert vars(cls)["__repr__"] is original
+        # a namedtuple class takes slot state with setattr (undone); UUID's __setstate__ is
+        # called unbound and fails
+        assert ("change the class" in str(info.value)) == (cls is result_values.Point)
+
+
+def test_a_path_reaches_no_file_system_method(tmp_path):
+    # UUID(hex) calls hex.replace(...): a Path's replace() renames a file, but takes one
+    # argument where str.replace takes two, so the call fails before any I/O.
+    victim = tmp_path / "victim"
+    victim.write_text("x")
+    path = _global("pathlib", "PosixPath") + _text(str(victim)) + b"\x85R"
+    with pytest.raises(ResultDecodeError):
+        loads(b"\x80\x05" + _global("uuid", "UUID") + path + b"\x85R.")
+    assert victim.read_text() == "x" and sorted(os.listdir(tmp_path)) == ["victim"]
+
+
+def test_a_namedtuple_look_alike_of_a_module_not_imported_is_not_imported(tmp_path, monkeypatch):
+    (tmp_path / "sandboxrun_probe_tuple.py").write_text(
+        "import collections\nCALLS = []\nP = collections.namedtuple('P', 'a')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    refused = _refused(b"\x80\x05" + _global("sandboxrun_probe_tuple", "P") + b"K\x01\x85\x81.")
+    assert "not imported" in str(refused) and "sandboxrun_probe_tuple" not in sys.modules
+
+
+def test_mp_main_names_the_managers_main_only_for_what_main_defines(monkeypatch):
+    main = types.ModuleType("__main__")
+    main.Path = pathlib.Path  # imported into the script: not a class of the script
+    main.system = os.system
+    main.Report = MyResult
+    main.Point = result_values.Point
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    monkeypatch.delitem(sys.modules, "__mp_main__", raising=False)
+    for name in ("Path", "system", "Point"):
+        refused = _refused(b"\x80\x05" + _global("__mp_main__", name) + b"\x85.")
+        assert refused.type_name == f"__mp_main__.{name}"
+    path_call = _global("__mp_main__", "Path") + _text("/x") + b"\x85R."
+    _refused(b"\x80\x05" + path_call)
+    report = _global("__mp_main__", "Report") + b")\x81}" + _text("name") + _text("r") + b"sb."
+    _refused(b"\x80\x05" + report, allowed=[MyResult])  # MyResult is this module's, not main's
+
+
+MAIN_SCRIPT = textwrap.dedent(
+    """
+    import collections, dataclasses, enum, json, sys
+    from sandboxrun import ProcessManager, Task
+
+    @dataclasses.dataclass
+    class Report:
+        pages: int
+
+    @dataclasses.dataclass
+    class Unlisted:
+        pages: int
+
+    Pair = collections.namedtuple("Pair", "a b")
+
+    class Mode(enum.Enum):
+        FAST = 1
+
+    def report():
+        return [Report(3), Pair(1, 2), Mode.FAST]
+
+    def unlisted():
+        return Unlisted(1)
+
+    if __name__ == "__main__":
+        method = sys.argv[1]
+        options = {} if method == "zygote" else {"isolation": "none"}
+        with ProcessManager(1, start_method=method, allowed_result_types=[Report], **options) as pm:
+            pm.queue_task(Task(report))
+            pm.queue_task(Task(unlisted))
+        out = {}
+        for result in pm.task_results:
+            name = result.task.func.__name__
+            if result.success:
+                value = result.result
+                out[name] = [value[0] == Report(3), type(value[0]) is Report,
+                             value[1] == (1, 2), type(value[1]) is Pair, value[2] is Mode.FAST]
+            else:
+                out[name] = [type(result.exception).__name__,
+                             getattr(result.exception, "type_name", None)]
+        print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.parametrize("start_method", ["zygote", "spawn", "forkserver", "fork"])
+def test_allowed_classes_of_the_main_script_pass_on_every_start_method(tmp_path, start_method):
+    if start_method == "zygote" and sys.platform != "linux":
+        pytest.skip("the zygote is Linux only")
+    script = tmp_path / "main_script.py"
+    script.write_text(MAIN_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, str(script), start_method],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["report"] == [True, True, True, True, True]
+    main_name = "__main__" if start_method == "fork" else "__mp_main__"
+    assert out["unlisted"] == ["ResultTypeRefused", f"{main_name}.Unlisted"]
