@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         WorkerDied,
     )
     from ._executor import ManagerOptions, SandboxExecutor, SandboxFuture, task_result
+    from ._isolation import Isolation
     from ._limits import parse_duration, parse_size
     from ._manager import ProcessManager
     from ._task import Task, TaskResult
@@ -49,6 +50,7 @@ _WHERE = {
     "SandboxExecutor": ("._executor", None),
     "SandboxFuture": ("._executor", None),
     "task_result": ("._executor", None),
+    "Isolation": ("._isolation", None),
     "BACKEND_NAMES": ("._backends", "NAMES"),
     "detect": ("._backends", "detect"),
     "CommandFailed": ("._command", None),
@@ -87,6 +89,7 @@ __all__ = [
     "CpuTimeLimitExceeded",
     "ExceptionNotPicklable",
     "GlasswallProcessManager",
+    "Isolation",
     "ManagerOptions",
     "ProcessLimitExceeded",
     "ProcessManager",

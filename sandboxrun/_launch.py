@@ -17,6 +17,7 @@ never needs the scheduler, and the outcome never needs either)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -85,8 +86,12 @@ class Launcher:
         environment: dict[str, str] | None = None,
         isolation: Isolation = NONE,
         shm_bytes: int | None = None,
+        process_rlimit: int | None = None,
     ) -> None:
+        """``process_rlimit``: the max_processes a backend without a kernel process limit
+        polls; tasks that run as a uid of their own also get it as RLIMIT_NPROC."""
         self.start_method = start_method
+        self.process_rlimit = process_rlimit
         self.isolation = isolation
         self._shm_bytes = shm_bytes  # a private /dev/shm's size where no cgroup charges it
         self._slots: dict[int, int] = {}  # id(job) -> its worker slot (its uid under strict)
@@ -172,9 +177,13 @@ class Launcher:
         """Start the worker of ``task``; it waits for the go frame when the job has one."""
         isolation = self._isolation_for(task)
         slot = self._free_slot(siblings)
+        ids = _task_ids(isolation, slot)
         hook = getattr(task, "_launch_hook", None)
         if hook is not None:  # before any process exists: what it prepares is there for the task
-            hook(_task_ids(isolation, slot))
+            hook(ids)
+        options = self.options
+        if sys.platform != "win32" and self.process_rlimit and ids and ids[0] != os.getuid():
+            options = dataclasses.replace(options, process_rlimit=self.process_rlimit)
         # The control pipe exists only when the worker must wait for us: to receive the pickled
         # task (spawn/forkserver), or until a parent-side attach has placed it (handshake).
         handshake = bool(payload) or sandbox.parent_attach
@@ -190,7 +199,7 @@ class Launcher:
             result=child_result,
             task=task if forked else None,
             enter_files=sandbox.enter_files(),
-            options=self.options,
+            options=options,
             cpu_time_seconds=cpu_time_seconds,
             foreign_fds=foreign,
             manager_pid=self._manager_pid,
@@ -203,7 +212,7 @@ class Launcher:
         if sys.platform == "linux" and self._zygote:
             request = Request(
                 enter_files=spec.enter_files,
-                options=self.options,
+                options=options,
                 cpu_time_seconds=cpu_time_seconds,
                 modules=_modules_of(task),
                 needs_main=b"__main__" in payload,

@@ -27,6 +27,8 @@ Glasswall compatibility: ``0`` means "no limit" for ``worker_timeout_seconds`` a
 means the CPU count (``max_workers or os.cpu_count()``); ``max_workers=2.0`` works there, so an
 integral float is accepted. The manager keeps reporting what the user passed
 (``TaskResult.timeout_seconds == 0``), as Glasswall does; only ``Limits`` says ``None``.
+``max_processes`` follows the same rule for ``0`` (no limit), but ``None`` is not "no limit"
+there: it is ``DEFAULT_MAX_PROCESSES``, so a task cannot exhaust the host's pids unasked.
 """
 
 from __future__ import annotations
@@ -49,6 +51,14 @@ MAX_POLL_INTERVAL_SECONDS = MAX_WALL_TIME_SECONDS
 CPU_PERIOD_USEC = 100_000
 MIN_CPU_QUOTA = 1_000 / CPU_PERIOD_USEC
 DEFAULT_MAX_RESULT_BYTES = GIB  # see sandboxrun/_header.py for the reasoning
+#: ``max_processes`` when none is given: processes and threads of one task at once (pids.max
+#: counts both). Room for any converter's thread pools and helper processes, while a fork or
+#: thread bomb stops long before it exhausts the host's pid space (pid_max).
+DEFAULT_MAX_PROCESSES = 1024
+#: The least memory limit under which a task's worker starts at all (the zygote's fork of PID 1
+#: and PID 2 under the default isolation, measured on cgroup v1): below it the worker is
+#: OOM-killed before task code, and the failed result says to raise the limit.
+MIN_WORKER_MEMORY_BYTES = 4 * 2**20
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -150,13 +160,21 @@ def _integer(name: str, value: object, *, integral_float: bool) -> int:
 
 
 def validate_max_processes(value: int | None) -> int | None:
-    """``max_processes`` -> int or None; at most PID_MAX_LIMIT (what ``pids.max`` accepts)."""
+    """``max_processes`` -> int, or None for no limit; ``None`` (not given) is
+    ``DEFAULT_MAX_PROCESSES`` and ``0`` means no limit (as 0 does for Glasswall's limits); at
+    most PID_MAX_LIMIT (what ``pids.max`` accepts)."""
     if value is None:
-        return None
+        return DEFAULT_MAX_PROCESSES
     count = _integer("max_processes", value, integral_float=False)
-    what = "the kernel's PID_MAX_LIMIT, the most pids.max accepts"
-    _limit("max_processes", count, MAX_PROCESSES, what, zero_is_none=False)
-    return count
+    none = f" (0 means no limit; not given: {DEFAULT_MAX_PROCESSES})"
+    if count < 0:
+        raise ValueError(f"max_processes must be positive, got {value!r}{none}")
+    if count > MAX_PROCESSES:
+        what = "the kernel's PID_MAX_LIMIT, the most pids.max accepts"
+        raise ValueError(
+            f"max_processes={value!r} is over the maximum {_show(MAX_PROCESSES)} ({what}){none}"
+        )
+    return count or None
 
 
 def validate_max_workers(value: float | None) -> int | None:
@@ -264,8 +282,9 @@ class Limits:
         max_processes: int | None,
         cpu_quota: float | None = None,
     ) -> Limits:
-        """The limits from ``ProcessManager``'s arguments; TypeError/ValueError naming the
-        argument and its maximum for anything the kernel or Python could not represent."""
+        """The limits from ``ProcessManager``'s arguments (``max_processes=None``: the default
+        ``DEFAULT_MAX_PROCESSES``); TypeError/ValueError naming the argument and its maximum for
+        anything the kernel or Python could not represent."""
         return cls(
             wall_time_seconds=validate_wall_time(worker_timeout_seconds),
             memory_bytes=validate_memory(memory_limit_in_gib),

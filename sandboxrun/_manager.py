@@ -15,6 +15,8 @@ failure of the manager itself) ends its life.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import multiprocessing
 import pickle
 from collections.abc import Iterable, Iterator, Mapping
@@ -35,6 +37,19 @@ from ._scheduler import Scheduler
 from ._task import Task, TaskResult
 
 BackendName = Literal["auto", "cgroup_v2", "systemd", "cgroup_v1", "psutil"]
+
+log = logging.getLogger("sandboxrun.manager")
+
+
+def _default_process_limit(limits: Limits, backend: Backend) -> Limits:
+    """The default ``max_processes`` where this backend can enforce it. A backend that could
+    but cannot here (cgroup v1 without a pids hierarchy) refuses every task that asks for a
+    process limit: the default is dropped there, with a note, rather than fail every task."""
+    if "processes" in backend.kernel_enforced or "processes" not in backend.enforceable:
+        return limits  # the kernel's pids.max, or a polled count (psutil)
+    log.info("no default max_processes: the %s backend cannot limit processes here (see"
+             " `sandboxrun doctor`)", backend.name)  # fmt: skip
+    return dataclasses.replace(limits, max_processes=None)
 
 
 def _check_cpu_quota(limits: Limits, backend: Backend) -> None:
@@ -63,7 +78,9 @@ class ProcessManager:
     ``max_workers=None`` (or ``0``, as in Glasswall) means the CPUs this process may use
     (affinity and cgroup quota aware); ``worker_timeout_seconds`` and ``memory_limit_in_gib``
     of ``None`` or ``0`` mean no limit. Keyword-only extras: ``cpu_time_limit_seconds``
-    (RLIMIT_CPU), ``max_processes`` (fork-bomb limit, ``pids.max`` on the kernel backends),
+    (RLIMIT_CPU), ``max_processes`` (fork-bomb limit: processes and threads of one task at once,
+    ``pids.max`` on the kernel backends; default ``sandboxrun._limits.DEFAULT_MAX_PROCESSES``, ``0``
+    for no limit),
     ``backend`` (``"auto"``, ``"cgroup_v2"``, ``"systemd"``, ``"cgroup_v1"``, ``"psutil"``, or a
     ``Backend`` instance), ``start_method`` (``"zygote"``, ``"fork"``, ``"forkserver"``,
     ``"spawn"``; default: ``"zygote"`` on Linux, else multiprocessing's default),
@@ -95,6 +112,14 @@ class ProcessManager:
     ``no_new_privs``, an allowlisted environment), ``"strict"`` (all of ``/`` read-only but
     ``Isolation.read_write_paths``, no network, an unprivileged uid per worker slot), ``"none"``
     (tasks share this process's privileges), or an ``Isolation`` built piece by piece.
+
+    A limit hit shows in the task's ``TaskResult``: ``success=False`` and the flag of that
+    limit (``timed_out``, ``out_of_memory``, ``cpu_time_limit_exceeded``,
+    ``process_limit_exceeded``), with ``exception`` saying which (``TimeoutError``,
+    ``MemoryError``, ``CpuTimeLimitExceeded``, ``ProcessLimitExceeded`` whose ``__cause__`` is
+    what the task itself raised, e.g. ``RuntimeError: can't start new thread``). A task whose
+    worker could not even start (a memory limit too small for it, a zygote that died) gets a
+    failed ``TaskResult`` too (``exit_code`` None), never an exception out of the with-block.
 
     Diagnostics go to ``logging.getLogger("sandboxrun")``: a debug line per launch and kill, a
     warning for each error survived (e.g. counters that could not be read).
@@ -133,7 +158,7 @@ class ProcessManager:
         self.worker_timeout_seconds = worker_timeout_seconds
         self.memory_limit_in_gib = memory_limit_in_gib
         self.cpu_time_limit_seconds = cpu_time_limit_seconds
-        self.max_processes = max_processes
+        self.max_processes = max_processes  # None: the default; in force: limits.max_processes
         self.start_method: StartMethod = start_method or cast(  # portable transport: spawn
             StartMethod,
             transport.DEFAULT_START_METHOD
@@ -146,6 +171,8 @@ class ProcessManager:
             else create_backend(backend, poll_interval_seconds=poll_interval_seconds)
         )
         _check_cpu_quota(self.limits, self.backend)
+        if max_processes is None:
+            self.limits = _default_process_limit(self.limits, self.backend)
         self.isolation: Isolation = choose(isolation, self.start_method, start_method is not None)
         self.task_results: list[TaskResult] = []
         memory = self.limits.memory_bytes
@@ -156,7 +183,7 @@ class ProcessManager:
             worker_timeout_seconds=worker_timeout_seconds,
             memory_limit_in_gib=memory_limit_in_gib,
             cpu_time_limit_seconds=cpu_time_limit_seconds,
-            max_processes=max_processes,
+            max_processes=self.limits.max_processes,
             backend=self.backend.name,
             memory_hit_known="memory" in self.backend.kernel_enforced,
             cpu_time_known="cpu_time" in self.backend.kernel_enforced,
@@ -164,6 +191,7 @@ class ProcessManager:
             max_result_bytes=self.max_result_bytes,
             isolation=self.isolation.name,
         )
+        kernel = self.backend.kernel_enforced
         launcher = Launcher(
             self.start_method,
             self.backend.worker_options,
@@ -172,7 +200,10 @@ class ProcessManager:
             self.isolation,
             # tmpfs pages are charged to the task's memory cgroup; the psutil monitor sees
             # no /dev/shm, so there the private one is as big as the memory limit.
-            None if "memory" in self.backend.kernel_enforced else self.limits.memory_bytes,
+            shm_bytes=None if "memory" in kernel else self.limits.memory_bytes,
+            # Where the kernel does not count a task's processes (psutil: polled), tasks running
+            # as a uid of their own also get RLIMIT_NPROC: nothing to outrun between two polls.
+            process_rlimit=None if "processes" in kernel else self.limits.max_processes,
         )
         self._scheduler = Scheduler(self.backend, launcher, terms, self.max_workers)
         self._aborted_by: str | None = None  # set once: why this manager was aborted

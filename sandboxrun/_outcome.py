@@ -9,7 +9,8 @@ Pure logic (no processes, no fds but the reader's buffer), so every rule is unit
 
 The first true condition wins, in this order: timeout, memory, CPU time, processes, attach
 failure; then a refused or missing frame (ResultTooLarge, ProtocolError, WorkerDied), then
-what the task itself returned or raised.
+what the task itself returned or raised. A task whose worker never started (its sandbox could
+not be made, its zygote died, the fork failed) has no job: ``start_failure`` gives its result.
 
 Nothing here may raise because of what a worker sent: ``build_result`` turns any exception in
 decoding or classifying one job into that job's failed result (and logs it), so one hostile
@@ -23,6 +24,7 @@ import dataclasses
 import enum
 import logging
 import signal
+import time
 from typing import Any
 
 from . import _protocol as protocol
@@ -42,10 +44,10 @@ from ._errors import (
     WorkerDied,
 )
 from ._job import Job
-from ._limits import DEFAULT_MAX_RESULT_BYTES, GIB, Limits
+from ._limits import DEFAULT_MAX_RESULT_BYTES, GIB, MIN_WORKER_MEMORY_BYTES, Limits
 from ._reasons import KillReason
 from ._result_types import ResultTypes
-from ._task import TaskResult
+from ._task import Task, TaskResult
 
 log = logging.getLogger("sandboxrun.outcome")
 
@@ -236,9 +238,10 @@ def _verdict_error(facts: _Facts, flags: Flags, terms: Terms, job: Job) -> BaseE
         if isinstance(facts.exception, MemoryError):
             return facts.exception
         peak = "unknown" if facts.peak_bytes is None else f"{facts.peak_bytes / GIB:.3f} GiB"
+        hint = memory_too_small(terms.limits)
         return MemoryError(
             f"the task exceeded memory_limit_in_gib={terms.memory_limit_in_gib}"
-            f" (peak {peak}) and was killed"
+            f" (peak {peak}) and was killed{'; ' + hint if hint else ''}"
         )
     if flags.cpu_time_limit_exceeded:
         used = "" if facts.cpu_time is None else f" ({facts.cpu_time:.3f} s of CPU used)"
@@ -257,6 +260,48 @@ def _verdict_error(facts: _Facts, flags: Flags, terms: Terms, job: Job) -> BaseE
     if facts.reason == KillReason.CANCELLED:
         return TaskCancelled("the task was cancelled while it ran; its process tree was killed")
     return None
+
+
+def memory_too_small(limits: Limits) -> str:
+    """What to do when the memory limit is below what a worker needs to start; else ""."""
+    memory = limits.memory_bytes
+    if memory is None or memory >= MIN_WORKER_MEMORY_BYTES:
+        return ""
+    return (
+        f"the memory limit {memory / 2**20:.3g} MiB is below what a worker needs to start"
+        f" (~{MIN_WORKER_MEMORY_BYTES // 2**20} MiB): raise memory_limit_in_gib"
+    )
+
+
+def start_failure(task: Task, error: Exception, terms: Terms, start_time: float) -> TaskResult:
+    """The one result of a task whose worker could not be started: no process of it ran task
+    code, so no job exists (``exit_code`` None). ``error`` becomes the ``__cause__``."""
+    what = f"{type(error).__name__}: {error}"
+    hint = memory_too_small(terms.limits)
+    if hint:
+        what = f"{hint} ({what})"
+    elif type(error).__name__ == "ZygoteError":  # not imported: Linux only, and the zygote's
+        what += (
+            " (the zygote's own error, if it printed one, is on this process's stderr;"
+            " start_method='fork' starts tasks without a zygote)"
+        )
+    failure = SandboxrunError(f"the task's worker could not be started, no task code ran: {what}")
+    failure.__cause__ = error
+    end_time = time.time()
+    return TaskResult(
+        task=task,
+        success=False,
+        exception=failure,
+        exit_code=None,
+        timeout_seconds=terms.worker_timeout_seconds,
+        memory_limit_in_gib=terms.memory_limit_in_gib,
+        start_time=start_time,
+        end_time=end_time,
+        elapsed_time=end_time - start_time,
+        max_memory_used_in_gib=None,
+        backend=terms.backend,
+        isolation=terms.isolation,
+    )
 
 
 def build_result(job: Job, usage: Usage | None, exit_code: int, terms: Terms) -> TaskResult:

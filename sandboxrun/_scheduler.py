@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import itertools
 import logging
 import selectors
 import signal
@@ -112,7 +111,9 @@ class Scheduler:
                 yield self._ready.popleft()
 
     def _step(self) -> list[TaskResult]:
-        self._fill_slots()
+        failed = self._fill_slots()
+        if failed:  # handed out first; with no job left, select() below would wait forever
+            return failed
         events = self._selector.select(self._select_timeout())
         done: list[TaskResult] = []
         now = time.monotonic()
@@ -182,42 +183,76 @@ class Scheduler:
 
     # ------------------------------------------------------------------ launching
 
-    def _fill_slots(self) -> None:
+    def _fill_slots(self) -> list[TaskResult]:
+        """Launch what fits; a task whose worker could not be started (its sandbox, its
+        zygote, the fork) gets its failed result here, and its neighbours go on: one task's
+        start never raises out of the loop (but a KeyboardInterrupt, SystemExit...)."""
         count = min(len(self.pending), self.max_workers - len(self._jobs))
         if count <= 0:
-            return
+            return []
+        started = time.time()
         if not self._backend_open:
-            self.backend.open()
+            try:
+                self.backend.open()
+            except Exception as error:  # the next batch tries again: it may be transient
+                log.warning("the %s backend could not open (%s: %s); %d task(s) fail without"
+                            " running", self.backend.name, type(error).__name__, error,
+                            count)  # fmt: skip
+                return [self._start_failed(self.pending.popleft()[0], error, started)
+                        for _ in range(count)]  # fmt: skip
             self._backend_open = True
-        sandboxes: list[Sandbox] = []
+        free = self.max_workers - len(self._jobs) - count
+        failed: list[TaskResult] = []
+        ready: list[tuple[Task, bytes, Sandbox]] = []
         try:
             for _ in range(count):
-                sandboxes.append(self._new_sandbox())
+                task, payload = self.pending.popleft()
+                try:
+                    ready.append((task, payload, self._new_sandbox()))
+                except Exception as error:
+                    failed.append(self._start_failed(task, error, started))
             # The zygotes these slots need start side by side, before any of these tasks runs:
             # one started while a task runs would stop the loop (and that task's clock) meanwhile.
-            work = list(itertools.islice(self.pending, count))
-            free = self.max_workers - len(self._jobs) - count
-            self.launcher.prepare(sandboxes, work, free)
-            while sandboxes:
-                task, payload = self.pending.popleft()
-                self._launch(task, payload, sandboxes.pop(0))
+            try:
+                if ready:
+                    sandboxes = [sandbox for _, _, sandbox in ready]
+                    work = [(task, payload) for task, payload, _ in ready]
+                    self.launcher.prepare(sandboxes, work, free)
+            except Exception as error:  # each launch below starts what it lacks, or fails alone
+                log.warning("preparing %d launch(es) failed (%s: %s); each task's launch tries"
+                            " on its own", len(ready), type(error).__name__, error)  # fmt: skip
+            while ready:
+                task, payload, sandbox = ready.pop(0)
+                result = self._launch(task, payload, sandbox)
+                if result is not None:
+                    failed.append(result)
         finally:
-            for unused in sandboxes:
+            for _, _, unused in ready:  # a KeyboardInterrupt left them unlaunched
                 unused.remove()
+        return failed
+
+    def _start_failed(self, task: Task, error: Exception, started: float) -> TaskResult:
+        log.warning("%r could not be started (%s: %s); it fails without running", task,
+                    type(error).__name__, error)  # fmt: skip
+        return outcome.start_failure(task, error, self.terms, started)
 
     def _new_sandbox(self) -> Sandbox:
         if self.launcher.born_in_place:
             return self.backend.slot_sandbox(self.terms.limits)
         return self.backend.sandbox(self.terms.limits)
 
-    def _launch(self, task: Task, payload: bytes, sandbox: Sandbox) -> None:
+    def _launch(self, task: Task, payload: bytes, sandbox: Sandbox) -> TaskResult | None:
+        """Start ``task``'s worker; its failed result if that could not be done, else None."""
+        started = time.time()
         try:
             job = self.launcher.launch(
                 task, payload, sandbox, self.terms.limits.cpu_time_seconds, self._jobs.values()
             )
-        except BaseException:
+        except BaseException as error:
             sandbox.remove()
-            raise
+            if not isinstance(error, Exception):  # Ctrl-C, SystemExit: the manager aborts
+                raise
+            return self._start_failed(task, error, started)
         self._jobs[job.exit_fd] = job  # from here on, abort() kills it (by pid too)
         self._selector.register(job.exit_fd, selectors.EVENT_READ, job)
         self._selector.register(job.result_fd, selectors.EVENT_READ, job)
@@ -235,16 +270,17 @@ class Scheduler:
                 job.process.kill()
             except OSError as kill_error:  # already gone: its exit event reports it
                 log.debug("%r: kill after a failed attach: %s", task, kill_error)
-            return
+            return None
         if sandbox.event_fd is not None:
             self._selector.register(sandbox.event_fd, selectors.EVENT_READ, job)
         now = time.monotonic()
         if job.go_frame is None:
             self._arm(job, now)
-            return
+            return None
         self._write_go(job, now)
         if job.go_frame is not None:
             self._selector.register(job.control_fd, selectors.EVENT_WRITE, job)
+        return None
 
     def _write_go(self, job: Job, now: float) -> None:
         if job.go_frame is None:

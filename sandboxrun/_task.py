@@ -171,6 +171,15 @@ class TaskResult:
     ``out_of_memory`` when that limit is unset), ``max_memory_used_in_gib`` filled with or without
     a limit (``None`` only when nothing measured it: the sandbox's counters could not be read and
     no result frame came).
+
+    A limit hit: ``success`` False, that limit's flag True and ``exception`` naming it --
+    ``timed_out`` (``TimeoutError``), ``out_of_memory`` (``MemoryError``),
+    ``cpu_time_limit_exceeded`` (``CpuTimeLimitExceeded``), ``process_limit_exceeded``
+    (``ProcessLimitExceeded``: pids.max refused a fork or thread -- ``RuntimeError: can't
+    start new thread``, ``BlockingIOError`` from fork, kept as its ``__cause__`` -- and the task
+    failed, or the polled count went over and it was killed). A task whose worker never started
+    (its sandbox, its zygote, a memory limit too small to start in) has ``exit_code`` None and a
+    ``SandboxrunError`` saying what to do.
     """
 
     task: Task

@@ -90,6 +90,16 @@ def _set_cpu_limit(seconds: float) -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
 
 
+def _set_process_limit(count: int, result: transport.Channel) -> None:
+    # Sent only to a task that runs as a uid of its own (_launch): RLIMIT_NPROC counts every
+    # process and thread of the real uid. Hard = soft: the task cannot raise it again.
+    if sys.platform != "win32":
+        try:
+            resource.setrlimit(resource.RLIMIT_NPROC, (count, count))
+        except (OSError, ValueError) as error:
+            refuse(f"RLIMIT_NPROC={count}: {error}", result)
+
+
 def _kill_descendants() -> None:
     import psutil
 
@@ -296,6 +306,8 @@ def main(spec: WorkerSpec) -> None:
     # From here on we are inside the sandbox.
     if spec.cpu_time_seconds is not None:
         _set_cpu_limit(spec.cpu_time_seconds)
+    if spec.options.process_rlimit is not None:
+        _set_process_limit(spec.options.process_rlimit, spec.result)
 
     # multiprocessing.Process.exitcode's rules, which Glasswall's users see: its worker catches
     # an Exception (exit 0); SystemExit gives its code; any other BaseException escapes the

@@ -43,6 +43,7 @@ from ._cli.verdicts import (
 )
 from ._command import CommandTask
 from ._doctor import doctor_report, render
+from ._limits import DEFAULT_MAX_PROCESSES
 
 __all__ = ["app", "exit_code_for", "main", "verdict"]
 
@@ -67,7 +68,15 @@ CpusOpt = Annotated[
     typer.Option("--cpus", help="CPU quota: at most this many CPUs at once (0.5 = half of one)."),
 ]
 ProcsOpt = Annotated[
-    int | None, typer.Option("--max-processes", help="Process-count limit (fork bombs).")
+    int | None,
+    typer.Option(
+        "--max-processes",
+        # Not given: None reaches the manager, whose default this is (a cluster's workers
+        # then apply their own, as they do where no pids controller can take a limit).
+        help="Process-count limit (fork bombs), threads included"
+        f" (default {DEFAULT_MAX_PROCESSES}; 0: no limit).",
+        show_default=False,
+    ),
 ]
 BackendOpt = Annotated[str, typer.Option("--backend", help=f"One of: {', '.join(NAMES)}.")]
 IsolationOpt = Annotated[

@@ -309,3 +309,27 @@ def killed_while_sending_result(size: int) -> bytes:
 
     threading.Thread(target=killer, daemon=True).start()
     return b"r" * size
+
+
+def start_threads(count: int, seconds: float) -> int:
+    """Start up to ``count`` threads that sleep ``seconds`` (all alive at once); return how many
+    started, or, when the kernel refuses one (pids.max, RLIMIT_NPROC: "can't start new thread"),
+    raise a RuntimeError saying how many were running, as a converter would fail there."""
+    import threading
+
+    started = 0
+    for _ in range(count):
+        thread = threading.Thread(target=time.sleep, args=(seconds,), daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as refused:
+            raise RuntimeError(f"{started} threads running, then: {refused}") from None
+        started += 1
+    return started
+
+
+def nproc_limit() -> tuple[int, int]:
+    """This process's RLIMIT_NPROC (soft, hard)."""
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_NPROC)

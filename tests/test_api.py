@@ -37,6 +37,22 @@ def test_glasswall_name_is_an_alias() -> None:
     assert sandboxrun.GlasswallProcessManager is ProcessManager
 
 
+def test_isolation_is_public_and_still_imported_lazily() -> None:
+    # Docs and error messages name sandboxrun.Isolation; importing sandboxrun alone must not
+    # load the isolation package (every module the package imports costs each zygote fork).
+    from sandboxrun import Isolation
+    from sandboxrun._isolation import Isolation as defined
+
+    assert Isolation is defined
+    assert "Isolation" in sandboxrun.__all__ and "Isolation" in dir(sandboxrun)
+    assert Isolation(private_network=True).private_network
+    code = (
+        "import sys, sandboxrun; assert 'sandboxrun._isolation' not in sys.modules;"
+        " from sandboxrun import Isolation; assert 'sandboxrun._isolation' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
 def test_task_validation() -> None:
     with pytest.raises(TypeError, match="callable"):
         Task("not a function")  # type: ignore[arg-type]  # the point: refused at run time
@@ -81,7 +97,7 @@ def test_task_result_repr_is_truncated_and_eq_follows_the_seed() -> None:
         ({"memory_limit_in_gib": -2}, ValueError),
         ({"memory_limit_in_gib": 1e-12}, ValueError),
         ({"cpu_time_limit_seconds": 0}, ValueError),
-        ({"max_processes": 0}, ValueError),
+        ({"max_processes": -1}, ValueError),
         ({"max_processes": 2.5}, TypeError),
         ({"backend": "nope"}, ValueError),
         ({"start_method": "teleport"}, ValueError),

@@ -120,7 +120,7 @@ def test_leaving_the_stream_early_kills_the_rest(tmp_path: Path) -> None:
             while not (tmp_path / "pid").exists():
                 await asyncio.sleep(0.02)
             await stream.aclose()
-            return [first, tasks.read_pid((tmp_path / "pid"))]
+            return [first, tasks.read_pid(tmp_path / "pid")]
 
     started = time.monotonic()
     first, pid = asyncio.run(main())

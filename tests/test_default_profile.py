@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from sandboxrun import ProcessManager, Task
-from sandboxrun._launch import ZYGOTE_AVAILABLE
 from sandboxrun._isolation.profile import DEFAULT_UID_BASE
+from sandboxrun._launch import ZYGOTE_AVAILABLE
 
 from . import profile_tasks as tasks
 

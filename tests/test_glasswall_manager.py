@@ -24,7 +24,7 @@ import pytest
 
 from sandboxrun import ProcessManager, Task, TaskResult
 from sandboxrun._cpus import available_cpus
-from sandboxrun._limits import Limits
+from sandboxrun._limits import DEFAULT_MAX_PROCESSES, Limits
 
 from . import tasks
 from .conftest import leftover_cgroups, wait_gone, wait_until
@@ -45,7 +45,9 @@ def results_of(pm: ProcessManager) -> list[Any]:
 def test_zero_means_no_limit_and_is_reported_as_given(backend: str) -> None:
     pm = ProcessManager(0, 0, 0, backend=backend)
     assert pm.max_workers == available_cpus()
-    assert pm.limits == Limits()  # nothing enforced
+    # Nothing enforced but sandboxrun's default process limit (max_processes=0: none at all).
+    assert pm.limits == Limits(max_processes=DEFAULT_MAX_PROCESSES)
+    assert ProcessManager(0, 0, 0, backend=backend, max_processes=0).limits == Limits()
     with pm:
         pm.queue_task(Task(tasks.sleep_then, (0.2, "slept")))
         pm.queue_task(Task(tasks.touch_and_return, (64,)))  # a 0-byte limit would kill this

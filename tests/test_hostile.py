@@ -366,7 +366,8 @@ def test_task_sees_only_its_own_fds(backend: str, start_method: str, tmp_path: P
 def test_task_cannot_unregister_the_managers_epoll(backend: str) -> None:
     """On old code this hangs the manager (its registrations dropped): hence the subprocess."""
     options = {"backend": backend, "func": "delete_epoll_registrations", "args": [],
-               "start_method": "fork", "worker_timeout_seconds": 30, "isolation": "none"}  # fmt: skip
+               "start_method": "fork", "worker_timeout_seconds": 30,
+               "isolation": "none"}  # fmt: skip
     report = run_manager(options, watchdog=60)
     assert sorted(map(str, report["results"])) == sorted(
         map(str, [[True, 3, "NoneType"], [True, [], "NoneType"], [True, 4, "NoneType"]])

@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from sandboxrun import ProcessManager, Task, WorkerDied, detect
+from sandboxrun import ProcessLimitExceeded, ProcessManager, Task, WorkerDied, detect
+from sandboxrun._launch import ZYGOTE_AVAILABLE
+from sandboxrun._limits import DEFAULT_MAX_PROCESSES
 
 from . import tasks
 from .conftest import SCALE, leftover_cgroups
@@ -58,6 +60,30 @@ def test_fork_bomb_under_max_processes_50(kernel_backend):
     assert result.result >= 40  # it did fork up to the cap, then the kernel said no
     after = run(kernel_backend, tasks.double, 21, max_processes=50)
     assert after.success and after.result == 42
+
+
+@pytest.mark.parametrize("start_method", ["zygote", "fork"])
+def test_default_process_limit_stops_a_thread_bomb(kernel_backend, start_method):
+    # No max_processes given: the default holds. 2000 sleeping threads asked for, at most the
+    # default at once (the task's main thread included), then "can't start new thread".
+    if start_method == "zygote" and not ZYGOTE_AVAILABLE:
+        pytest.skip("no zygote launcher here")
+    result = run(kernel_backend, tasks.start_threads, 2000, 30, start_method=start_method,
+                 worker_timeout_seconds=60 * SCALE)  # fmt: skip
+    assert not result.success and result.process_limit_exceeded, result
+    assert not result.timed_out and not result.out_of_memory
+    assert isinstance(result.exception, ProcessLimitExceeded), result
+    assert f"max_processes={DEFAULT_MAX_PROCESSES}" in str(result.exception)
+    refused = result.exception.__cause__  # what the task raised: how many ran at once
+    assert isinstance(refused, RuntimeError) and "can't start new thread" in str(refused)
+    running = int(re.match(r"(\d+) threads running", str(refused)).group(1))
+    assert DEFAULT_MAX_PROCESSES - 64 < running < DEFAULT_MAX_PROCESSES, running
+
+
+def test_max_processes_zero_means_no_limit(kernel_backend):
+    result = run(kernel_backend, tasks.start_threads, 2000, 30, max_processes=0)
+    assert result.success and result.result == 2000, result
+    assert not result.process_limit_exceeded
 
 
 def test_killed_by_hand_is_not_out_of_memory(kernel_backend, tmp_path):

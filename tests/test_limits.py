@@ -79,9 +79,20 @@ def test_the_memory_maximum_is_what_the_kernel_parses():
 
 @pytest.mark.parametrize("name", ["worker_timeout_seconds", "memory_limit_in_gib"])
 def test_zero_means_no_limit_as_in_glasswall(name):
+    unlimited = Limits(max_processes=limits.DEFAULT_MAX_PROCESSES)  # the one default limit
     got = _limits(**{name: 0})
-    assert got == Limits()
-    assert _limits(**{name: 0.0}) == Limits()
+    assert got == unlimited
+    assert _limits(**{name: 0.0}) == unlimited
+
+
+def test_max_processes_has_a_default_and_zero_means_none():
+    # Not given: the default (a task cannot exhaust the host's pids unasked); 0: no limit, as 0
+    # is for Glasswall's limits; anything else as given.
+    assert _limits().max_processes == limits.DEFAULT_MAX_PROCESSES
+    assert _limits(max_processes=0).max_processes is None
+    assert _limits(max_processes=7).max_processes == 7
+    with pytest.raises(ValueError, match="0 means no limit"):
+        _limits(max_processes=-1)
 
 
 @pytest.mark.parametrize(
@@ -95,7 +106,6 @@ def test_zero_means_no_limit_as_in_glasswall(name):
         ({"memory_limit_in_gib": 1e-12}, ValueError),
         ({"cpu_time_limit_seconds": 0}, ValueError),
         ({"cpu_time_limit_seconds": -1}, ValueError),
-        ({"max_processes": 0}, ValueError),
         ({"max_processes": -3}, ValueError),
         ({"max_processes": 2.5}, TypeError),
         ({"max_processes": 2.0}, TypeError),

@@ -74,3 +74,35 @@ def test_portable_reader_buffers_no_more_than_the_longest_frame() -> None:
     buffered = sum(len(chunk) for chunk in result.chunks)
     assert not sender.is_alive() and refused, "the flooding writer was not cut off"
     assert buffered <= (2 << 20) + _portable._FRAME_OVERHEAD
+
+
+@pytest.mark.parametrize("start_method", ["zygote", "fork"])
+def test_psutil_adds_rlimit_nproc_only_for_a_task_of_its_own_uid(start_method: str) -> None:
+    # The polled count can be outrun between two polls; RLIMIT_NPROC cannot. It counts every
+    # process of the uid, so only a task with a uid of its own (strict, root manager) gets it.
+    from sandboxrun import ProcessManager, Task
+    from sandboxrun._isolation import STRICT, unavailable_reason
+    from sandboxrun._launch import ZYGOTE_AVAILABLE
+    from sandboxrun._limits import DEFAULT_MAX_PROCESSES
+
+    from . import tasks
+
+    if start_method == "zygote" and not ZYGOTE_AVAILABLE:
+        pytest.skip("no zygote launcher here")
+    own = tasks.nproc_limit()
+    found = {}
+    isolations = ["none"] + ([] if unavailable_reason(STRICT) or os.geteuid() else ["strict"])
+    for backend in ("psutil", "auto"):
+        for isolation in isolations:
+            with ProcessManager(1, 60, backend=backend, start_method=start_method,  # type: ignore[arg-type]
+                                isolation=isolation) as pm:  # type: ignore[arg-type]  # fmt: skip
+                pm.queue_task(Task(tasks.nproc_limit))
+            result = pm.task_results[0]
+            assert result.success, result
+            found[pm.backend.name, isolation] = tuple(result.result)
+    for (backend, isolation), limit in found.items():
+        rlimited = (backend, isolation) == ("psutil", "strict")
+        wanted = (DEFAULT_MAX_PROCESSES, DEFAULT_MAX_PROCESSES) if rlimited else own
+        assert limit == wanted, (backend, isolation, limit)
+    if "strict" not in isolations:
+        pytest.skip("no strict isolation here: only the unchanged limits were checked")

@@ -51,6 +51,10 @@ class WorkerOptions:
     # After the function returns: SIGKILL every descendant left (the polled backend has no
     # container that outlives the worker).
     kill_descendants_on_exit: bool = False
+    # RLIMIT_NPROC for the task, on top of a polled process limit (no pids.max): given only to a
+    # task that runs as a uid of its own, since the kernel counts every process and thread of
+    # the uid (with the manager's uid, the manager's and its other tasks' would count too).
+    process_rlimit: int | None = None
 
 
 class Sandbox(abc.ABC):

@@ -22,14 +22,13 @@ import typer
 from .._errors import SandboxrunError
 from .._executor import ManagerOptions
 from .._isolation import STRICT, Isolation, choose, resolve, unavailable_reason
-from .._limits import GIB, parse_duration, parse_size
+from .._limits import GIB, MAX_PROCESSES, parse_duration, parse_size
 from .._manager import BackendName, ProcessManager
 from .verdicts import EXIT_USAGE
 
 # What the kernel and Python can hold (the library's own maxima supersede these once it has them).
 MAX_SECONDS = (2**31 - 1) / 1000  # poll/timer arguments are C ints of milliseconds: ~24.8 days
 MAX_MEMORY_BYTES = 2**62  # memory.max / memory.limit_in_bytes are signed 64-bit, page-rounded
-MAX_PROCESSES = 4 * 1024 * 1024  # PID_MAX_LIMIT: pids.max cannot usefully go higher
 
 _HANDLER_MARK = "_sandboxrun_cli_handler"
 
@@ -60,6 +59,7 @@ def _memory(text: str | None) -> float | None:
 
 
 def _processes(count: int | None) -> int | None:
+    """``--max-processes``: None (not given) is the library's DEFAULT_MAX_PROCESSES, 0 none."""
     if count is not None and count > MAX_PROCESSES:
         raise ValueError(f"--max-processes {count} is too large: the maximum is {MAX_PROCESSES}")
     return count

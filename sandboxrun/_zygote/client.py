@@ -145,11 +145,25 @@ class Zygote:
             kind, body, fds = wire.receive(self.sock, wire.MAX_REPLY)
         except (OSError, ValueError) as error:  # timeout, reset, closed
             self.broken = True
-            raise ZygoteError(f"zygote pid {self.pid}: no answer ({error})") from error
+            if isinstance(error, TimeoutError):
+                raise ZygoteError(f"zygote pid {self.pid}: no answer ({error})") from error
+            raise ZygoteError(f"zygote pid {self.pid} {self._ended()} ({error})") from error
         if not kind:
             self.broken = True
-            raise ZygoteError(f"zygote pid {self.pid} ended (exit code {self.process.poll()})")
+            raise ZygoteError(f"zygote pid {self.pid} {self._ended()}")
         return kind, body, fds
+
+    def _ended(self) -> str:
+        """How it ended, for an error: its socket closed or broke as it died, or soon will."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=1)
+        code = self.process.returncode
+        if code is None:
+            return "broke its socket (still running)"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"ended (killed by {signal.Signals(-code).name})"
+        return f"ended (exit code {code})"
 
     def launch(self, request: Request, fds: tuple[int, ...]) -> tuple[int, int, int]:
         """Start one task (``fds``: result, control, then ``request.stdio``): its PID 1's
@@ -277,18 +291,27 @@ class Pool:
                     dead.kill()
                 missing = count - len(idle)
                 starting += [key] * max(0, missing)
+        # One that cannot start is left out (logged): its slot's launch starts another and,
+        # failing again, fails that task alone; the others' zygotes are kept.
         zygotes = []
         try:
             for key in starting:
-                zygotes.append(Zygote(key, environment, wait=False))
+                try:
+                    zygotes.append(Zygote(key, environment, wait=False))
+                except Exception as error:  # OSError from fork/exec, ZygoteError
+                    log.warning("a zygote could not be started: %s: %s", type(error).__name__,
+                                error)  # fmt: skip
             for zygote in zygotes:
-                zygote.wait_ready()
+                try:
+                    zygote.wait_ready()  # kills it when it fails
+                except ZygoteError as error:
+                    log.warning("%s", error)
         except BaseException:
             for zygote in zygotes:
                 zygote.kill()
             raise
         for zygote in zygotes:
-            self.release(zygote)
+            self.release(zygote)  # a dead one is dropped
         self._preload(wanted, modules, needs_main)
 
     def _preload(
@@ -306,9 +329,18 @@ class Pool:
                 taken += idle[-count:]
                 del idle[-count:]
         try:
-            waiting = [z for z in taken if z.preload(modules, needs_main)]
+            waiting = []
+            for zygote in taken:
+                try:
+                    if zygote.preload(modules, needs_main):
+                        waiting.append(zygote)
+                except ZygoteError as error:  # broken: release() drops it
+                    log.warning("%s", error)
             for zygote in waiting:
-                zygote.wait_ready()
+                try:
+                    zygote.wait_ready()
+                except ZygoteError as error:
+                    log.warning("%s", error)
         finally:
             for zygote in taken:
                 self.release(zygote)
