@@ -65,27 +65,32 @@ def mount_setattr(path: str | bytes, attr_set: int, attr_clr: int, flags: int, /
     return _errno(result)
 
 
-def bind_idmapped(source_fd: int, target_fd: int, userns_fd: int, recursive: bool, /) -> int:
-    """``_native.bind_idmapped``: open_tree (428) a copy, mount_setattr (442) the idmap,
-    move_mount (429) it onto ``target_fd``."""
+def idmapped_tree(source_fd: int, userns_fd: int, recursive: bool, /) -> int:
+    """``_native.idmapped_tree``: open_tree (428) a detached copy, mount_setattr (442) the
+    idmap; the tree's fd, or minus the errno."""
     tree_flags = 1 | os.O_CLOEXEC | _AT_EMPTY_PATH | (_AT_RECURSIVE if recursive else 0)
     syscall = _LIBC.syscall
     tree = syscall(ctypes.c_long(428), ctypes.c_int(source_fd), b"", ctypes.c_uint(tree_flags))
     if tree < 0:
-        return _errno(tree)
-    try:
-        attr = _MountAttr(_MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
-        flags = _AT_EMPTY_PATH | (_AT_RECURSIVE if recursive else 0)
-        result = syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(tree), b"",
-                         ctypes.c_uint(flags), ctypes.byref(attr),
-                         ctypes.c_size_t(ctypes.sizeof(attr)))  # fmt: skip
-        if result == 0:
-            result = syscall(ctypes.c_long(429), ctypes.c_int(tree), b"",
-                             ctypes.c_int(target_fd), b"",
-                             ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_T_EMPTY_PATH))
-        return _errno(result)
-    finally:
+        return -ctypes.get_errno()
+    attr = _MountAttr(_MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+    flags = _AT_EMPTY_PATH | (_AT_RECURSIVE if recursive else 0)
+    result = syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(tree), b"",
+                     ctypes.c_uint(flags), ctypes.byref(attr),
+                     ctypes.c_size_t(ctypes.sizeof(attr)))  # fmt: skip
+    if result < 0:
+        error = ctypes.get_errno()
         os.close(tree)
+        return -error
+    return int(tree)
+
+
+def attach_tree(tree: int, target_fd: int, /) -> int:
+    """``_native.attach_tree``: move_mount (429) a detached tree onto ``target_fd``."""
+    flags = ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_T_EMPTY_PATH)
+    result = _LIBC.syscall(ctypes.c_long(429), ctypes.c_int(tree), b"",
+                           ctypes.c_int(target_fd), b"", flags)  # fmt: skip
+    return _errno(result)
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, /) -> int:

@@ -418,32 +418,41 @@ sys_mount_setattr(PyObject *self, PyObject *args)
 #define SANDBOXRUN_MOVE_MOUNT_T_EMPTY_PATH 0x40
 
 static PyObject *
-sys_bind_idmapped(PyObject *self, PyObject *args)
+sys_idmapped_tree(PyObject *self, PyObject *args)
 {
-    /* A copy of the tree at source_fd, idmapped through userns_fd, mounted on target_fd (both
-     * O_PATH fds of one directory or file, opened without following symlinks: nothing between
-     * the caller's check and the mount can redirect it). */
-    int source_fd, target_fd, userns_fd, recursive;
-    if (!PyArg_ParseTuple(args, "iiip:bind_idmapped", &source_fd, &target_fd, &userns_fd,
-                          &recursive))
+    /* A detached copy of the tree at source_fd (an O_PATH fd, opened without following
+     * symlinks), idmapped through userns_fd: the new fd, or minus the errno. Made in the zygote
+     * (the host's mount namespace, where the source is visible); PID 2 attaches it
+     * (move_mount) in the task's own namespace. */
+    int source_fd, userns_fd, recursive;
+    if (!PyArg_ParseTuple(args, "iip:idmapped_tree", &source_fd, &userns_fd, &recursive))
         return NULL;
     unsigned int tree_flags = SANDBOXRUN_OPEN_TREE_CLONE | O_CLOEXEC | SANDBOXRUN_AT_EMPTY_PATH;
     if (recursive)
         tree_flags |= SANDBOXRUN_AT_RECURSIVE;
     int tree = (int)syscall(428, source_fd, "", tree_flags);
     if (tree < 0)
-        return errno_of(-1);
+        return PyLong_FromLong(-errno);
     struct mount_attr_v0 attr = {.attr_set = SANDBOXRUN_MOUNT_ATTR_IDMAP,
                                  .userns_fd = (uint64_t)userns_fd};
-    long result = syscall(442, tree, "", SANDBOXRUN_AT_EMPTY_PATH |
-                          (recursive ? SANDBOXRUN_AT_RECURSIVE : 0), &attr, sizeof attr);
-    if (result == 0)
-        result = syscall(429, tree, "", target_fd, "",
-                         SANDBOXRUN_MOVE_MOUNT_F_EMPTY_PATH | SANDBOXRUN_MOVE_MOUNT_T_EMPTY_PATH);
-    int saved = errno;
-    close(tree);
-    errno = saved;
-    return errno_of(result);
+    if (syscall(442, tree, "", SANDBOXRUN_AT_EMPTY_PATH |
+                (recursive ? SANDBOXRUN_AT_RECURSIVE : 0), &attr, sizeof attr) < 0) {
+        int saved = errno;
+        close(tree);
+        return PyLong_FromLong(-saved);
+    }
+    return PyLong_FromLong(tree);
+}
+
+static PyObject *
+sys_attach_tree(PyObject *self, PyObject *args)
+{
+    /* move_mount(2) of a detached tree onto target_fd (O_PATH, opened without following). */
+    int tree, target_fd;
+    if (!PyArg_ParseTuple(args, "ii:attach_tree", &tree, &target_fd))
+        return NULL;
+    return errno_of(syscall(429, tree, "", target_fd, "",
+                            SANDBOXRUN_MOVE_MOUNT_F_EMPTY_PATH | SANDBOXRUN_MOVE_MOUNT_T_EMPTY_PATH));
 }
 
 static PyObject *
@@ -511,8 +520,10 @@ static PyMethodDef methods[] = {
      "mount(source, target, fstype, flags, data) -> 0 or errno (source, fstype, data: or None)"},
     {"mount_setattr", sys_mount_setattr, METH_VARARGS,
      "mount_setattr(path, attr_set, attr_clr, flags) -> 0 or errno (flags: AT_RECURSIVE or 0)"},
-    {"bind_idmapped", sys_bind_idmapped, METH_VARARGS,
-     "bind_idmapped(source_fd, target_fd, userns_fd, recursive) -> 0 or errno"},
+    {"idmapped_tree", sys_idmapped_tree, METH_VARARGS,
+     "idmapped_tree(source_fd, userns_fd, recursive) -> a detached tree's fd, or -errno"},
+    {"attach_tree", sys_attach_tree, METH_VARARGS,
+     "attach_tree(tree_fd, target_fd) -> 0 or errno"},
     {"prctl", sys_prctl, METH_VARARGS, "prctl(option, arg2=0, arg3=0) -> 0 or errno"},
     {"capset_empty", sys_capset_empty, METH_NOARGS,
      "capset_empty() -> 0 or errno: clear this thread's effective, permitted, inheritable sets"},

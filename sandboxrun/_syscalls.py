@@ -2,8 +2,8 @@
 
 Compiled (``sandboxrun._native``) where it was built, else through ctypes
 (``_ctypes_syscalls``, the same names and results): ``unshare``, ``setns``, ``mount``,
-``mount_setattr``, ``bind_idmapped``, ``prctl``, ``capset_empty``, ``seccomp_load``, each
-returning 0 or the errno.
+``mount_setattr``, ``idmapped_tree`` (a new fd, or minus the errno), ``attach_tree``,
+``prctl``, ``capset_empty``, ``seccomp_load``, each returning 0 or the errno.
 The callers (``_linux``, ``_isolation._libc``, ``_isolation._seccomp``) word the ``OSError``.
 
 Why not ctypes everywhere: a zygote's task makes these calls in a fresh child, and ctypes' first
@@ -27,8 +27,9 @@ NATIVE = False
 if os.environ.get("SANDBOXRUN_NATIVE") != "0":
     try:
         from ._native import (
-            bind_idmapped,
+            attach_tree,
             capset_empty,
+            idmapped_tree,
             mount,
             mount_setattr,
             prctl,
@@ -42,8 +43,9 @@ if os.environ.get("SANDBOXRUN_NATIVE") != "0":
         pass
 if not NATIVE:
     from ._ctypes_syscalls import (
-        bind_idmapped,
+        attach_tree,
         capset_empty,
+        idmapped_tree,
         mount,
         mount_setattr,
         prctl,
@@ -54,8 +56,9 @@ if not NATIVE:
 
 __all__ = [
     "NATIVE",
-    "bind_idmapped",
+    "attach_tree",
     "capset_empty",
+    "idmapped_tree",
     "mount",
     "mount_setattr",
     "prctl",

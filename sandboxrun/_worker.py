@@ -194,19 +194,17 @@ def isolate_namespaces(
     profile: Isolation,
     result: transport.Channel,
     own_pid_namespace: bool,
-    handed: tuple[str, ...] = (),
-    idmap_fd: int = -1,
+    trees: tuple[tuple[str, int, str | None], ...] = (),
     shm_bytes: int | None = None,
 ) -> None:
     """The zygote's PID 2 (root, in the task's cgroups and pid namespace, alone): namespaces and
-    mounts, before the task's code; on failure report it and stop before any task code."""
+    mounts, before the task's code; on failure report it and stop before any task code.
+    ``trees``: the handed paths' idmapped copies (``_isolation/_idmap.py``)."""
     if sys.platform.startswith("linux"):
         from . import _isolation
 
         try:
-            _isolation.setup_namespaces_and_mounts(
-                profile, own_pid_namespace, handed, idmap_fd, shm_bytes
-            )
+            _isolation.setup_namespaces_and_mounts(profile, own_pid_namespace, trees, shm_bytes)
         except OSError as error:
             refuse(str(error), result)
 

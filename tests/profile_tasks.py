@@ -205,3 +205,12 @@ def threads(count: int) -> int:
             break
         started += 1
     return started
+
+
+def visible_processes() -> list[int]:
+    """The pids this task's /proc shows (its own namespace's)."""
+    return sorted(int(entry) for entry in os.listdir("/proc") if entry.isdigit())
+
+
+def pid1_mount_table() -> str:
+    return read_file("/proc/1/mountinfo")

@@ -8,6 +8,7 @@ the real ``ProcessManager``, under the default profile, as users get it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -108,9 +109,14 @@ def test_honest_work_inside_the_task() -> None:
 
 def test_a_write_that_cannot_land_fails_loudly() -> None:
     """Not handed, not writable by a local user: an error, never success with the data gone."""
-    outcome = run(tasks.write_and_read_back, "/usr/local/sandboxrun-test-output", "x")
-    assert isinstance(outcome, OSError), outcome
-    assert not os.path.exists("/usr/local/sandboxrun-test-output")
+    target = f"/usr/local/sandboxrun-test-output-{uuid.uuid4().hex}"
+    try:
+        outcome = run(tasks.write_and_read_back, target, "x")
+        assert isinstance(outcome, OSError), outcome
+        assert not os.path.exists(target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
 
 
 # --- never host root ----------------------------------------------------------------------
@@ -282,3 +288,11 @@ def test_no_tiocsti_into_the_operators_terminal(tmp_path: Path) -> None:
     assert isolation == "default"
     assert outcome.startswith("refused"), outcome
     assert "pwned" not in pending
+
+
+def test_pid1_and_its_host_mount_table_are_out_of_sight() -> None:
+    """PID 1, the reaper, stays in the zygote's mount namespace: its /proc/1/mountinfo would
+    show the host's mount table. The task's /proc shows its own processes only (hidepid)."""
+    outcome = run(tasks.pid1_mount_table)
+    assert str(outcome).startswith("refused"), outcome
+    assert 1 not in run(tasks.visible_processes)  # type: ignore[operator]

@@ -1,19 +1,26 @@
 """What a task's call hands it, mounted idmapped: the task acts on it as the manager would.
 
 The task runs as an unprivileged host uid (``Isolation.user``, 61000 + slot), which owns no file
-of the host. The folders its call names (``_isolation.handed``) are bound into its view through
-an **idmapped mount** (``mount_setattr(MOUNT_ATTR_IDMAP)``, Linux 5.12; tmpfs since 6.3): the
-mount's user namespace maps the manager's uid (0) to the task's uid, so on that mount alone the
-manager's files are the task's own, and what the task creates there lands owned by the manager,
-as a forked worker's output would::
+of the host. The folders its call names (``_isolation/handed.py``) are mounted into its view
+through an **idmapped mount** (``mount_setattr(MOUNT_ATTR_IDMAP)``, Linux 5.12; tmpfs since 6.3):
+the mount's user namespace maps the manager's uid (0) to the task's uid, so on that mount alone
+the manager's files are the task's own, and what the task creates there lands owned by the
+manager, as a forked worker's output would::
 
-    zygote, once per task uid     user namespace "0 <uid> 1" (a throwaway child unshares it, the
-                                  zygote writes its maps as root and keeps /proc/<child>/ns/user)
-    zygote, once per filesystem   can it be idmapped? (a throwaway child tries, see ``probe``)
-    PID 2, per task               open each handed path without following a symlink (O_PATH),
-                                  open_tree(OPEN_TREE_CLONE) + mount_setattr(IDMAP) +
-                                  move_mount onto the same fd: no path is looked up twice
+    zygote, once per task uid   user namespace "0 <uid> 1" (a throwaway child unshares it, the
+                                zygote writes its maps as root and keeps /proc/<child>/ns/user)
+    zygote, per task            each handed path opened without following a symlink (O_PATH,
+                                component by component), open_tree(OPEN_TREE_CLONE) of it: a
+                                detached copy, idmapped (``detach``); where that fails, the task
+                                keeps the manager's uid (``_zygote/server.py``)
+    PID 2, per task             each copy attached (move_mount) onto the same path in the task's
+                                own mount namespace (``attach``); a folder above it that others
+                                cannot traverse (/root, a 0700 parent) is covered by a tmpfs that
+                                holds only the way down to what was handed
 
+Why the copy is made in the zygote: it runs in the host's mount namespace, where the source is
+visible; the task's view may cover it (``expose_python`` covers a closed /root), and a tree
+can be cloned only from one's own mount namespace, but a detached one may be attached anywhere.
 A user namespace used only as an idmap is a table: no process lives in it, it grants nothing.
 """
 
@@ -35,8 +42,6 @@ log = _log.get("sandboxrun.isolation")
 
 #: {(uid, gid): fd of a user namespace mapping 0 to them}, held by the zygote for its tasks.
 _namespaces: dict[tuple[int, int], int] = {}
-#: {st_dev: None (idmaps) or why not}, the zygote's probe per filesystem.
-_probed: dict[int, str | None] = {}
 
 
 def user_namespace(uid: int, gid: int) -> int:
@@ -97,53 +102,66 @@ def open_path(path: str) -> int:
     return fd
 
 
-def bind(path: str, userns_fd: int) -> None:
-    """``path`` idmapped onto itself in this mount namespace (we are root, in the task's own
-    mount namespace). Raises ``OSError`` naming the path."""
+def detach(path: str, userns_fd: int) -> int:
+    """In the zygote: a detached, idmapped copy of the tree at ``path``; its fd. Raises
+    ``OSError`` naming the path (a filesystem that cannot be idmapped: EINVAL)."""
     fd = open_path(path)
     try:
-        error = _syscalls.bind_idmapped(fd, fd, userns_fd, True)
-        if error == errno.EINVAL:  # a submount that cannot be idmapped (procfs, ...): top only
-            error = _syscalls.bind_idmapped(fd, fd, userns_fd, False)
-        if error:
-            raise OSError(error, f"idmapped mount: {os.strerror(error)}", path)
+        tree = _syscalls.idmapped_tree(fd, userns_fd, True)
+        if tree == -errno.EINVAL:  # a submount that cannot be idmapped (procfs...): top only
+            tree = _syscalls.idmapped_tree(fd, userns_fd, False)
     finally:
         os.close(fd)
+    if tree < 0:
+        raise OSError(-tree, f"idmapped mount: {os.strerror(-tree)}", path)
+    return tree
+
+
+def closed_ancestor(path: str) -> str | None:
+    """In the zygote (the host's view): the topmost folder above ``path`` that others cannot
+    traverse (no o+x: /root, a 0700 mkdtemp parent), or None."""
+    parts = [p for p in path.split("/") if p][:-1]
+    for depth in range(1, len(parts) + 1):
+        folder = "/" + "/".join(parts[:depth])
+        with contextlib.suppress(OSError):
+            if not os.stat(folder).st_mode & stat.S_IXOTH:
+                return folder
+    return None
+
+
+def attach(path: str, tree: int, closed: str | None, opened: set[str]) -> None:
+    """In PID 2 (root, the task's own mount namespace): the detached ``tree`` mounted at
+    ``path``. Under a ``closed`` folder, that folder is covered first (once: ``opened``) by a
+    tmpfs holding only the way down, or, already covered by the view (a closed /root with
+    Python bound back), made writable for the way down; ``seal`` makes it read-only again."""
+    if closed is not None:
+        if closed not in opened:
+            if os.path.ismount(closed):  # the view's cover: ours, read-only
+                libc.mount_setattr(closed, 0, libc.MOUNT_ATTR_RDONLY, recursive=False)
+            else:
+                libc.mount("tmpfs", closed, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=755")
+            opened.add(closed)
+        os.makedirs(path, mode=0o755, exist_ok=True)
+    target = open_path(path)
+    try:
+        error = _syscalls.attach_tree(tree, target)
+    finally:
+        os.close(target)
+    if error:
+        raise OSError(error, f"move_mount: {os.strerror(error)}", path)
     log.debug("handed to the task (idmapped): %s", path)
 
 
+def seal(opened: set[str]) -> None:
+    """The covers ``attach`` opened, read-only again (nothing may be planted in them)."""
+    for closed in opened:
+        libc.mount_setattr(closed, libc.MOUNT_ATTR_RDONLY, recursive=False)
+
+
 def probe(path: str, userns_fd: int) -> str | None:
-    """None when the filesystem of ``path`` can be idmapped here, else why not. Tried once per
-    filesystem in a throwaway child (its own mount namespace: nothing stays mounted)."""
+    """None when the filesystem of ``path`` can be idmapped here, else why not."""
     try:
-        device = os.stat(path).st_dev
+        os.close(detach(path, userns_fd))
     except OSError as error:
-        return str(error)
-    if device in _probed:
-        return _probed[device]
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - ends in os._exit
-        code = 0
-        try:
-            os.close(read_fd)
-            libc.unshare(libc.CLONE_NEWNS)
-            libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
-            fd = open_path(path)
-            code = _syscalls.bind_idmapped(fd, fd, userns_fd, False)
-        except OSError as error:
-            code = error.errno or errno.EIO
-        finally:
-            with contextlib.suppress(OSError):
-                os.write(write_fd, code.to_bytes(4, "little"))
-            os._exit(0)
-    os.close(write_fd)
-    try:
-        data = os.read(read_fd, 4)
-    finally:
-        os.close(read_fd)
-        os.waitpid(pid, 0)
-    code = int.from_bytes(data, "little") if len(data) == 4 else errno.EIO
-    why = None if code == 0 else f"{path}: cannot be idmapped here ({os.strerror(code)})"
-    _probed[device] = why
-    return why
+        return f"{path}: cannot be idmapped here ({error.strerror})"
+    return None

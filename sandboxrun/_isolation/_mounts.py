@@ -200,9 +200,12 @@ def _proc(profile: Isolation, own_pid_namespace: bool) -> None:
     # namespace (the zygote's PID 2) gets one without the manager in it. Elsewhere (the fork
     # fallback) the host's /proc stays, and only the uid drop keeps the manager's entries out
     # of reach.
+    # hidepid=2: a task under another uid sees only its own processes -- not its PID 1, which
+    # stays in the zygote's mount namespace (its /proc/1/mountinfo would show the host's mount
+    # table, its /proc/1/environ the zygote's environment).
     if own_pid_namespace:
         flags = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
-        libc.mount("proc", "/proc", "proc", flags)
+        libc.mount("proc", "/proc", "proc", flags, "hidepid=2" if profile.user else "")
     if profile.protect_kernel_tunables:
         for path in _proc_read_only():
             make_read_only(path)
@@ -459,16 +462,16 @@ def _flags(profile: Isolation) -> int:
 def setup_namespaces_and_mounts(
     profile: Isolation,
     own_pid_namespace: bool | None = None,
-    handed: tuple[str, ...] = (),
-    idmap_fd: int = -1,
+    trees: tuple[tuple[str, int, str | None], ...] = (),
     shm_bytes: int | None = None,
 ) -> None:
     """Give this process (and what it forks next) the profile's namespaces and view.
 
     Call in the task's pid namespace (``own_pid_namespace``; None: we are its PID 1), single-
     threaded, as root (or not root: a user namespace is entered first), already inside the
-    task's cgroups. ``handed``: the paths mounted idmapped through the user namespace
-    ``idmap_fd`` (``_idmap``); ``shm_bytes``: the size of the private /dev/shm, or None.
+    task's cgroups. ``trees``: each handed path, its idmapped copy made by the zygote and the
+    folder above it others cannot traverse (``_idmap``); ``shm_bytes``: the size of the
+    private /dev/shm, or None.
     Raises ``IsolationError``.
     In a zygote's child, a private copy of the view the zygote prepared (``prepare_view``) is
     entered and only what is per task is built here.
@@ -495,9 +498,11 @@ def setup_namespaces_and_mounts(
         _step("/dev/pts, /dev/shm", _dev_per_task, profile, shm_bytes)
     if profile.private_tmp:
         _step("private /tmp", _private_tmp, profile)
-    for path in handed:  # last: a handed folder under /tmp goes over the private one
-        _step(f"hand {path} to the task", _idmap.bind, path, idmap_fd)
-    if handed:
+    if trees:  # last: over the private /tmp and the view's covers
+        opened: set[str] = set()
+        for path, tree, closed in trees:
+            _step(f"hand {path} to the task", _idmap.attach, path, tree, closed, opened)
+        _step("seal the way down to the handed paths", _idmap.seal, opened)
         _step("working directory", _resolve_cwd_again)  # a cwd inside a handed folder
     if profile.protect_system == "strict":
         for path in _outermost(list(profile.read_write_paths)):

@@ -232,8 +232,8 @@ def _prepare_task(
             os.close(fd)
     profile = request.isolation
     if profile is not None:
-        _worker.isolate_namespaces(profile, result, own_pid_namespace, request.handed,
-                                   request.idmap_fd, request.shm_bytes)  # fmt: skip
+        _worker.isolate_namespaces(profile, result, own_pid_namespace, request.trees,
+                                   request.shm_bytes)  # fmt: skip
         # Placed by now (born in place, entered by PID 1, or attached before the go frame PID 1
         # waited for): the cgroup namespace's root is the task's cgroup.
         _worker.isolate_cgroups(profile, result)

@@ -79,9 +79,10 @@ class Request:
     handed: tuple[str, ...] = ()
     # The size of the task's private /dev/shm where no cgroup charges it to the task, or None.
     shm_bytes: int | None = None
-    # Filled here, before the fork: the idmap's user namespace (an fd PID 2 inherits), and
-    # whether the task keeps the manager's uid because a handed path cannot be idmapped.
-    idmap_fd: int = -1
+    # Filled here, before the fork: each handed path with its detached idmapped copy (an fd
+    # PID 2 inherits and attaches) and the folder above it others cannot traverse, or whether
+    # the task keeps the manager's uid because a handed path cannot be idmapped.
+    trees: tuple[tuple[str, int, str | None], ...] = ()
     keep_uid: bool = False
 
 
@@ -133,7 +134,11 @@ class Server:
             flags |= wire.FLAG_UID_KEPT if request.keep_uid else 0
         own_namespace = _after_imports().single_threaded
         if self.user_namespace:  # its helper is a fork: single-threaded whatever we are
-            return self.fork_through_helper(request, fds), wire.FLAG_PID_NAMESPACE | flags
+            try:
+                return self.fork_through_helper(request, fds), wire.FLAG_PID_NAMESPACE | flags
+            finally:
+                for _, tree, _ in request.trees:
+                    os.close(tree)
         if request.isolation is not None and not own_namespace:
             # unshare(CLONE_NEWPID) needs a single-threaded caller; an isolated task without
             # its PID namespace would see and signal the host's processes: refused, not weaker.
@@ -154,6 +159,8 @@ class Server:
             pid = reaper.fork(request, fds, self.status_w, close, self.own_pidfd,
                               native=request.native, own_pid_namespace=own_namespace)  # fmt: skip
         finally:
+            for _, tree, _ in request.trees:  # PID 2 has them; the copies die with its fds
+                os.close(tree)
             if own_namespace:
                 # Must not fail: every later fork would go into the namespace of this task.
                 _linux.setns(self.pid_namespace_fd, _linux.CLONE_NEWPID)
@@ -260,10 +267,10 @@ def _after_imports() -> _Imports:
 
 
 def _plan_handing(request: Request) -> Request:
-    """The idmap of the task's uid (a user namespace, made once per uid and kept), and whether
-    every handed path's filesystem can be idmapped here (probed once per filesystem: tmpfs
-    before Linux 6.3, NFS and others cannot). Where one cannot, this task keeps the manager's
-    uid -- honest code still reaches what it was handed -- and STARTED says so
+    """The handed paths as detached idmapped copies PID 2 attaches (``_isolation/_idmap.py``),
+    through the idmap of the task's uid (a user namespace, made once per uid and kept). Where
+    one cannot be idmapped (tmpfs before Linux 6.3, NFS and others), this task keeps the
+    manager's uid -- honest code still reaches what it was handed -- and STARTED says so
     (``FLAG_UID_KEPT``: ``TaskResult.isolation`` names the weaker profile)."""
     profile = request.isolation
     ids = None if profile is None else profile.uid_gid(request.slot)
@@ -271,17 +278,21 @@ def _plan_handing(request: Request) -> Request:
         return request
     from .._isolation import _idmap
 
+    trees: list[tuple[str, int, str | None]] = []
     try:
-        fd = _idmap.user_namespace(*ids)
-        why = next(filter(None, (_idmap.probe(path, fd) for path in request.handed)), None)
+        namespace = _idmap.user_namespace(*ids)
+        for path in request.handed:
+            trees.append((path, _idmap.detach(path, namespace), _idmap.closed_ancestor(path)))
     except OSError as error:
-        fd, why = -1, f"no user namespace for the idmap: {error}"
-    if why is not None:
+        for _, tree, _ in trees:
+            os.close(tree)
         from .. import _log
 
-        _log.get("sandboxrun.isolation").warning("the task keeps the manager's uid: %s", why)
+        _log.get("sandboxrun.isolation").warning(
+            "the task keeps the manager's uid: %s cannot be idmapped here (%s)",
+            error.filename, error.strerror)  # fmt: skip
         return dataclasses.replace(request, handed=(), keep_uid=True)
-    return dataclasses.replace(request, idmap_fd=fd)
+    return dataclasses.replace(request, trees=tuple(trees))
 
 
 def _import_main(preparation: Preparation) -> None:
