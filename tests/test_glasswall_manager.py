@@ -370,14 +370,22 @@ for path in sys.argv[2:]:
 """
 
 
+def site_of(directory: Path) -> Path:
+    """Where the stand-in package goes: beside the examples' folder, not in it. The real one
+    lives in site-packages; a working folder on ``sys.path`` is never handed to a task."""
+    return directory.with_name(directory.name + "-site")
+
+
 def write_fake_glasswall(directory: Path) -> None:
-    """The stand-in glasswall package (and tqdm if missing), and the examples' input files."""
+    """The stand-in glasswall package (and tqdm if missing) in ``site_of(directory)``, and the
+    examples' input files in ``directory``."""
+    site = site_of(directory)
     for name, text in FAKE_GLASSWALL.items():
-        path = directory / name
+        path = site / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     if importlib.util.find_spec("tqdm") is None:
-        (directory / "tqdm.py").write_text(FAKE_TQDM)
+        (site / "tqdm.py").write_text(FAKE_TQDM)
     (directory / INPUT_DIRECTORY).mkdir()
     for name, size in INPUTS.items():
         (directory / INPUT_DIRECTORY / name).write_bytes(b"d" * size)
@@ -387,10 +395,10 @@ def run_seed_examples(directory: Path, method: str) -> str:
     """Run the three examples in a fresh interpreter under ``method``; its stdout."""
     scripts = []
     for index, example in enumerate(seed_examples(), 1):
-        script = directory / f"seed_example_{index}.py"
+        script = site_of(directory) / f"seed_example_{index}.py"
         script.write_text(example)
         scripts.append(str(script))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(directory), str(REPO)]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site_of(directory)), str(REPO)]))
     run = subprocess.run(
         [sys.executable, "-c", RUN_EXAMPLES, method, *scripts],
         cwd=directory, env=env, capture_output=True, text=True, timeout=60, check=False,
