@@ -180,7 +180,9 @@ class Launcher:
         ids = _task_ids(isolation, slot)
         hook = getattr(task, "_launch_hook", None)
         if hook is not None:  # before any process exists: what it prepares is there for the task
-            hook(ids)
+            # Where the profile hands paths (default), the task acts on them as the manager
+            # does (idmapped): a folder given to its uid on disk would be a stranger's there.
+            hook(None if isolation.hand_paths else ids)
         options = self.options
         if sys.platform != "win32" and self.process_rlimit and ids and ids[0] != os.getuid():
             options = dataclasses.replace(options, process_rlimit=self.process_rlimit)

@@ -44,9 +44,11 @@ def _stays_in_manager() -> None:
 
 class LaunchHook:
     """A call the manager makes just before a task's process starts, given the (uid, gid) the
-    task will run as (None: the manager's own). ``sandboxrun batch`` hands the task's staging
-    folder to that uid with it. It never leaves the manager: pickled (the payload of spawn and
-    forkserver, a Dask cluster's task) it becomes None."""
+    task will act as on the folders it is given (None: the manager's own -- also under a
+    profile that hands paths idmapped, where the task acts on them as the manager).
+    ``sandboxrun batch`` hands the task's staging folder to that uid with it. It never leaves
+    the manager: pickled (the payload of spawn and forkserver, a Dask cluster's task) it
+    becomes None."""
 
     __slots__ = ("function",)
 

@@ -132,10 +132,16 @@ def wait_until(condition: Callable[[], object], seconds: float, interval: float 
 
 
 def new_descendants(before: set[int]) -> list[int]:
-    """Live (not zombie) descendants of this process whose pid is not in ``before``."""
+    """Live (not zombie) descendants of this process whose pid is not in ``before``, but the
+    idle zygotes of the pool (shared by every manager of the process, they outlive one)."""
+    pooled: set[int] = set()
+    if sys.platform.startswith("linux"):
+        from sandboxrun._zygote.client import POOL
+
+        pooled = {zygote.pid for idle in POOL._idle.values() for zygote in idle}
     found = []
     for child in psutil.Process().children(recursive=True):
-        if child.pid not in before and not gone(child.pid):
+        if child.pid not in before and child.pid not in pooled and not gone(child.pid):
             found.append(child.pid)
     return found
 

@@ -22,29 +22,43 @@ def host_pid() -> int | str:
     """This process's pid as the test (outside the task's PID namespace) sees it, or a mark the
     test resolves to it (``read_pid``). /proc numbers processes in the namespace of whoever
     mounted it: under the default profile a task has a /proc of its own, in which its pid is
-    its namespace's, and no file there names its host pid (by design). It then names itself
-    (its comm) with a mark no other process has and hands that over with its namespace pid."""
+    its namespace's, and no file there names its host pid (by design). It then hands over its
+    namespace pid, its start time (boot-relative clock ticks, the same in every PID namespace)
+    and its PID namespace's inode: together they name one process on the host."""
     try:
         pid = int(os.readlink("/proc/self"))
     except (OSError, ValueError):  # no /proc (macOS)
         return os.getpid()
     if pid != os.getpid():  # the host's /proc: a host pid
         return pid
-    return f"mark:{_mark_self()}:{pid}"
+    return _mark(pid)
 
 
-def _mark_self() -> str:
-    mark = "sbr" + os.urandom(6).hex()  # comm holds 15 bytes
-    with open("/proc/self/comm", "w") as comm:
-        comm.write(mark)
+def _mark(pid: int) -> str:
+    """The mark ends with a token drawn once per process at its first mark (never in the zygote,
+    whose children would share it): two tasks in one process would show the same one, two
+    processes that share the rest (a recycled namespace inode, the same clock tick) would not."""
+    mark = f"mark:{pid}:{_start_time(pid)}:{_namespace(pid)}"
+    if pid == os.getpid():
+        global _token
+        if _token is None or _token[0] != os.getpid() or _token[1] != mark:
+            _token = (os.getpid(), mark, os.urandom(8).hex())
+        mark += ":" + _token[2]
     return mark
+
+
+_token: tuple[int, str, str] | None = None
+
+
+def _start_time(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
 
 
 def host_pid_of_child(pid: int) -> int | str:
     """The /proc pid of our child ``pid`` (a pid of the task's namespace), or a mark."""
-    own = host_pid()
-    if isinstance(own, str):  # our own /proc: the test finds the child below us
-        return f"{own}:child:{pid}"
+    if isinstance(host_pid(), str):  # our own /proc: the test finds the child by its mark
+        return _mark(pid)
     try:
         for tid in os.listdir("/proc/self/task"):
             with open(f"/proc/self/task/{tid}/children") as children:
@@ -63,24 +77,32 @@ def host_pid_of_child(pid: int) -> int | str:
 GONE_PID = 2**31 - 2
 
 
-def read_pid(path: str | os.PathLike[str]) -> int:
-    """The host pid in a pid file written by ``write_pid``: a number, or a mark resolved by
-    scanning the host's /proc (``GONE_PID`` when the marked process has ended)."""
-    text = pathlib.Path(path).read_text().strip()
+def read_pid(path: str | os.PathLike[str] | int) -> int:
+    """The host pid in a pid file written by ``write_pid`` (or a value ``host_pid`` returned):
+    a number, or a mark resolved by scanning the host's /proc (``GONE_PID`` when that process
+    has ended)."""
+    text = str(path) if isinstance(path, int) else pathlib.Path(path).read_text().strip()
+    return resolve_pid(text)
+
+
+def resolve_pid(value: int | str) -> int:
+    """``host_pid``'s answer as a host pid (``GONE_PID``: that process has ended)."""
+    text = str(value)
     if not text.startswith("mark:"):
         return int(text)
-    _, mark, nspid, *child = text.split(":")
-    found = _find_marked(mark, int(nspid))
-    if found is None:
-        return GONE_PID
-    if child:
-        for tid in os.listdir(f"/proc/{found}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{found}/task/{tid}/children") as f:
-                for candidate in f.read().split():
-                    if _nspid(int(candidate)) == int(child[1]):
-                        return int(candidate)
-        return GONE_PID
-    return found
+    _, nspid, start, namespace = text.split(":")[:4]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                pid = int(entry)
+                same = _start_time(pid) == int(start) and _nspid(pid) == int(nspid)
+                if same and _namespace(pid) == namespace:
+                    return pid
+    return GONE_PID
+
+
+def _namespace(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/pid").removeprefix("pid:[").removesuffix("]")
 
 
 def _nspid(pid: int) -> int | None:
@@ -88,16 +110,6 @@ def _nspid(pid: int) -> int | None:
         for line in status:
             if line.startswith("NSpid:"):
                 return int(line.split()[-1])
-    return None
-
-
-def _find_marked(mark: str, nspid: int) -> int | None:
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError), open(f"/proc/{entry}/comm") as comm:
-            if comm.read().strip() == mark and _nspid(int(entry)) == nspid:
-                return int(entry)
     return None
 
 

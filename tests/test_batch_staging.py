@@ -399,8 +399,9 @@ def test_a_running_tasks_staging_folder_is_its_uid_alone(
     base: Path, backend: str, isolation: str
 ) -> None:
     """While the task runs, its staging folder (and the parent made in it) is 0700 and owned by
-    the uid that runs the task (the slot's under strict, root's under default): another local
-    user who learnt its name cannot drop a file into it. Once done, the output is the manager's."""
+    the uid the task acts as there (the slot's under strict, the manager's under default, where
+    it is handed idmapped): another local user who learnt its name cannot drop a file into it.
+    Once done, the output is the manager's."""
     files = {"a.txt": b"first", "sub/b.txt": b"second"}
     for name, data in files.items():
         (base / "in" / name).write_bytes(data)
@@ -428,14 +429,15 @@ def test_a_running_tasks_staging_folder_is_its_uid_alone(
             assert top.parent.parent == staging, folder
             assert _create_as(65534, folder) == errno.EACCES, f"uid 65534 wrote into {folder}"
             assert not (folder / "intruder").exists()
+            # strict: the folder is given to the slot's uid; default: it stays the manager's
+            # on disk and is handed to the task idmapped (it acts there as the manager).
+            owner = task_uid if isolation == "strict" else os.geteuid()
             for made in {top, folder}:  # the file's folder, and the parent made in it (sub/)
                 info = made.stat()
-                assert (info.st_uid, info.st_mode & 0o7777) == (task_uid, 0o700), made
+                assert (info.st_uid, info.st_mode & 0o7777) == (owner, 0o700), made
             owners.add(task_uid)
-        if isolation == "strict":  # a uid per slot: the two tasks' folders are not each other's
-            assert owners == {DEFAULT_UID_BASE, DEFAULT_UID_BASE + 1}
-        else:
-            assert owners == {0}
+        # a uid per slot under both: the two tasks are not each other's
+        assert owners == {DEFAULT_UID_BASE, DEFAULT_UID_BASE + 1}
         for flag in ready():
             (flag.parent / "go").write_text("")
         _, stderr = process.communicate(timeout=120 * SCALE)

@@ -296,3 +296,38 @@ def test_pid1_and_its_host_mount_table_are_out_of_sight() -> None:
     outcome = run(tasks.pid1_mount_table)
     assert str(outcome).startswith("refused"), outcome
     assert 1 not in run(tasks.visible_processes)  # type: ignore[operator]
+
+
+# --- a filesystem that cannot be idmapped -------------------------------------------------
+
+
+@pytest.fixture
+def ramfs_folder(tmp_path: Path) -> Iterator[Path]:
+    """A ramfs (no idmapped mounts: no FS_ALLOW_IDMAP) mounted for this test, removed after."""
+    import subprocess
+
+    folder = tmp_path / "ramfs"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "ramfs", "ramfs", str(folder)]).returncode != 0:
+        pytest.skip("cannot mount a ramfs here")
+    try:
+        folder.chmod(0o700)
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_filesystem_that_cannot_be_idmapped_keeps_honest_code_working(
+    ramfs_folder: Path,
+) -> None:
+    """The fallback: the task keeps the manager's uid (the other measures stay), and says so."""
+    (ramfs_folder / "in.txt").write_text("hello")
+    output = ramfs_folder / "out.txt"
+    with ProcessManager(1, worker_timeout_seconds=60) as manager:
+        manager.queue_task(Task(tasks.convert, (str(ramfs_folder / "in.txt"), str(output))))
+        manager.queue_task(Task(tasks.ids))  # nothing handed: the slot's uid as always
+    converted, plain = manager.task_results
+    assert converted.success, converted.exception
+    assert output.read_text() == "HELLO"
+    assert converted.isolation.startswith("default (kept the manager's uid"), converted.isolation
+    assert plain.isolation == "default" and plain.result[0] >= DEFAULT_UID_BASE

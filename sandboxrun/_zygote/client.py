@@ -257,6 +257,7 @@ class Pool:
     """Idle zygotes of this process, shared by every manager in it."""
 
     MAX_IDLE_PER_KEY = 32
+    MAX_KEYS = 4  # the least recently used key's idle zygotes end past this many
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -360,12 +361,21 @@ class Pool:
         if not zygote.alive():
             zygote.kill()
             return
+        ended: list[Zygote] = []
         with self._lock:
-            idle = self._idle.setdefault(zygote.key, [])
+            idle = self._idle.pop(zygote.key, [])
+            self._idle[zygote.key] = idle  # the most recently used key last
+            # A zygote's key holds the tasks' environment: a server whose environment or env=
+            # changes from one manager to the next (a job id in it) would otherwise keep every
+            # earlier key's zygotes for good.
+            while len(self._idle) > self.MAX_KEYS:
+                ended += self._idle.pop(next(iter(self._idle)))
             if len(idle) < self.MAX_IDLE_PER_KEY:
                 idle.append(zygote)
-                return
-        zygote.close()
+            else:
+                ended.append(zygote)
+        for each in ended:
+            each.close()
 
     def close(self) -> None:
         self.discard(lambda _: True)

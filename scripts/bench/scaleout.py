@@ -43,7 +43,9 @@ def case_executor(tool: str, p: Params) -> Result:
     n, backend = p["n"], tool.split("-", 1)[1]
 
     def manager(start_method: str) -> int:
-        with sandboxrun.ProcessManager(2, backend=backend, start_method=start_method) as pm:
+        isolation = None if start_method == "zygote" else "none"  # only the zygote isolates
+        with sandboxrun.ProcessManager(2, backend=backend, start_method=start_method,
+                                       isolation=isolation) as pm:  # fmt: skip
             for i in range(n):
                 pm.queue_task(sandboxrun.Task(trivial, (i,)))
         return sum(result.success for result in pm.task_results)

@@ -111,9 +111,12 @@ def run_sandboxrun(
 ) -> list[Outcome]:
     from sandboxrun import ProcessManager, Task
 
-    # start_method None: the default (the zygote on Linux).
+    # start_method None: the default (the zygote on Linux, default isolation); another start
+    # method runs without isolation (only the zygote isolates).
+    isolation = None if start_method in (None, "zygote") else "none"
     manager = ProcessManager(workers, timeout, memory_gib, backend=backend,  # type: ignore[arg-type]
-                             start_method=start_method, trusted_results=trusted)  # fmt: skip
+                             start_method=start_method, trusted_results=trusted,
+                             isolation=isolation)  # fmt: skip
     return _managed(manager, Task, calls)
 
 
