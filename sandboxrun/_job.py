@@ -51,6 +51,7 @@ class Job:
         "exit_fd",
         "go_frame",
         "isolation",
+        "process_rlimit",
         "kill_reason",
         "next_poll",
         "process",
@@ -78,6 +79,7 @@ class Job:
         self.kill_reason: KillReason | None = None
         self.error: BaseException | None = None
         self.isolation = ""  # TaskResult.isolation when it differs from the manager's profile
+        self.process_rlimit = False  # the task got RLIMIT_NPROC (psutil, a uid of its own)
 
     def parent_fds(self) -> tuple[int, ...]:
         """The manager's open fds of this job (a forked sibling must close them)."""

@@ -185,7 +185,9 @@ class Launcher:
             hook(None if isolation.hand_paths else ids)
         options = self.options
         if sys.platform != "win32" and self.process_rlimit and ids and ids[0] != os.getuid():
-            options = dataclasses.replace(options, process_rlimit=self.process_rlimit)
+            # One over the limit: a burst stops there, and the poll that then sees the tree
+            # over the limit gives the verdict (a fork the rlimit refuses leaves no record).
+            options = dataclasses.replace(options, process_rlimit=self.process_rlimit + 1)
         # The control pipe exists only when the worker must wait for us: to receive the pickled
         # task (spawn/forkserver), or until a parent-side attach has placed it (handshake).
         handshake = bool(payload) or sandbox.parent_attach
@@ -239,6 +241,7 @@ class Launcher:
         else:
             process = self._context.Process(target=_worker.main, args=(spec,))  # type: ignore[union-attr]
         job = Job(task, sandbox, process)
+        job.process_rlimit = options.process_rlimit is not None
         self._slots[id(job)] = spec.slot
         job.reader = protocol.ResultReader(self.max_result_bytes)
         try:

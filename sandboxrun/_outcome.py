@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import enum
 import logging
 import signal
@@ -212,6 +213,15 @@ class Flags:
     attach_failed: bool
 
 
+def _refused_a_process(error: BaseException | None) -> bool:
+    """The task failed because a new thread or process was refused (EAGAIN): under the psutil
+    backend with RLIMIT_NPROC (``WorkerOptions.process_rlimit``) that is the limit, which
+    leaves no other record (pids.max counts its refusals in pids.events)."""
+    if isinstance(error, RuntimeError) and "can't start new thread" in str(error):
+        return True
+    return isinstance(error, OSError) and error.errno == errno.EAGAIN
+
+
 def _flags(facts: _Facts, terms: Terms) -> Flags:
     timed_out = facts.reason == KillReason.TIMEOUT
     out_of_memory = _out_of_memory(facts, terms)
@@ -351,10 +361,13 @@ def _cpu_time(usage: Usage | None, header: protocol.Header | None, terms: Terms)
 def _build_result(job: Job, usage: Usage | None, exit_code: int, terms: Terms) -> TaskResult:
     header, value, exception = decode(job, terms.result_types)
     cpu_time = _cpu_time(usage, header, terms)
+    usage = Usage() if usage is None else usage
+    if job.process_rlimit and _refused_a_process(exception):
+        usage = dataclasses.replace(usage, process_limit_hit=True)
     facts = _Facts(
         header=header,
         exception=exception,
-        usage=Usage() if usage is None else usage,
+        usage=usage,
         exit_code=exit_code,
         reason=job.kill_reason,
         peak_bytes=peak_bytes(usage, header),

@@ -29,9 +29,13 @@ def host_pid() -> int | str:
         pid = int(os.readlink("/proc/self"))
     except (OSError, ValueError):  # no /proc (macOS)
         return os.getpid()
-    if pid != os.getpid():  # the host's /proc: a host pid
+    if pid != os.getpid() or _namespace(pid) == _INIT_PID_NAMESPACE:  # the host's /proc
         return pid
     return _mark(pid)
+
+
+#: The initial PID namespace's inode, fixed by the kernel (PROC_PID_INIT_INO).
+_INIT_PID_NAMESPACE = str(0xEFFFFFFC)
 
 
 def _mark(pid: int) -> str:

@@ -68,8 +68,9 @@ def test_default_process_limit_stops_a_thread_bomb(kernel_backend, start_method)
     # default at once (the task's main thread included), then "can't start new thread".
     if start_method == "zygote" and not ZYGOTE_AVAILABLE:
         pytest.skip("no zygote launcher here")
+    isolation = None if start_method == "zygote" else "none"  # only the zygote isolates
     result = run(kernel_backend, tasks.start_threads, 2000, 30, start_method=start_method,
-                 worker_timeout_seconds=60 * SCALE)  # fmt: skip
+                 worker_timeout_seconds=60 * SCALE, isolation=isolation)  # fmt: skip
     assert not result.success and result.process_limit_exceeded, result
     assert not result.timed_out and not result.out_of_memory
     assert isinstance(result.exception, ProcessLimitExceeded), result

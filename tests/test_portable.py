@@ -79,7 +79,8 @@ def test_portable_reader_buffers_no_more_than_the_longest_frame() -> None:
 @pytest.mark.parametrize("start_method", ["zygote", "fork"])
 def test_psutil_adds_rlimit_nproc_only_for_a_task_of_its_own_uid(start_method: str) -> None:
     # The polled count can be outrun between two polls; RLIMIT_NPROC cannot. It counts every
-    # process of the uid, so only a task with a uid of its own (strict, root manager) gets it.
+    # process of the uid, so only a task with a uid of its own (a profile, root manager) gets
+    # it: one over the limit, so that the poll still sees the tree over it and says so.
     from sandboxrun import ProcessManager, Task
     from sandboxrun._isolation import STRICT, unavailable_reason
     from sandboxrun._launch import ZYGOTE_AVAILABLE
@@ -91,7 +92,8 @@ def test_psutil_adds_rlimit_nproc_only_for_a_task_of_its_own_uid(start_method: s
         pytest.skip("no zygote launcher here")
     own = tasks.nproc_limit()
     found = {}
-    isolations = ["none"] + ([] if unavailable_reason(STRICT) or os.geteuid() else ["strict"])
+    profiles = ["default", "strict"] if start_method == "zygote" else []  # only the zygote's
+    isolations = ["none"] + ([] if unavailable_reason(STRICT) or os.geteuid() else profiles)
     for backend in ("psutil", "auto"):
         for isolation in isolations:
             with ProcessManager(1, 60, backend=backend, start_method=start_method,  # type: ignore[arg-type]
@@ -101,8 +103,8 @@ def test_psutil_adds_rlimit_nproc_only_for_a_task_of_its_own_uid(start_method: s
             assert result.success, result
             found[pm.backend.name, isolation] = tuple(result.result)
     for (backend, isolation), limit in found.items():
-        rlimited = (backend, isolation) == ("psutil", "strict")
-        wanted = (DEFAULT_MAX_PROCESSES, DEFAULT_MAX_PROCESSES) if rlimited else own
+        rlimited = backend == "psutil" and isolation != "none"
+        wanted = (DEFAULT_MAX_PROCESSES + 1, DEFAULT_MAX_PROCESSES + 1) if rlimited else own
         assert limit == wanted, (backend, isolation, limit)
     if "strict" not in isolations:
         pytest.skip("no strict isolation here: only the unchanged limits were checked")

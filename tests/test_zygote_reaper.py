@@ -7,6 +7,7 @@ matrix, the isolation and supervision tests that way.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sysconfig
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from sandboxrun import ProcessManager, Task
+from sandboxrun import Isolation, ProcessManager, Task
+from sandboxrun._isolation import DEFAULT
 from sandboxrun._launch import ZYGOTE_AVAILABLE
 
 from . import tasks
@@ -59,7 +61,11 @@ def pid1_faults() -> int:
         return int(stat.read().rsplit(b")", 1)[1].split()[7])
 
 
-def _run(*tasks_: Task, isolation: str = "default") -> list:  # type: ignore[type-arg]
+#: The default profile but the task keeps the manager's uid (PID 1's): its /proc lists PID 1.
+_KEEP_UID = dataclasses.replace(DEFAULT, name="default-keep-uid", user=None)
+
+
+def _run(*tasks_: Task, isolation: str | Isolation = "default") -> list:  # type: ignore[type-arg]
     with ProcessManager(1, 30, isolation=isolation, start_method="zygote") as pm:  # type: ignore[arg-type]
         for task in tasks_:
             pm.queue_task(task)
@@ -71,13 +77,18 @@ def test_the_task_sees_its_own_namespace_in_a_fresh_proc(pid1: str) -> None:
     assert result.success, result.exception
     pid, self_link, pids = result.result
     assert (pid, self_link) == (2, "2")  # PID 2 below its reaper, and /proc is its namespace's
-    assert pids == [1, 2], pids  # nothing of the host's: not the manager, not the zygote
+    # nothing of the host's (not the manager, not the zygote), and not even its reaper: a task
+    # under another uid sees its own processes only (hidepid=2)
+    assert pids == [2], pids
+    (result,) = _run(Task(proc_view), isolation=_KEEP_UID)
+    assert result.result[2] == [1, 2], result.result  # the same uid as PID 1: it is listed
 
 
 def test_the_native_pid1_runs_no_python(pid1: str) -> None:
     """The C PID 1 writes its stack and little else; a Python one ran the interpreter's
-    after-fork work (~400 faults here). Measured from inside the task's fresh /proc."""
-    results = _run(*(Task(pid1_faults) for _ in range(3)))
+    after-fork work (~400 faults here). Measured from inside the task's fresh /proc, by a task
+    that keeps PID 1's uid (under another one it would not see PID 1 at all)."""
+    results = _run(*(Task(pid1_faults) for _ in range(3)), isolation=_KEEP_UID)
     faults = [r.result for r in results]
     assert all(r.success for r in results), [r.exception for r in results]
     if pid1 == "native":
@@ -115,8 +126,11 @@ def reach_pid1() -> dict[str, str]:
         except OSError as error:
             found[what] = type(error).__name__
     time.sleep(0.1)
-    with open("/proc/1/stat") as stat:
-        found["pid1_state"] = stat.read().rsplit(")", 1)[1].split()[0]
+    try:
+        with open("/proc/1/stat") as stat:
+            found["pid1_state"] = stat.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:  # hidepid: another uid's process is not even listed
+        found["pid1_state"] = "hidden"
     return found
 
 
@@ -130,7 +144,9 @@ def test_the_task_cannot_reach_its_pid1(pid1: str, isolation: str) -> None:
     assert result.success, result.exception
     signals = ("stop", "kill")  # sent (or refused): what counts is PID 1's state after
     assert "reached" not in {v for k, v in result.result.items() if k not in signals}, result.result
-    assert result.result["pid1_state"] in ("S", "R"), result.result  # not stopped, not gone
+    # Not stopped, not gone: as seen from inside where PID 1 is listed; hidden (another uid)
+    # the task's own success says it (a stopped PID 1 reaps nothing: the task would time out).
+    assert result.result["pid1_state"] in ("S", "R", "hidden"), result.result
 
 
 def test_a_zygote_with_a_thread_forks_without_a_namespace(pid1: str, tmp_path: Path) -> None:
