@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import inspect
 import json
 import os
@@ -149,6 +150,14 @@ def make_sub_cgroup() -> str:
 # --- fixtures --------------------------------------------------------------------------------
 
 
+#: The default profile with a private /tmp (strict's): the tests of that machinery. Under the
+#: default profile itself /tmp is the host's (docs/security.md, "The rule of the default
+#: profile"); ``ROOT_PRIVATE_TMP`` also keeps the manager's uid, as the launcher stand-in hands
+#: no path idmapped (tests/test_default_profile.py covers that through a real manager).
+PRIVATE_TMP = dataclasses.replace(DEFAULT, name="custom", private_tmp=True)
+ROOT_PRIVATE_TMP = dataclasses.replace(PRIVATE_TMP, user=None)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Every test that runs an attack through ``run_isolated`` runs it twice: PID 1 entering a
     prepared view (the zygote's way) and building its whole view itself (fork, non-root)."""
@@ -245,11 +254,11 @@ def test_host_tmp_through_the_working_directory(where: str, scratch: list[Path])
     try:
         assert run_isolated(NONE, write_here, "planted") == ("ok", "written")
         (start / "planted").unlink()
-        outcome = run_isolated(DEFAULT, write_here, "planted")
+        outcome = run_isolated(PRIVATE_TMP, write_here, "planted")
         assert not (start / "planted").exists(), outcome  # nothing left in the host's /tmp
         if where == "below":  # kept visible read-only, as what a task runs from /tmp is
             assert _refused(outcome), outcome
-            assert run_isolated(DEFAULT, read_here, "input") == ("ok", "readable")
+            assert run_isolated(PRIVATE_TMP, read_here, "input") == ("ok", "readable")
         else:  # the private /tmp: written there, gone with the task
             assert outcome == ("ok", "written"), outcome
     finally:
@@ -290,8 +299,13 @@ def test_files_left_in_tmp_and_dev_shm(scratch: list[Path]) -> None:
     assert all(path.exists() for path in scratch)
     for path in scratch:
         path.unlink()
-    assert run_isolated(DEFAULT, leave_files, name) == ("ok", "written")  # allowed, privately
+    assert run_isolated(PRIVATE_TMP, leave_files, name) == ("ok", "written")  # privately
     assert not any(path.exists() for path in scratch)
+    # default: the host's /tmp (a file the task's uid owns, as any local user's), its own
+    # /dev/shm (gone with it)
+    assert run_isolated(DEFAULT, leave_files, name) == ("ok", "written")
+    tmp, shm = scratch
+    assert tmp.stat().st_uid == DEFAULT_UID_BASE and not shm.exists()
 
 
 # --- sockets and network --------------------------------------------------------------------
@@ -306,8 +320,11 @@ def test_connect_to_host_unix_socket(folder: str, scratch: list[Path]) -> None:
         os.chmod(path, 0o777)
         server.listen(8)
         assert run_isolated(NONE, connect_unix, str(path)) == ("ok", "connected")
-        for profile in (DEFAULT, STRICT):
+        for profile in (DEFAULT, STRICT, PRIVATE_TMP):
             outcome = run_isolated(profile, connect_unix, str(path))
+            if profile is DEFAULT and folder == "/tmp":  # a 0777 socket in the host's /tmp:
+                assert outcome == ("ok", "connected")  # any local user's (security.md, open)
+                continue
             assert _refused(outcome) and "No such file" in outcome[1], outcome
 
 
@@ -416,10 +433,13 @@ def test_strict_read_write_paths(where: str, outside_tmp: Path) -> None:
 
 
 def test_default_keeps_the_output_folder(tmp_path: Path) -> None:
-    """The seed's pattern: a function writing its output next to its input. /tmp is private
-    under default, so an output folder there must be declared; elsewhere it just works."""
-    profile = DEFAULT.with_paths([str(tmp_path)])
-    assert run_isolated(profile, write_file, str(tmp_path / "o.txt"), "out") == ("ok", "written")
+    """The seed's pattern: a function writing its output next to its input; the folder is
+    handed to the task (idmapped) by the real launcher."""
+    from sandboxrun import ProcessManager, Task
+
+    with ProcessManager(1, 20, isolation="default") as pm:
+        pm.queue_task(Task(write_file, (str(tmp_path / "o.txt"), "out")))
+    assert pm.task_results[0].result == "written", pm.task_results[0]
     assert (tmp_path / "o.txt").read_text() == "out"
 
 
@@ -517,9 +537,11 @@ def test_clone3_into_cgroup_v2(v2_pair: tuple[Path, Path]) -> None:
 
 def test_environment_allowlist() -> None:
     source = {"PATH": "/usr/bin", "SECRET": "hunter2", "LC_ALL": "C", "AWS_SECRET_ACCESS_KEY": "k"}
-    built = build_environment(DEFAULT, {"EXTRA": "1"}, source=source)
+    built = build_environment(STRICT, {"EXTRA": "1"}, source=source)
     assert built == {"PATH": "/usr/bin", "LC_ALL": "C", "EXTRA": "1"}
     assert build_environment(NONE, source=source) == source
+    # default: the manager's, as under fork, env= on top
+    assert build_environment(DEFAULT, {"EXTRA": "1"}, source=source) == {**source, "EXTRA": "1"}
 
 
 def test_resolve() -> None:
@@ -827,7 +849,8 @@ def test_non_root_manager_gets_a_user_namespace(
         pytest.skip(f"no unprivileged user namespaces here: {found['probe']}")
     assert found["socket"] == ["ok", "raised"]  # nobody reaches root's socket, then not
     assert found["isolated"] == found["none"] == "ok"
-    assert found["left"] == [False, False] and found["left_by_none"] == [True, True]
+    # default: the host's /tmp (the file stays, nobody's own), its own /dev/shm (gone)
+    assert found["left"] == [True, False] and found["left_by_none"] == [True, True]
     if nobody_v2_pair is not None:  # its own delegated cgroups: "none" moves, "default" cannot
         (kind, where), (refused, why) = found["clone3"]
         assert kind == "ok" and "/b" in where, found["clone3"]
@@ -891,12 +914,12 @@ def test_prepared_view_is_held_and_each_task_gets_a_copy(view: str) -> None:
     if view != "prepared view":
         pytest.skip("about the prepared view only")
     name = f"sandboxrun-leftover-{uuid.uuid4().hex}"
-    assert run_isolated(DEFAULT, leave_files, name) == ("ok", "written")
-    held = _view_inode(DEFAULT)
-    first = run_isolated(DEFAULT, mount_namespace_and_listings, "/tmp", "/dev/shm")
-    second = run_isolated(DEFAULT, mount_namespace_and_listings, "/tmp", "/dev/shm")
+    assert run_isolated(PRIVATE_TMP, leave_files, name) == ("ok", "written")
+    held = _view_inode(PRIVATE_TMP)
+    first = run_isolated(PRIVATE_TMP, mount_namespace_and_listings, "/tmp", "/dev/shm")
+    second = run_isolated(PRIVATE_TMP, mount_namespace_and_listings, "/tmp", "/dev/shm")
     assert first[0] == "ok" and second[0] == "ok", (first, second)
-    assert _view_inode(DEFAULT) == held  # the same view served all three tasks
+    assert _view_inode(PRIVATE_TMP) == held  # the same view served all three tasks
     # Each task in a copy, never the view itself nor ours. (The two tasks' numbers may be
     # equal: nsfs inode numbers are recycled once a namespace is freed, as the first one is.)
     for task in (first, second):
@@ -959,7 +982,7 @@ def test_run_from_a_folder_under_tmp_holding_inputs_and_outputs() -> None:
         (top / "in").mkdir()
         (top / "out").mkdir()
         (top / "in" / "a.txt").write_text("input")
-        profile = DEFAULT.with_paths([str(top / "out")], [str(top / "in")])
+        profile = ROOT_PRIVATE_TMP.with_paths([str(top / "out")], [str(top / "in")])
         os.chdir(top)
         assert run_isolated(profile, read_then_write, "in/a.txt", "out/b.txt") == ("ok", "input")
         assert (top / "out" / "b.txt").read_text() == "input"
@@ -1052,7 +1075,7 @@ def test_sockets_inside_a_folder_under_tmp_kept_visible_stay_hidden() -> None:
         sockets.mkdir()
         (top / "code.py").write_text("kept")
         profile = dataclasses.replace(
-            DEFAULT, name="custom", hide_sockets=(*DEFAULT.hide_sockets, str(sockets)),
+            PRIVATE_TMP, hide_sockets=(*DEFAULT.hide_sockets, str(sockets)),
             read_only_paths=(str(top),),
         )  # fmt: skip
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:

@@ -70,6 +70,9 @@ def _in_child(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
+        # An earlier test of the run may have left SIGCHLD ignored in pytest's process (then
+        # children are reaped by the kernel and waitpid says ECHILD): the default back.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         try:
             out = body()
         except BaseException as error:  # reported, not raised in a forked pytest
