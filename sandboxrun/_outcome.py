@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import enum
+import errno
 import logging
 import signal
 import time

@@ -17,10 +17,12 @@ status=0
 # The portable pass: the transport, backend and start method Windows uses, on this machine.
 SANDBOXRUN_TRANSPORT=portable SANDBOXRUN_TEST_BACKEND=psutil \
   "$py" -m pytest -p no:cacheprovider -m "not kernel" "$@" tests || status=$?
-# The zygote's pure-Python PID 1 (where sandboxrun._native cannot be built): the tests of what
-# PID 1 does -- verdicts, tree kill, namespaces, supervision -- once more through it (~1 min).
+# The zygote's pure-Python PID 1 and the ctypes syscalls (where sandboxrun._native cannot be
+# built): the tests of what PID 1 and the default profile do -- verdicts, tree kill,
+# namespaces, supervision, idmapped hand-over, the filter -- once more through them (~1 min).
 SANDBOXRUN_NATIVE=0 "$py" -m pytest -p no:cacheprovider "$@" tests/test_fault_matrix.py \
-  tests/test_kernel.py tests/test_isolation.py tests/test_zygote_supervision.py || status=$?
+  tests/test_kernel.py tests/test_isolation.py tests/test_zygote_supervision.py \
+  tests/test_default_profile.py || status=$?
 
 if [ "${SANDBOXRUN_SKIP_VM:-0}" != 1 ] && [ -x scripts/vm-test.sh ]; then
   if [ "$(id -u)" = 0 ] && { [ -e /dev/kvm ] || command -v apt-get >/dev/null; }; then

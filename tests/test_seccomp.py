@@ -70,13 +70,22 @@ def _in_child(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
-        # An earlier test of the run may have left SIGCHLD ignored in pytest's process (then
-        # children are reaped by the kernel and waitpid says ECHILD): the default back.
+        # Forked with os.fork from pytest's process: multiprocessing still lists the processes
+        # earlier tests started from it as children, and its forkserver (a Pool made here would
+        # waitpid them: ECHILD). What a fresh process would have: none of them.
+        import multiprocessing.forkserver
+        import multiprocessing.process
+
+        multiprocessing.process._children.clear()  # type: ignore[attr-defined]
+        server = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
+        server._forkserver_pid = server._forkserver_address = server._forkserver_alive_fd = None
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         try:
             out = body()
         except BaseException as error:  # reported, not raised in a forked pytest
-            out = {"error": repr(error)}
+            import traceback
+
+            out = {"error": repr(error), "where": traceback.format_exc()[-3000:]}
         os.write(write_fd, json.dumps(out).encode())
         os._exit(0)
     os.close(write_fd)
