@@ -106,12 +106,15 @@ class ProcessManager:
     code in the manager). ``max_result_bytes`` caps one result's pickled size (default: the
     memory limit, or 1 GiB without one); a longer one fails with ``ResultTooLarge`` unread.
 
-    ``isolation`` (Linux; docs/security.md): ``"default"`` (the default where it works: own
-    mount/IPC namespaces, system and Python read-only, private ``/tmp`` and ``/dev/shm``,
-    kernel and cgroup files read-only, socket directories hidden, no capabilities,
-    ``no_new_privs``, an allowlisted environment), ``"strict"`` (all of ``/`` read-only but
-    ``Isolation.read_write_paths``, no network, an unprivileged uid per worker slot), ``"none"``
-    (tasks share this process's privileges), or an ``Isolation`` built piece by piece.
+    ``isolation`` (Linux, the zygote start method; docs/security.md): ``"default"`` (the
+    default where it works: a task gets what it was handed -- an unprivileged uid per worker
+    slot, the paths its call names and the working folder mounted so it acts on them as this
+    process would, everything else as any local user meets it; own PID/mount/IPC/cgroup
+    namespaces, a private ``/dev``, no terminal, no capabilities, ``no_new_privs``, a seccomp
+    filter, this process's environment), ``"strict"`` (all of ``/`` read-only but
+    ``Isolation.read_write_paths``, a private ``/tmp``, no network, an allowlisted environment,
+    nothing handed), ``"none"`` (tasks share this process's privileges; the only choice for
+    the fork, spawn and forkserver start methods), or an ``Isolation`` built piece by piece.
 
     A limit hit shows in the task's ``TaskResult``: ``success=False`` and the flag of that
     limit (``timed_out``, ``out_of_memory``, ``cpu_time_limit_exceeded``,

@@ -23,36 +23,24 @@ import sys
 
 assert sys.platform.startswith("linux")  # Linux only: mypy --platform win32/darwin skips it
 
-NATIVE = False
-if os.environ.get("SANDBOXRUN_NATIVE") != "0":
+if os.environ.get("SANDBOXRUN_NATIVE") == "0":
+    from . import _ctypes_syscalls as _chosen
+else:
     try:
-        from ._native import (
-            attach_tree,
-            capset_empty,
-            idmapped_tree,
-            mount,
-            mount_setattr,
-            prctl,
-            seccomp_load,
-            setns,
-            unshare,
-        )
-
-        NATIVE = True
+        from . import _native as _chosen  # type: ignore[no-redef]
     except ImportError:  # not built (no compiler at install)
-        pass
-if not NATIVE:
-    from ._ctypes_syscalls import (
-        attach_tree,
-        capset_empty,
-        idmapped_tree,
-        mount,
-        mount_setattr,
-        prctl,
-        seccomp_load,
-        setns,
-        unshare,
-    )
+        from . import _ctypes_syscalls as _chosen
+NATIVE = _chosen.__name__.endswith("._native")
+
+attach_tree = _chosen.attach_tree
+capset_empty = _chosen.capset_empty
+idmapped_tree = _chosen.idmapped_tree
+mount = _chosen.mount
+mount_setattr = _chosen.mount_setattr
+prctl = _chosen.prctl
+seccomp_load = _chosen.seccomp_load
+setns = _chosen.setns
+unshare = _chosen.unshare
 
 __all__ = [
     "NATIVE",

@@ -178,3 +178,18 @@ def cgroup_dirs(pid: int | str = "self") -> dict[str, Path]:
             continue
         found.setdefault(",".join(sorted(names)), Path(point) / relative)
     return found
+
+
+def syscall_implementations() -> list[object]:
+    """``sandboxrun._syscalls``' two twins as pytest params: ctypes, and the compiled one (its
+    param skipped where it was not built). Linux only."""
+    from sandboxrun import _ctypes_syscalls
+
+    found: list[object] = [pytest.param(_ctypes_syscalls, id="ctypes")]
+    try:
+        from sandboxrun import _native
+    except ImportError:
+        found.append(pytest.param(None, id="native", marks=pytest.mark.skip("not built here")))
+    else:
+        found.append(pytest.param(_native, id="native"))
+    return found

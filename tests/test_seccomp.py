@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from .conftest import syscall_implementations
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux seccomp")
 
 if sys.platform.startswith("linux"):
@@ -32,19 +34,6 @@ GENERIC_HEADER = "/usr/include/asm-generic/unistd.h"  # aarch64's numbering
 SIGCHLD = 17
 TIOCGWINSZ = 0x5413
 HIGH_WORD = 0xFFFFFFFF00000000
-
-
-def _implementations() -> list[Any]:
-    from sandboxrun import _ctypes_syscalls
-
-    found: list[Any] = [pytest.param(_ctypes_syscalls, id="ctypes")]
-    try:
-        from sandboxrun import _native
-    except ImportError:
-        found.append(pytest.param(None, id="native", marks=pytest.mark.skip("not built here")))
-    else:
-        found.append(pytest.param(_native, id="native"))
-    return found
 
 
 def _nr(name: str) -> int:
@@ -143,7 +132,7 @@ def _refusals(impl: ModuleType) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.parametrize("impl", _implementations())
+@pytest.mark.parametrize("impl", syscall_implementations())
 def test_each_denied_call_gets_its_errno(impl: ModuleType) -> None:
     out = _in_child(lambda: _refusals(impl))
     assert "error" not in out, out["error"]
@@ -260,7 +249,7 @@ def _bad_programs(impl: ModuleType) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.parametrize("impl", _implementations())
+@pytest.mark.parametrize("impl", syscall_implementations())
 def test_a_bad_program_is_an_errno(impl: ModuleType) -> None:
     out = _in_child(lambda: _bad_programs(impl))
     assert "error" not in out, out["error"]

@@ -13,25 +13,14 @@ from typing import Any
 
 import pytest
 
+from .conftest import syscall_implementations
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux syscalls")
 
 CLONE_NEWNS = 0x00020000
 MS_REC, MS_PRIVATE = 16384, 1 << 18
 MOUNT_ATTR_RDONLY = 0x1
 PR_SET_NO_NEW_PRIVS = 38
-
-
-def _implementations() -> list[Any]:
-    from sandboxrun import _ctypes_syscalls
-
-    found: list[Any] = [pytest.param(_ctypes_syscalls, id="ctypes")]
-    try:
-        from sandboxrun import _native
-    except ImportError:
-        found.append(pytest.param(None, id="native", marks=pytest.mark.skip("not built here")))
-    else:
-        found.append(pytest.param(_native, id="native"))
-    return found
 
 
 def _status(field: str) -> str:
@@ -77,7 +66,7 @@ def _in_child(impl: ModuleType, folder: str) -> dict[str, Any]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts and capset need root")
-@pytest.mark.parametrize("impl", _implementations())
+@pytest.mark.parametrize("impl", syscall_implementations())
 def test_each_syscall_gives_0_or_the_errno(impl: ModuleType, tmp_path: Any) -> None:
     out = _in_child(impl, str(tmp_path))
     assert out == {
