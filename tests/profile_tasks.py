@@ -214,3 +214,21 @@ def visible_processes() -> list[int]:
 
 def pid1_mount_table() -> str:
     return read_file("/proc/1/mountinfo")
+
+
+def fill_dev_shm(megabytes: int) -> str:
+    """Write ``megabytes`` into /dev/shm (RAM no cgroup of the psutil backend counts)."""
+    path = f"/dev/shm/sandboxrun-fill-{os.getpid()}"
+
+    def action() -> str:
+        with open(path, "wb") as file:
+            for _ in range(megabytes):
+                file.write(b"\0" * (1 << 20))
+                file.flush()
+        return "written"
+
+    try:
+        return _attempt(f"fill /dev/shm with {megabytes} MiB", action)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)

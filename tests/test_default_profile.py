@@ -331,3 +331,44 @@ def test_a_filesystem_that_cannot_be_idmapped_keeps_honest_code_working(
     assert output.read_text() == "HELLO"
     assert converted.isolation.startswith("default (kept the manager's uid"), converted.isolation
     assert plain.isolation == "default" and plain.result[0] >= DEFAULT_UID_BASE
+
+
+# --- the rest of the issue's measurements --------------------------------------------------
+
+
+def test_dev_shm_is_bounded_by_the_memory_limit_on_psutil() -> None:
+    """The psutil monitor polls RSS: tmpfs pages are nobody's there. The private /dev/shm is
+    sized to the memory limit (measured before: 400 MiB into the host's /dev/shm under 256)."""
+    outcome = run(tasks.fill_dev_shm, 96, backend="psutil", memory_limit_in_gib=64 / 1024)
+    assert str(outcome).startswith("refused") and "No space left" in str(outcome), outcome
+
+
+def test_a_zygote_with_a_thread_refuses_an_isolated_task(tmp_path: Path) -> None:
+    """unshare(CLONE_NEWPID) needs a single-threaded caller: an isolated task is refused, not
+    run weaker (it ran without a PID namespace, with a warning only, before)."""
+    from sandboxrun._zygote.client import POOL
+
+    from . import threaded_module
+
+    try:
+        with ProcessManager(1, worker_timeout_seconds=60) as manager:
+            manager.queue_task(Task(threaded_module.pid_and_orphan, (str(tmp_path / "p"),)))
+    finally:
+        POOL.close()  # the threaded zygotes must not serve the next tests
+    (result,) = manager.task_results
+    assert not result.success and "started a thread in the zygote" in str(result.exception)
+    assert not (tmp_path / "p").exists()  # no task code ran
+
+
+@pytest.mark.parametrize("method", ["zygote", "fork", "spawn"])
+def test_env_reaches_the_task_alike_under_every_start_method(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One builder: the manager's environment with env= on top, whatever starts the task."""
+    monkeypatch.setenv("SANDBOXRUN_TEST_BASE", "base")
+    isolation = "default" if method == "zygote" else "none"
+    with ProcessManager(1, 60, start_method=method, isolation=isolation,  # type: ignore[arg-type]
+                        env={"SANDBOXRUN_TEST_EXTRA": "extra"}) as manager:  # fmt: skip
+        manager.queue_task(Task(tasks.environment, ("SANDBOXRUN_TEST_BASE",)))
+        manager.queue_task(Task(tasks.environment, ("SANDBOXRUN_TEST_EXTRA",)))
+    assert sorted(r.result for r in manager.task_results) == ["base", "extra"]
