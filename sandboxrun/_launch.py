@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from . import _protocol as protocol
 from . import _transport as transport
@@ -45,6 +45,14 @@ if sys.platform == "linux" and transport.EXIT_BY_PIDFD:
 StartMethod = Literal["zygote", "fork", "forkserver", "spawn"]
 #: The zygote needs pidfds (Linux 5.3) and the posix transport (its fds are real pipes).
 ZYGOTE_AVAILABLE = sys.platform == "linux" and transport.EXIT_BY_PIDFD
+
+
+def default_start_method() -> StartMethod:
+    """A manager's start method when it names none: the transport's (the portable one:
+    spawn), else the zygote where there is one, else multiprocessing's default."""
+    if transport.DEFAULT_START_METHOD:
+        return cast(StartMethod, transport.DEFAULT_START_METHOD)
+    return "zygote" if ZYGOTE_AVAILABLE else cast(StartMethod, multiprocessing.get_start_method())
 
 log = logging.getLogger("sandboxrun.launch")
 #: TaskResult.isolation's note when a task kept the manager's uid (the zygote logs the path).

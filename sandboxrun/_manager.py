@@ -20,16 +20,15 @@ import logging
 import multiprocessing
 import pickle
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Literal, cast
+from typing import Literal
 
-from . import _transport as transport
 from ._backends import create_backend
 from ._backends.base import Backend
 from ._cpus import available_cpus
 from ._errors import BackendUnavailable
 from ._isolation import Isolation, build_environment, choose
 from ._isolation.environment import validate as validate_env
-from ._launch import ZYGOTE_AVAILABLE, Launcher, StartMethod
+from ._launch import ZYGOTE_AVAILABLE, Launcher, StartMethod, default_start_method
 from ._limits import Limits, validate_max_result_bytes, validate_max_workers, validate_poll_interval
 from ._outcome import Terms
 from ._result_types import ResultTypes
@@ -162,11 +161,7 @@ class ProcessManager:
         self.memory_limit_in_gib = memory_limit_in_gib
         self.cpu_time_limit_seconds = cpu_time_limit_seconds
         self.max_processes = max_processes  # None: the default; in force: limits.max_processes
-        self.start_method: StartMethod = start_method or cast(  # portable transport: spawn
-            StartMethod,
-            transport.DEFAULT_START_METHOD
-            or ("zygote" if ZYGOTE_AVAILABLE else multiprocessing.get_start_method()),
-        )
+        self.start_method: StartMethod = start_method or default_start_method()
         self.env = validate_env(env)
         self.backend: Backend = (
             backend

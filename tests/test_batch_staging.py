@@ -154,6 +154,10 @@ def _predictable_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(staging, "secrets", Names)
 
 
+#: The strict profile is given by the zygote only (the portable pass runs spawn).
+NEEDS_ZYGOTE = pytest.mark.skipif(not ZYGOTE_AVAILABLE, reason="isolation needs the zygote")
+
+
 def _journal(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -161,6 +165,7 @@ def _journal(path: Path) -> list[dict[str, Any]]:
 @pytest.mark.parametrize(
     "backend", [*KERNEL_BACKENDS[:1], *(["psutil"] if "psutil" in AVAILABLE else [])]
 )
+@NEEDS_ZYGOTE
 def test_hostile_converters_plant_nothing(
     base: Path, backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -265,6 +270,7 @@ def test_a_sigkilled_batch_leaves_staging_that_the_next_start_removes(base: Path
         assert (out / f"{index}.txt").read_text() == "SLOWAPPEND X"
 
 
+@NEEDS_ZYGOTE
 def test_strict_default_falls_back_with_a_warning_where_it_cannot_reach(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -395,6 +401,7 @@ def _create_as(uid: int, folder: Path) -> int:
         *((kernel, "default") for kernel in KERNEL_BACKENDS[:1]),
     ],
 )
+@NEEDS_ZYGOTE
 def test_a_running_tasks_staging_folder_is_its_uid_alone(
     base: Path, backend: str, isolation: str
 ) -> None:

@@ -150,6 +150,11 @@ def make_sub_cgroup() -> str:
 # --- fixtures --------------------------------------------------------------------------------
 
 
+#: A profile is given by the zygote only (the portable pass runs spawn).
+NEEDS_ZYGOTE = pytest.mark.skipif(
+    not transport.EXIT_BY_PIDFD, reason="isolation needs the zygote start method"
+)
+
 #: The default profile with a private /tmp (strict's): the tests of that machinery. Under the
 #: default profile itself /tmp is the host's (docs/security.md, "The rule of the default
 #: profile"); ``ROOT_PRIVATE_TMP`` also keeps the manager's uid, as the launcher stand-in hands
@@ -432,6 +437,7 @@ def test_strict_read_write_paths(where: str, outside_tmp: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+@NEEDS_ZYGOTE
 def test_default_keeps_the_output_folder(tmp_path: Path) -> None:
     """The seed's pattern: a function writing its output next to its input; the folder is
     handed to the task (idmapped) by the real launcher."""
@@ -666,6 +672,7 @@ def _in_queue_order(pm: Any) -> list[Any]:
     return sorted(pm.task_results, key=lambda r: rank[r.task.func.__name__])
 
 
+@NEEDS_ZYGOTE
 def test_manager_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     from sandboxrun import CommandTask, ProcessManager, Task
 
@@ -737,6 +744,7 @@ def outside_tmp() -> Path:
     folder.rmdir()
 
 
+@NEEDS_ZYGOTE
 def test_seed_examples_under_default(outside_tmp: Path) -> None:
     """The seed's two patterns: write the output file given as an argument; return its bytes."""
     from sandboxrun import ProcessManager, Task
@@ -751,6 +759,7 @@ def test_seed_examples_under_default(outside_tmp: Path) -> None:
     assert {r.isolation for r in pm.task_results} == {"default"}
 
 
+@NEEDS_ZYGOTE
 def test_default_profile_and_operator_override(monkeypatch: pytest.MonkeyPatch) -> None:
     from sandboxrun import ProcessManager
     from sandboxrun._isolation import choose
@@ -1026,6 +1035,7 @@ def _only_kept_in_tmp(listing: list[str], top: Path, sibling: Path) -> None:
     assert set(listing) <= {top.name} | kept, listing
 
 
+@NEEDS_ZYGOTE
 def test_strict_with_sandboxrun_and_its_python_under_tmp() -> None:
     """A checkout and its venv under /tmp (a fresh clone there): the probe and the strict view
     see them through the task's private /tmp, read-only, so strict works and its slot uid

@@ -21,7 +21,15 @@ import typer
 
 from .._errors import SandboxrunError
 from .._executor import ManagerOptions
-from .._isolation import STRICT, Isolation, choose, resolve, unavailable_reason
+from .._isolation import (
+    STRICT,
+    Isolation,
+    choose,
+    resolve,
+    start_method_reason,
+    unavailable_reason,
+)
+from .._launch import default_start_method
 from .._limits import GIB, MAX_PROCESSES, parse_duration, parse_size
 from .._manager import BackendName, ProcessManager
 from .verdicts import EXIT_USAGE
@@ -98,7 +106,8 @@ def make_manager(
 
 
 def _isolation(name: str | Isolation | None, readable: tuple[str, ...]) -> Isolation:
-    profile = choose(None) if name is None else resolve(name)  # None: default, else "none"
+    # None: the default for the start method the manager will use (it may have to be "none")
+    profile = choose(None, default_start_method()) if name is None else resolve(name)
     return profile.with_paths((), readable) if profile.enabled else profile
 
 
@@ -114,7 +123,8 @@ def batch_isolation(name: str | None, folders: tuple[Path, ...]) -> str | Isolat
         return None
     if name is not None and name != "strict":
         return name
-    reason = unavailable_reason(STRICT) or _unreachable(STRICT, folders)
+    reason = (unavailable_reason(STRICT) or start_method_reason(default_start_method())
+              or _unreachable(STRICT, folders))  # fmt: skip
     if reason is None:
         return STRICT
     if name == "strict":

@@ -49,6 +49,7 @@ __all__ = [
     "replace_environment",
     "resolve",
     "setup_namespaces_and_mounts",
+    "start_method_reason",
     "unavailable_reason",
 ]  # fmt: skip
 
@@ -124,13 +125,9 @@ def choose(
     default = os.environ.get("SANDBOXRUN_ISOLATION") or None  # the operator's default profile
     profile = resolve(value if value is not None else default)
     reason = unavailable_reason(profile)
-    if reason is None and profile.enabled and start_method != "zygote":
-        reason = (
-            f"start_method={start_method!r} cannot give it: only the zygote forks each task into"
-            " a PID namespace of its own below a reaper (fork, spawn and forkserver workers share"
-            " this process's PID namespace, uid and terminal)"
-        )
-        if start_chosen or value is not None or default is not None:
+    if reason is None and profile.enabled:
+        reason = start_method_reason(start_method)
+        if reason is not None and (start_chosen or value is not None or default is not None):
             raise ValueError(
                 f"isolation={profile.name!r} {reason}; use start_method='zygote' (the default"
                 f" on Linux), or pass isolation='none' to run start_method={start_method!r}"
@@ -153,6 +150,17 @@ def choose(
             reason,
         )
     return NONE
+
+
+def start_method_reason(start_method: str) -> str | None:
+    """Why ``start_method`` cannot give a profile, or None (the zygote)."""
+    if start_method == "zygote":
+        return None
+    return (
+        f"start_method={start_method!r} cannot give it: only the zygote forks each task into a"
+        " PID namespace of its own below a reaper (fork, spawn and forkserver workers share this"
+        " process's PID namespace, uid and terminal)"
+    )
 
 
 def describe(profile: Isolation) -> str:

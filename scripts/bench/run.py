@@ -179,8 +179,12 @@ class Runner:
         ours = [t for t in self.tools if t.startswith("sandboxrun-")][:1]
         if ours:
             self.measure("profile", "profile", {"n": s["throughput"]}, 1, ours)
-            # its rounds are inside the case (interleaved profiles): one measurement
-            self.measure("isolation", "isolation", s["isolation"], 1, ours)
+            # its rounds are inside the case (interleaved profiles): one measurement; only the
+            # zygote isolates (the portable transport's spawn cannot: no such section there)
+            from sandboxrun._launch import default_start_method
+
+            if default_start_method() == "zygote":
+                self.measure("isolation", "isolation", s["isolation"], 1, ours)
         if ours and not self.args.quick:  # scripts/bench/scaleout.py; Dask only when installed
             self.measure("executor", "executor", {"n": s["throughput"] // 3}, rounds, ours)
             if importlib.util.find_spec("distributed") is not None:
