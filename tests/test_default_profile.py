@@ -80,6 +80,19 @@ def test_output_directly_under_tmp(upload_folder: Path) -> None:
         output.unlink(missing_ok=True)
 
 
+def test_an_upload_directly_under_tmp_is_handed_alone() -> None:
+    """A 0600 file of the manager's directly in /tmp: that file alone is handed (a bind of it),
+    read and rewritten in place; /tmp itself is not."""
+    path = Path(f"/tmp/sandboxrun-test-{uuid.uuid4().hex}.txt")
+    path.write_text("alone")
+    path.chmod(0o600)
+    try:
+        assert run(tasks.write_and_read_back, str(path), "changed") == "changed"
+        assert path.read_text() == "changed" and path.stat().st_uid == os.geteuid()
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def test_path_objects_are_handed_too(upload_folder: Path) -> None:
     output = upload_folder / "out.txt"
     assert run(tasks.write_and_read_back, output, "x") == "x"
