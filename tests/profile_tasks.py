@@ -232,3 +232,8 @@ def fill_dev_shm(megabytes: int) -> str:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+def read_beside(folder: str, name: str) -> str:
+    """Read ``name`` in the folder above ``folder`` (the task names it; its call did not)."""
+    return read_file(os.path.join(os.path.dirname(folder), name))

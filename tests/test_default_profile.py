@@ -385,3 +385,25 @@ def test_env_reaches_the_task_alike_under_every_start_method(
         manager.queue_task(Task(tasks.environment, ("SANDBOXRUN_TEST_BASE",)))
         manager.queue_task(Task(tasks.environment, ("SANDBOXRUN_TEST_EXTRA",)))
     assert sorted(r.result for r in manager.task_results) == ["base", "extra"]
+
+
+def test_a_closed_mount_point_above_what_was_handed(tmp_path: Path) -> None:
+    """The closed folder above a handed one is a mount point of the host's own (a 0700 data
+    volume): it is covered like any closed folder, not taken for the view's cover."""
+    import subprocess
+
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=700", "tmpfs", str(volume)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (volume / "job").mkdir()
+        (volume / "job" / "in.txt").write_text("volume")
+        (volume / "other-job.txt").write_text("not handed")
+        outcome = run(tasks.convert, str(volume / "job" / "in.txt"), str(volume / "job" / "o"))
+        assert outcome == str(volume / "job" / "o"), outcome
+        assert (volume / "job" / "o").read_text() == "VOLUME"
+        other = run(tasks.read_beside, str(volume / "job"), "other-job.txt")  # not handed
+        assert str(other).startswith("refused") and "No such file" in str(other), other
+    finally:
+        subprocess.run(["umount", "-l", str(volume)], check=False)

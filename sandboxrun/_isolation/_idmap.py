@@ -129,14 +129,16 @@ def closed_ancestor(path: str) -> str | None:
     return None
 
 
-def attach(path: str, tree: int, closed: str | None, opened: set[str]) -> None:
+def attach(
+    path: str, tree: int, closed: str | None, opened: set[str], covered: frozenset[str]
+) -> None:
     """In PID 2 (root, the task's own mount namespace): the detached ``tree`` mounted at
     ``path``. Under a ``closed`` folder, that folder is covered first (once: ``opened``) by a
-    tmpfs holding only the way down, or, already covered by the view (a closed /root with
+    tmpfs holding only the way down, or, already ``covered`` by the view (a closed /root with
     Python bound back), made writable for the way down; ``seal`` makes it read-only again."""
     if closed is not None:
         if closed not in opened:
-            if os.path.ismount(closed):  # the view's cover: ours, read-only
+            if closed in covered:  # the view's cover: ours, read-only
                 libc.mount_setattr(closed, 0, libc.MOUNT_ATTR_RDONLY, recursive=False)
             else:
                 libc.mount("tmpfs", closed, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=755")

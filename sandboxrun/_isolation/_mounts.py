@@ -172,6 +172,13 @@ def _closed_ancestor(path: str) -> str | None:
     return None
 
 
+@functools.cache  # the installation's place: fixed for the interpreter's life
+def python_covers() -> frozenset[str]:
+    """The closed folders ``expose_python`` covers in the view (a pyenv's /root)."""
+    found = (_closed_ancestor(path) for path in _outermost(list(_python_paths())))
+    return frozenset(closed for closed in found if closed is not None)
+
+
 def expose_python() -> None:
     """A task under another uid must still import Python's own modules: when the installation
     sits under a closed directory (pyenv in /root, mode 0700), that directory is covered with
@@ -441,6 +448,7 @@ def prepare_view(profile: Isolation) -> None:
     libc.cap_last_cap()
     if profile.seccomp:
         _seccomp.program()  # assembled here once; every task loads the same bytes
+    python_covers()  # here once, not in every task
     if profile.private_tmp and _KEPT.get(profile, (None,))[0] != inputs:
         _KEPT[profile] = (inputs, _kept_readable(profile))
 
@@ -500,8 +508,11 @@ def setup_namespaces_and_mounts(
         _step("private /tmp", _private_tmp, profile)
     if trees:  # last: over the private /tmp and the view's covers
         opened: set[str] = set()
+        # what view_steps' expose_python covered, in the view or here
+        exposed = profile.user is not None and os.geteuid() == 0
+        covered = python_covers() if exposed else frozenset()
         for path, tree, closed in trees:
-            _step(f"hand {path} to the task", _idmap.attach, path, tree, closed, opened)
+            _step(f"hand {path} to the task", _idmap.attach, path, tree, closed, opened, covered)
         _step("seal the way down to the handed paths", _idmap.seal, opened)
         _step("working directory", _resolve_cwd_again)  # a cwd inside a handed folder
     if profile.protect_system == "strict":
