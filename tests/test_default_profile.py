@@ -397,6 +397,11 @@ def test_a_closed_mount_point_above_what_was_handed(tmp_path: Path) -> None:
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=700", "tmpfs", str(volume)]).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
+        from sandboxrun._isolation import _idmap
+
+        why = _idmap.probe(str(volume), _idmap.user_namespace(DEFAULT_UID_BASE, DEFAULT_UID_BASE))
+        if why is not None:  # tmpfs before Linux 6.3: the task would keep the manager's uid
+            pytest.skip(why)
         (volume / "job").mkdir()
         (volume / "job" / "in.txt").write_text("volume")
         (volume / "other-job.txt").write_text("not handed")
