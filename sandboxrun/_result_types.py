@@ -469,6 +469,43 @@ def _allowed_enum_member(stand_in: _StandIn, args: tuple[object, ...]) -> object
     return _enum_lookup(stand_in, args[0])
 
 
+def _member_by_name(stand_in: _StandIn, args: tuple[object, ...]) -> object:
+    """``builtins.getattr(EnumClass, "NAME")``: how enum members pickle on some CPython 3.11
+    releases (3.11.2 here in the guest; later ones pickle ``(cls, (value,))``). Only a member
+    name of an enum class this stream was given (a stand-in: plain or allowed) is looked up."""
+    if len(args) != 2 or type(args[0]) is not _StandIn or type(args[1]) is not str:
+        raise stand_in.refuse("getattr only looks up a member of an enum class by its name")
+    enum_stand_in, name = args[0], args[1]
+    cls = enum_stand_in.cls
+    if not isinstance(cls, enum.EnumMeta) or enum_stand_in._build not in _ENUM_BUILDS:
+        raise stand_in.refuse("getattr only looks up a member of an enum class by its name")
+    member = cls.__members__.get(name)  # a dict look-up: no descriptor, no __getattr__
+    if member is None:
+        raise stand_in.refuse(f"{enum_stand_in.name} has no member {name!r}")
+    stand_in.load.guard_member(member)
+    return member
+
+
+def _flag_or(stand_in: _StandIn, args: tuple[object, ...]) -> object:
+    """``_operator.or_(a, b)``: how a combination of flags pickles where members pickle by
+    name. Only two members of one plain Flag class, combined within its members' bits."""
+    if len(args) != 2:
+        raise stand_in.refuse("or_ only combines two members of one flag class")
+    first, second = args
+    cls = type(first)
+    if (
+        not isinstance(first, enum.Flag)
+        or not isinstance(second, enum.Flag)
+        or type(second) is not cls
+        or not _is_plain_enum(cls)
+        or cls.__members__.get(str(first.name)) is not first
+    ):
+        raise stand_in.refuse("or_ only combines two members of one flag class")
+    member = cls(first.value | second.value)
+    stand_in.load.guard_member(member)
+    return member
+
+
 def _enum_lookup(stand_in: _StandIn, value: object) -> object:
     member = stand_in.cls(value)
     stand_in.load.guard_member(member)  # a singleton: BUILD on it would change it for everyone
@@ -486,6 +523,12 @@ _CHECKED: dict[type, _Build] = {
     collections.deque: _deque,
 }
 _CHECKED_NAMES: dict[tuple[str, str], type] = {_name_of(cls): cls for cls in _CHECKED}
+_ENUM_BUILDS = (_enum_member, _allowed_enum_member)
+#: Callables some CPython 3.11 releases pickle enum members with, each checked as above.
+_ENUM_HELPERS: dict[tuple[str, str], _Build] = {
+    ("builtins", "getattr"): _member_by_name,
+    ("_operator", "or_"): _flag_or,
+}
 
 
 class _ViewReader:
@@ -540,6 +583,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         checked = _CHECKED_NAMES.get(key)
         if checked is not None:  # `is not None`, not truth: a metaclass __bool__ would be a call
             return self._stand_in(checked, _CHECKED[checked], factory=True)
+        helper = _ENUM_HELPERS.get(key)
+        if helper is not None:  # never the real callable: a stand-in that checks its arguments
+            return self._stand_in(enum.Enum, helper, factory=False, name=".".join(key))
         allowed = self._rules._allowed.get(key)
         if allowed is not None:
             if isinstance(allowed, enum.EnumMeta):
@@ -560,8 +606,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
                     return found
         raise ResultTypeRefused(f"{module}.{name}", *_why_refused(module, name, found))
 
-    def _stand_in(self, cls: type, build: _Build, *, factory: bool) -> _StandIn:
-        stand_in = _StandIn(cls, f"{cls.__module__}.{cls.__qualname__}", build, self._load, factory)
+    def _stand_in(
+        self, cls: type, build: _Build, *, factory: bool, name: str | None = None
+    ) -> _StandIn:
+        name = f"{cls.__module__}.{cls.__qualname__}" if name is None else name
+        stand_in = _StandIn(cls, name, build, self._load, factory)
         self._load.made.append(stand_in)
         return stand_in
 
