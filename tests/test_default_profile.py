@@ -25,6 +25,7 @@ from sandboxrun._isolation.profile import DEFAULT_UID_BASE
 from sandboxrun._launch import ZYGOTE_AVAILABLE
 
 from . import profile_tasks as tasks
+from .conftest import AVAILABLE
 
 pytestmark = [
     pytest.mark.skipif(not ZYGOTE_AVAILABLE, reason="isolation needs the zygote (Linux, pidfds)"),
@@ -37,8 +38,23 @@ pytestmark = [
 ROOT = sys.platform.startswith("linux") and os.geteuid() == 0
 
 
+#: The backend of this test's tasks (the ``_backend`` fixture): every one available here.
+BACKEND = "auto"
+
+
+@pytest.fixture(autouse=True, params=AVAILABLE)
+def _backend(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test once per backend available here (cgroup_v1 and psutil on this project's
+    machine, cgroup_v2 and systemd in its guest): the profile is the zygote's on every one."""
+    global BACKEND
+    BACKEND = request.param
+    yield
+    BACKEND = "auto"
+
+
 def run(func: object, *args: object, **options: object) -> object:
     """One task under the default profile; its value, or the exception it failed with."""
+    options.setdefault("backend", BACKEND)
     with ProcessManager(1, worker_timeout_seconds=60, **options) as manager:  # type: ignore[arg-type]
         manager.queue_task(Task(func, args))  # type: ignore[arg-type]
     (result,) = manager.task_results
@@ -336,7 +352,7 @@ def test_a_filesystem_that_cannot_be_idmapped_keeps_honest_code_working(
     """The fallback: the task keeps the manager's uid (the other measures stay), and says so."""
     (ramfs_folder / "in.txt").write_text("hello")
     output = ramfs_folder / "out.txt"
-    with ProcessManager(1, worker_timeout_seconds=60) as manager:
+    with ProcessManager(1, worker_timeout_seconds=60, backend=BACKEND) as manager:  # type: ignore[arg-type]
         manager.queue_task(Task(tasks.convert, (str(ramfs_folder / "in.txt"), str(output))))
         manager.queue_task(Task(tasks.ids))  # nothing handed: the slot's uid as always
     converted, plain = manager.task_results
@@ -364,7 +380,7 @@ def test_a_zygote_with_a_thread_refuses_an_isolated_task(tmp_path: Path) -> None
     from . import threaded_module
 
     try:
-        with ProcessManager(1, worker_timeout_seconds=60) as manager:
+        with ProcessManager(1, worker_timeout_seconds=60, backend=BACKEND) as manager:  # type: ignore[arg-type]
             manager.queue_task(Task(threaded_module.pid_and_orphan, (str(tmp_path / "p"),)))
     finally:
         POOL.close()  # the threaded zygotes must not serve the next tests
