@@ -237,3 +237,31 @@ def fill_dev_shm(megabytes: int) -> str:
 def read_beside(folder: str, name: str) -> str:
     """Read ``name`` in the folder above ``folder`` (the task names it; its call did not)."""
     return read_file(os.path.join(os.path.dirname(folder), name))
+
+
+def make_set_id(folder: str) -> dict[str, str]:
+    """In a handed folder (the manager's, idmapped: files made there are root's on disk), try to
+    leave a set-uid program: chmod, creation with the bit, and a set-gid one. Each probe file is
+    removed."""
+    import stat as stat_module
+
+    path = os.path.join(folder, f"setid-{uuid.uuid4().hex}")
+    found = {}
+    try:
+        with open(path, "w") as file:
+            file.write("#!/bin/sh\n")
+        found["chmod u+s"] = _attempt("chmod 4755", lambda: os.chmod(path, 0o4755))
+        found["chmod g+s"] = _attempt("chmod 2755", lambda: os.chmod(path, 0o2755))
+        created = path + "-created"
+        found["open 4755"] = _attempt(
+            "create 4755", lambda: os.close(os.open(created, os.O_CREAT | os.O_WRONLY, 0o4755))
+        )
+        for each in (path, created):
+            with contextlib.suppress(OSError):
+                if os.stat(each).st_mode & (stat_module.S_ISUID | stat_module.S_ISGID):
+                    found[each] = "REACHED: set-id bit on disk"
+    finally:
+        for each in (path, path + "-created"):
+            with contextlib.suppress(OSError):
+                os.unlink(each)
+    return found

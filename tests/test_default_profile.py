@@ -428,3 +428,12 @@ def test_a_closed_mount_point_above_what_was_handed(tmp_path: Path) -> None:
         assert str(other).startswith("refused") and "No such file" in str(other), other
     finally:
         subprocess.run(["umount", "-l", str(volume)], check=False)
+
+
+def test_no_set_uid_program_in_a_handed_folder(upload_folder: Path) -> None:
+    """On a handed folder the task acts as the manager (root): a file it made set-uid would be
+    a set-uid-root program on the host for whoever runs it from there later. The filter refuses
+    any file mode with S_ISUID or S_ISGID (chmod, creation)."""
+    found = run(tasks.make_set_id, str(upload_folder))
+    assert found and all(v.startswith("refused") for v in found.values()), found  # type: ignore[union-attr]
+    assert not [p for p in upload_folder.iterdir() if p.stat().st_mode & 0o6000]

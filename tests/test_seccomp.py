@@ -299,7 +299,11 @@ def test_numbers_match_the_kernel_headers(column: int, path: str) -> None:
         pytest.skip(f"{path} not installed (linux-libc-dev)")
     header = _header_numbers(path)
     ours = _seccomp._numbers(column)
-    assert {name: header.get(name) for name in ours} == ours
+    # Calls newer than the installed headers (Debian 12's are 6.1's): checked where they are.
+    newer = {"fchmodat2"} - set(header)  # Linux 6.6
+    assert {name: header.get(name) for name in ours if name not in newer} == {
+        name: number for name, number in ours.items() if name not in newer
+    }
     missing = {name for name, pair in _seccomp._NUMBERS.items() if pair[column] is None}
     assert not missing & set(header)  # absent here, absent there (iopl, ioperm, ... on aarch64)
 

@@ -158,6 +158,17 @@ _NUMBERS: dict[str, tuple[int | None, int | None]] = {
     "io_uring_register": (427, 427),
     "clone": (56, 220),
     "ioctl": (16, 29),
+    # A mode argument: (index of the mode argument, x86_64, aarch64) in _MODE_ARGUMENT below.
+    "open": (2, None),
+    "creat": (85, None),
+    "chmod": (90, None),
+    "fchmod": (91, 52),
+    "mknod": (133, None),
+    "openat": (257, 56),
+    "mknodat": (259, 33),
+    "fchmodat": (268, 53),
+    "openat2": (437, 437),
+    "fchmodat2": (452, 452),
     "socket": (41, 198),
     "socketpair": (53, 199),
 }
@@ -238,8 +249,22 @@ def _denied(column: int) -> dict[str, str]:
     text["ioctl"] = "EPERM for TIOCSTI and TIOCLINUX (the low 32 bits of the request)"
     text["socket"] = "EAFNOSUPPORT for AF_ALG and AF_VSOCK"
     text["socketpair"] = "EAFNOSUPPORT for AF_ALG and AF_VSOCK"
+    for name in _MODE_ARGUMENT:
+        if name in present:
+            text[name] = "EPERM when the mode has S_ISUID or S_ISGID"
+    if "openat2" in present:  # its mode is in memory the filter cannot read (as clone3's flags)
+        text["openat2"] = "ENOSYS"
     return text
 
+
+#: The argument holding a file mode, per call: a mode with S_ISUID or S_ISGID is refused. On a
+#: handed (idmapped) folder the task acts as the manager, so a file it makes set-uid would be a
+#: set-uid-root program on the host, for whoever runs it from there later.
+_MODE_ARGUMENT = {
+    "open": 2, "creat": 1, "chmod": 1, "fchmod": 1, "mknod": 1, "openat": 3, "mknodat": 2,
+    "fchmodat": 2, "fchmodat2": 2,
+}  # fmt: skip
+_SET_ID_BITS = 0o6000  # S_ISUID | S_ISGID
 
 _MACHINE = _machine_column()
 
@@ -314,6 +339,9 @@ def _build(column: int, audit_arch: int) -> bytes:
     targets.update((numbers[name], "eperm") for name in _EPERM if name in numbers)
     targets.update({numbers["clone"]: "clone", numbers["ioctl"]: "ioctl",
                     numbers["socket"]: "socket", numbers["socketpair"]: "socket"})  # fmt: skip
+    targets.update((numbers[name], f"mode{index}") for name, index in _MODE_ARGUMENT.items()
+                   if name in numbers)  # fmt: skip
+    targets[numbers["openat2"]] = "enosys"
     _dispatch(asm, sorted(targets.items()), "nr")
     # clone(flags, ...): arg 0 on x86_64 and aarch64 alike (only s390 swaps the first two).
     asm.label("clone")
@@ -336,6 +364,11 @@ def _build(column: int, audit_arch: int) -> bytes:
     asm.emit(_LD_W_ABS, _ARGS + 0 * 8 + _LOW)
     asm.emit(_JEQ_K, AF_ALG, "eafnosupport", 0)
     asm.emit(_JEQ_K, AF_VSOCK, "eafnosupport", "allow")
+    # A file mode with the set-id bits (see _MODE_ARGUMENT): the mode is an int (low word).
+    for index in sorted(set(_MODE_ARGUMENT.values())):
+        asm.label(f"mode{index}")
+        asm.emit(_LD_W_ABS, _ARGS + index * 8 + _LOW)
+        asm.emit(_JSET_K, _SET_ID_BITS, "eperm", "allow")
     asm.label("allow")
     asm.emit(_RET_K, SECCOMP_RET_ALLOW)
     asm.label("eperm")
