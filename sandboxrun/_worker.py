@@ -297,8 +297,9 @@ def main(spec: WorkerSpec) -> None:
     if spec.control is not None:  # wait for the go frame (and the task, under spawn/forkserver)
         payload = read_go_frame(spec.control)
     if spec.environment is not None:
-        os.environ.clear()
-        os.environ.update(spec.environment)
+        from ._isolation import replace_environment
+
+        replace_environment(spec.environment)
     if spec.isolation is not None and spec.isolation.enabled:
         _isolate(spec)
     # From here on we are inside the sandbox.

@@ -97,7 +97,10 @@ if word == b"SLOWAPPEND":  # the victim: appends, so anything planted before wou
     sys.exit(0)
 if word == b"SETUID":
     write(dst, data.upper().decode())
-    os.chmod(dst, 0o6777)
+    try:  # the profile's filter refuses set-id modes; an attacker goes on all the same
+        os.chmod(dst, 0o6777)
+    except OSError:
+        pass
     sys.exit(0)
 write(dst, data.upper().decode() + "".join(f"\n{note}" for note in notes))
 """

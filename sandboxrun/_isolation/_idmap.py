@@ -117,10 +117,10 @@ def detach(path: str, userns_fd: int) -> int:
     return tree
 
 
-def closed_ancestor(path: str) -> str | None:
-    """In the zygote (the host's view): the topmost folder above ``path`` that others cannot
-    traverse (no o+x: /root, a 0700 mkdtemp parent), or None."""
-    parts = [p for p in path.split("/") if p][:-1]
+def closed_ancestor(path: str, itself: bool = False) -> str | None:
+    """The topmost folder above ``path`` (``itself``: or ``path``) that others cannot traverse
+    (no o+x: /root, a 0700 mkdtemp parent), or None. In the zygote, the host's view."""
+    parts = [p for p in path.split("/") if p][: None if itself else -1]
     for depth in range(1, len(parts) + 1):
         folder = "/" + "/".join(parts[:depth])
         with contextlib.suppress(OSError):

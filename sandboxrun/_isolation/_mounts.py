@@ -162,20 +162,11 @@ def _read_only_pass(profile: Isolation) -> None:
         make_read_only("/sys/fs/cgroup", bind_first=None)
 
 
-def _closed_ancestor(path: str) -> str | None:
-    """The topmost ancestor of ``path`` that others cannot traverse (no o+x), e.g. /root."""
-    parts = Path(path).parts
-    for depth in range(2, len(parts) + 1):
-        ancestor = os.path.join(*parts[:depth])
-        if not os.stat(ancestor).st_mode & 0o001:
-            return ancestor
-    return None
-
-
 @functools.cache  # the installation's place: fixed for the interpreter's life
 def python_covers() -> frozenset[str]:
     """The closed folders ``expose_python`` covers in the view (a pyenv's /root)."""
-    found = (_closed_ancestor(path) for path in _outermost(list(_python_paths())))
+    paths = _outermost(list(_python_paths()))
+    found = (_idmap.closed_ancestor(path, itself=True) for path in paths)
     return frozenset(closed for closed in found if closed is not None)
 
 
@@ -185,7 +176,7 @@ def expose_python() -> None:
     an empty read-only tmpfs (ProtectHome=tmpfs) and only the installation is bound back."""
     held: dict[str, dict[str, int]] = {}  # closed ancestor -> {path: O_PATH fd}
     for path in _outermost(list(_python_paths())):
-        closed = _closed_ancestor(path)
+        closed = _idmap.closed_ancestor(path, itself=True)
         if closed is not None:
             held.setdefault(closed, {})[path] = os.open(path, os.O_PATH | os.O_DIRECTORY)
     try:

@@ -132,13 +132,17 @@ class Server:
             prepare_view(request.isolation)
             request = _plan_handing(request)
             flags |= wire.FLAG_UID_KEPT if request.keep_uid else 0
+        try:
+            pid, pid_flags = self._fork_pid1(request, fds)
+        finally:  # PID 2 has its copies (or no task runs): ours go, whatever happened
+            for _, tree, _ in request.trees:
+                os.close(tree)
+        return pid, pid_flags | flags
+
+    def _fork_pid1(self, request: Request, fds: list[int]) -> tuple[int, int]:
         own_namespace = _after_imports().single_threaded
         if self.user_namespace:  # its helper is a fork: single-threaded whatever we are
-            try:
-                return self.fork_through_helper(request, fds), wire.FLAG_PID_NAMESPACE | flags
-            finally:
-                for _, tree, _ in request.trees:
-                    os.close(tree)
+            return self.fork_through_helper(request, fds), wire.FLAG_PID_NAMESPACE
         if request.isolation is not None and not own_namespace:
             # unshare(CLONE_NEWPID) needs a single-threaded caller; an isolated task without
             # its PID namespace would see and signal the host's processes: refused, not weaker.
@@ -159,12 +163,10 @@ class Server:
             pid = reaper.fork(request, fds, self.status_w, close, self.own_pidfd,
                               native=request.native, own_pid_namespace=own_namespace)  # fmt: skip
         finally:
-            for _, tree, _ in request.trees:  # PID 2 has them; the copies die with its fds
-                os.close(tree)
             if own_namespace:
                 # Must not fail: every later fork would go into the namespace of this task.
                 _linux.setns(self.pid_namespace_fd, _linux.CLONE_NEWPID)
-        return pid, (wire.FLAG_PID_NAMESPACE if own_namespace else 0) | flags
+        return pid, wire.FLAG_PID_NAMESPACE if own_namespace else 0
 
     def fork_through_helper(self, request: Request, fds: list[int]) -> int:
         """In our own user namespace (non-root): ``setns`` back into the host's PID namespace
